@@ -1,0 +1,37 @@
+# Quick start: `make demo` (set up + run on built-in synthetic data), `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# Simulate a small synthetic validation set, extract its SIFT landmarks, compute the
+# ground-truth displacement fields, and show what was made. Reruns keep finished work.
+demo: setup
+	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --scans 4 --frames 60 --no-landmarks
+	./landmarks $(DEMO)/data
+	$(PY) -m tusrec ground-truth $(DEMO)/data --out $(DEMO)/ground_truth
+	$(PY) -m tusrec info $(DEMO)/data --ground-truth $(DEMO)/ground_truth
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check tusrec tests benchmarks
+	$(VENV)/bin/ruff format --check tusrec tests benchmarks
+
+bench: setup
+	$(PY) -m benchmarks.run --out benchmarks/results.json
+
+clean:
+	rm -rf $(DEMO) bench-data .pytest_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""The ``tusrec`` command line: ``tusrec <command> --help`` for each command.
+
+The root executables (``./landmarks`` ...) are this module under their own names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tusrec.data import EVAL, TRAIN, TusrecDataError
+
+
+def _subjects(text: str) -> list[int]:
+    """'50,51' -> [50, 51]; '50-52' -> [50, 51, 52]."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+def add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="write synthetic freehand scans in the real TUS-REC layout",
+        description="Simulate freehand forearm sweeps (2024 protocol) or rotation scans "
+        "(2025 protocol) and write them as a TUS-REC data folder, with calib_matrix.csv, "
+        "SIFT landmark files and (val/test layout) dataset_keys.h5. Synthetic data: "
+        "label any result on it as synthetic.",
+    )
+    p.add_argument("out", type=Path, help="data folder to write (created; complete scans are kept)")
+    p.add_argument("--subjects", type=_subjects, default=[50], help="e.g. 50,51 or 0-9 (default 50)")
+    p.add_argument("--protocol", choices=["2024", "2025"], default="2024")
+    p.add_argument(
+        "--layout",
+        choices=["train", "val", "test"],
+        default="val",
+        help="train: frames_transfs/; val or test: frames/ + transfs/ (default val)",
+    )
+    p.add_argument("--frames", default="300", help="frames per scan: N or MIN-MAX (default 300)")
+    p.add_argument(
+        "--scans",
+        default=None,
+        help="comma-separated scan names, or a number n for the first n of the protocol "
+        "(default: all 24 of 2024, both of 2025)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_image_size, default=(480, 640), help="HxW (default 480x640)")
+    p.add_argument("--no-landmarks", action="store_true", help="skip SIFT landmark extraction")
+    p.add_argument("--k", type=int, default=None, help="landmarks per scan (default 20; 100 for 2025)")
+    p.set_defaults(run=run_simulate)
+
+
+def run_simulate(args) -> int:
+    from tusrec.simulate import scan_names
+    from tusrec.simulate.dataset import simulate_dataset
+
+    names = None
+    if args.scans:
+        all_names = scan_names(args.protocol)
+        if args.scans.isdigit():
+            names = all_names[: int(args.scans)]
+        else:
+            names = args.scans.split(",")
+            unknown = sorted(set(names) - set(all_names))
+            if unknown:
+                raise SystemExit(f"unknown scan names for protocol {args.protocol}: {unknown}")
+    t0 = time.perf_counter()
+    keys = simulate_dataset(
+        args.out,
+        args.subjects,
+        protocol=args.protocol,
+        layout=TRAIN if args.layout == "train" else EVAL,
+        frames=args.frames,
+        names=names,
+        seed=args.seed,
+        image_size=args.image_size,
+        landmarks=not args.no_landmarks,
+        k=args.k,
+    )
+    print(
+        f"wrote {len(keys)} synthetic scans ({args.protocol} protocol, {args.layout} layout) "
+        f"to {args.out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def add_landmarks(sub) -> None:
+    p = sub.add_parser(
+        "landmarks",
+        help="extract SIFT landmarks into landmark_<sub>.h5 files",
+        description="For each scan, the K SIFT keypoints with the highest response over "
+        "frames 1..N-1 inside the field of view, written as landmark_<sub>.h5 (one (K,3) "
+        "dataset per scan: 0-based frame index, 1-based x, y). Scans that already have "
+        "landmarks are skipped unless --overwrite.",
+    )
+    p.add_argument("data", type=Path, help="TUS-REC data folder (either layout)")
+    p.add_argument("--k", type=int, default=None, help="landmarks per scan (default 20; 100 for 2025 scans)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the landmark files (default: the data folder's landmark(s)/)",
+    )
+    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    p.add_argument("--overwrite", action="store_true", help="redo scans that already have landmarks")
+    p.set_defaults(run=run_landmarks)
+
+
+def run_landmarks(args) -> int:
+    from tusrec.data import open_data
+    from tusrec.landmarks import write_data_landmarks
+
+    data = open_data(args.data)
+    if not data.scans:
+        raise TusrecDataError(f"{args.data}: no scans found")
+    made = write_data_landmarks(data, k=args.k, out_dir=args.out, overwrite=args.overwrite, keys=args.keys)
+    skipped = len(args.keys or data.scans) - len(made)
+    where = args.out or (data.root / data.landmark_path("000").parent.name)
+    print(f"landmarks: {len(made)} scans extracted, {skipped} already done, in {where}")
+    return 0
+
+
+def add_ground_truth(sub) -> None:
+    p = sub.add_parser(
+        "ground-truth",
+        help="write ground-truth GP/GL/LP/LL of scans in the predictions format",
+        description="Compute the ground-truth displacement fields of each scan from its "
+        "tforms and the calibration (TUSREC.md section 2), streamed in frame chunks, and "
+        "write <key>.h5 files in the predictions format.",
+    )
+    p.add_argument("data", type=Path, help="TUS-REC data folder with ground-truth tforms")
+    p.add_argument("--out", type=Path, required=True, help="folder for <key>.h5 files")
+    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+    p.set_defaults(run=run_ground_truth)
+
+
+def run_ground_truth(args) -> int:
+    from tqdm import tqdm
+
+    from tusrec.data import open_data
+    from tusrec.ddf import write_ground_truth
+
+    data = open_data(args.data)
+    scans = [data.scan(k) for k in args.keys] if args.keys else data.scans
+    if not scans:
+        raise TusrecDataError(f"{args.data}: no scans found")
+    total_bytes = 0
+    for scan in tqdm(scans, desc="ground truth", unit="scan", disable=None):
+        path = args.out / f"{scan.key}.h5"
+        write_ground_truth(scan, data.calibration, path, args.chunk)
+        total_bytes += path.stat().st_size
+    print(f"ground truth: {len(scans)} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="list and validate the scans of a data folder",
+        description="List every scan of a TUS-REC data folder with its pattern, frame "
+        "count, image size, ground truth and landmarks, validating each file (frames, "
+        "tforms, landmarks, calibration). Exit status 1 if anything is invalid.",
+    )
+    p.add_argument("data", type=Path, help="TUS-REC data folder (either layout)")
+    p.add_argument(
+        "--ground-truth",
+        type=Path,
+        default=None,
+        help="also describe the <key>.h5 files of this predictions folder",
+    )
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    import h5py
+
+    from tusrec.data import open_data
+
+    data = open_data(args.data)
+    calib = data.calibration
+    sx, sy = calib.pixel_spacing_mm
+    print(f"{data.root}: {data.layout} layout, {len(data.scans)} scans, pixel spacing {sx:.4f} x {sy:.4f} mm")
+    problems = 0
+    print(
+        f"{'key':34} {'protocol':8} {'arm':3} {'orient':6} {'shape':5} {'dir':3} "
+        f"{'frames':>6} {'HxW':>7} {'tforms':6} {'K':>4}"
+    )
+    for scan in data.scans:
+        pat = scan.pattern
+        try:
+            n, h, w = scan.shape
+            tforms = "yes" if scan.has_tforms else "-"
+            if scan.has_tforms:
+                scan.read_tforms()
+            k = str(len(scan.read_landmarks())) if scan.has_landmarks else "-"
+        except TusrecDataError as err:
+            problems += 1
+            print(f"{scan.key:34} INVALID: {err}")
+            continue
+        print(
+            f"{scan.key:34} {pat.protocol:8} {pat.arm or '-':3} {pat.orientation or '-':6} "
+            f"{pat.shape or '-':5} {pat.direction or '-':3} {n:6d} {f'{h}x{w}':>7} {tforms:6} {k:>4}"
+        )
+    if args.ground_truth is not None:
+        print(f"\n{args.ground_truth}:")
+        for path in sorted(args.ground_truth.glob("*.h5")):
+            with h5py.File(path, "r") as f:
+                sets = ", ".join(f"{k} {f[k].shape} {f[k].dtype}" for k in f)
+            print(f"  {path.name}: {sets}")
+    return 1 if problems else 0
+
+
+COMMANDS = {
+    "info": add_info,
+    "simulate": add_simulate,
+    "landmarks": add_landmarks,
+    "ground-truth": add_ground_truth,
+}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run ``tusrec <command> ...``; with ``prog`` set to a command name, run that command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="tusrec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS.values():
+        add(sub)
+    if prog in COMMANDS:  # invoked as ./landmarks etc.: that command's own parser
+        command_parser = sub.choices[prog]
+        command_parser.prog = prog
+        args = command_parser.parse_args(argv)
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except TusrecDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

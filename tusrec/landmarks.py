@@ -1,0 +1,132 @@
+"""SIFT landmarks of a scan (TUSREC.md 4.4).
+
+The 2024 challenge paper says the landmarks are, per scan, the keypoints with the
+highest SIFT response. Here: OpenCV SIFT with its default parameters on frames 1..N-1
+(frame 0 has no DDF), restricted to the field of view shrunk by a margin (the fan's
+edge is a strong artificial feature), the K strongest over the whole scan, no two at
+the same (frame, x, y). Coordinates are converted from OpenCV's 0-based pixel centres
+to TUS-REC's 1-based pixels.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from tusrec.data import Scan, TusrecData, h5_has_dataset, write_landmarks
+
+DEFAULT_K = {"2024": 20, "2025": 100}
+FOV_MARGIN_PX = 10
+
+
+def default_k(scan: Scan) -> int:
+    """20 landmarks for 2024-style scans, 100 for 2025 rotation scans."""
+    return DEFAULT_K.get(scan.pattern.protocol, DEFAULT_K["2024"])
+
+
+def field_of_view_mask(frames: np.ndarray, margin: int = FOV_MARGIN_PX) -> np.ndarray:
+    """The imaged region of a scan, shrunk by ``margin`` pixels: (H, W) uint8 0/255.
+
+    frames: (n, H, W) uint8, a sample of the scan. Pixels outside the fan are 0 in every
+    frame; inside, speckle makes them non-zero in at least one of a few frames.
+    """
+    seen = (frames > 0).any(axis=0).astype(np.uint8) * 255
+    # Close the odd zero pixel inside the fan, then keep away from its edge.
+    seen = cv2.morphologyEx(seen, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    if margin > 0:
+        seen = cv2.erode(seen, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
+    return seen
+
+
+def _detect(frame: np.ndarray, mask: np.ndarray, k: int) -> list[tuple[float, float, float]]:
+    sift = cv2.SIFT_create(nfeatures=k)
+    return [(kp.response, kp.pt[0], kp.pt[1]) for kp in sift.detect(frame, mask)]
+
+
+def extract_landmarks(
+    scan: Scan,
+    k: int | None = None,
+    chunk: int = 32,
+    workers: int = 2,
+    progress=None,
+) -> np.ndarray:
+    """The K strongest SIFT keypoints of a scan: (K, 3) int64 rows (frame index, x, y).
+
+    Frame index is 0-based in 1..N-1; x, y are 1-based pixels. Rows are ordered by
+    decreasing response. Fewer than K rows only if the scan has fewer distinct
+    keypoints. ``progress`` (optional) is called with the number of frames done.
+    """
+    k = default_k(scan) if k is None else k
+    n, h, w = scan.shape
+    sample = scan.read_frames(0, min(n, 16))
+    mask = field_of_view_mask(sample)
+    if not mask.any():
+        raise ValueError(f"{scan.frames_path}: the frames are blank; no field of view found")
+
+    candidates: list[tuple[float, int, int, int]] = []
+    # Each frame's top k suffices: the scan's top k are among the union of them.
+    # OpenCV releases the GIL, and one SIFT per thread scales better than its own threads.
+    previous_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start, frames in scan.iter_frames(chunk, start=1):
+                results = pool.map(lambda f: _detect(f, mask, k), frames)
+                for offset, keypoints in enumerate(results):
+                    for response, x, y in keypoints:
+                        xi = min(max(round(x) + 1, 1), w)
+                        yi = min(max(round(y) + 1, 1), h)
+                        candidates.append((response, start + offset, xi, yi))
+                if progress is not None:
+                    progress(len(frames))
+    finally:
+        cv2.setNumThreads(previous_threads)
+
+    # Strongest first; ties broken by position so the result is deterministic.
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2], c[3]))
+    chosen: list[tuple[int, int, int]] = []
+    taken: set[tuple[int, int, int]] = set()
+    for _, f, x, y in candidates:
+        if (f, x, y) not in taken:
+            taken.add((f, x, y))
+            chosen.append((f, x, y))
+            if len(chosen) == k:
+                break
+    return np.array(chosen, dtype=np.int64).reshape(-1, 3)
+
+
+def write_data_landmarks(
+    data: TusrecData,
+    k: int | None = None,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    keys: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Extract landmarks for the scans of a data folder and write landmark_<sub>.h5.
+
+    Files go to the data folder's own landmark folder, or to ``out_dir``. Scans that
+    already have a landmark dataset there are skipped unless ``overwrite``; each scan's
+    landmarks are written as soon as they are found, so an interrupted run resumes.
+    Returns the landmarks extracted in this run, by scan key.
+    """
+    scans = [data.scan(key) for key in keys] if keys else data.scans
+    made: dict[str, np.ndarray] = {}
+    total = sum(s.n_frames - 1 for s in scans)
+    with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:
+        for scan in scans:
+            path = (
+                Path(out_dir) / f"landmark_{scan.subject}.h5"
+                if out_dir is not None
+                else data.landmark_path(scan.subject)
+            )
+            if not overwrite and h5_has_dataset(path, scan.name):
+                bar.update(scan.n_frames - 1)
+                continue
+            lm = extract_landmarks(scan, k, progress=bar.update)
+            write_landmarks(path, {scan.name: lm})
+            made[scan.key] = lm
+    return made

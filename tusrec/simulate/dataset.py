@@ -1,0 +1,114 @@
+"""Write simulated scans as a TUS-REC data folder (training or validation/test layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tusrec.data import (
+    EVAL,
+    TRAIN,
+    open_data,
+    scan_key,
+    write_data_calibration,
+    write_dataset_keys,
+    write_scan,
+)
+from tusrec.geometry import Calibration, default_calibration
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """Frames per scan: a fixed number, or a range (inclusive) drawn per scan."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str | int) -> FrameCount:
+        """'300' -> 300 frames every scan; '250-350' -> drawn per scan in that range."""
+        lo, _, hi = str(text).partition("-")
+        low, high = int(lo), int(hi or lo)
+        if low < 2 or high < low:
+            raise ValueError(f"frame count {text!r}: need 2 <= MIN <= MAX")
+        return cls(low, high)
+
+    def for_scan(self, seed: int, subject: int, name: str) -> int:
+        if self.low == self.high:
+            return self.low
+        # Stable across runs and Python versions (no hash()).
+        salt = int.from_bytes(name.encode(), "little") % (2**32)
+        rng = np.random.default_rng([seed, subject, salt, 7])
+        return int(rng.integers(self.low, self.high + 1))
+
+
+def landmark_folder(protocol: str, layout: str) -> str:
+    """The landmark folder the real data uses: 2024's val/test spells it 'landmark'."""
+    return "landmark" if (layout == EVAL and protocol == "2024") else "landmarks"
+
+
+def simulate_dataset(
+    root: str | Path,
+    subjects: list[int],
+    protocol: str = "2024",
+    layout: str = EVAL,
+    frames: FrameCount | int | str = 300,
+    names: list[str] | None = None,
+    seed: int = 0,
+    calib: Calibration | None = None,
+    image_size: tuple[int, int] = (480, 640),
+    landmarks: bool = True,
+    k: int | None = None,
+) -> list[str]:
+    """Simulate scans into ``root`` in the real layout; returns the keys written.
+
+    subjects: subject numbers (0..999). names: scan names (default: every name of the
+    protocol). Scans already complete on disk are kept, so a rerun finishes what an
+    interrupted run left. With ``landmarks``, the SIFT landmark files are made by the
+    same code as the ``landmarks`` command.
+    """
+    from tusrec.landmarks import write_data_landmarks
+    from tusrec.simulate import scan_names, simulate_scan
+
+    if layout not in (TRAIN, EVAL):
+        raise ValueError(f"layout must be {TRAIN!r} or {EVAL!r}, got {layout!r}")
+    root = Path(root)
+    calib = calib or default_calibration()
+    frames = frames if isinstance(frames, FrameCount) else FrameCount.parse(frames)
+    names = names or scan_names(protocol)
+    write_data_calibration(root, calib)
+    (root / landmark_folder(protocol, layout)).mkdir(parents=True, exist_ok=True)
+
+    jobs = [(s, n) for s in subjects for n in names]
+    keys = [scan_key(s, n) for s, n in jobs]
+    counts = [frames.for_scan(seed, s, n) for s, n in jobs]
+    with tqdm(total=sum(counts), unit="frame", desc="simulate", disable=None) as bar:
+        for (subject, name), n_frames in zip(jobs, counts, strict=True):
+            if _complete(root, layout, subject, name):
+                bar.update(n_frames)
+                continue
+            sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
+            chunks = (_counted(c, bar) for c in sim.frame_chunks())
+            write_scan(root, layout, subject, name, chunks, sim.tforms)
+    if layout == EVAL:
+        write_dataset_keys(root, keys)
+    if landmarks:
+        write_data_landmarks(open_data(root), k=k, keys=keys)
+    return keys
+
+
+def _counted(chunk: np.ndarray, bar: tqdm) -> np.ndarray:
+    bar.update(len(chunk))
+    return chunk
+
+
+def _complete(root: Path, layout: str, subject: int, name: str) -> bool:
+    sub = f"{subject:03d}"
+    if layout == TRAIN:
+        return (root / "frames_transfs" / sub / f"{name}.h5").is_file()
+    return (root / "frames" / sub / f"{name}.h5").is_file() and (
+        root / "transfs" / sub / f"{name}.h5"
+    ).is_file()
