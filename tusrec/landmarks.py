@@ -31,20 +31,29 @@ def default_k(scan: Scan) -> int:
 def field_of_view_mask(frames: np.ndarray, margin: int = FOV_MARGIN_PX) -> np.ndarray:
     """The imaged region of a scan, shrunk by ``margin`` pixels: (H, W) uint8 0/255.
 
-    frames: (n, H, W) uint8, a sample of the scan. Pixels outside the fan are 0 in every
-    frame; inside, speckle makes them non-zero in at least one of a few frames.
+    frames: (n, H, W) uint8, a sample of the scan. Outside the fan every frame is 0.
+    The background is the zero pixels connected to the image border, so dark structures
+    inside the fan (an anechoic vessel) stay in the field of view.
     """
-    seen = (frames > 0).any(axis=0).astype(np.uint8) * 255
-    # Close the odd zero pixel inside the fan, then keep away from its edge.
-    seen = cv2.morphologyEx(seen, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    zero = (~(frames > 0).any(axis=0)).astype(np.uint8)
+    _, labels = cv2.connectedComponents(zero, connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, border[border > 0]) | (labels > 0) & ~zero.astype(bool)
+    fov = (~background).astype(np.uint8) * 255
     if margin > 0:
-        seen = cv2.erode(seen, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
-    return seen
+        fov = cv2.erode(fov, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8), borderValue=0)
+    return fov
 
 
 def _detect(frame: np.ndarray, mask: np.ndarray, k: int) -> list[tuple[float, float, float]]:
-    sift = cv2.SIFT_create(nfeatures=k)
-    return [(kp.response, kp.pt[0], kp.pt[1]) for kp in sift.detect(frame, mask)]
+    """The k strongest SIFT keypoints of one frame inside ``mask``: (response, x0, y0).
+
+    SIFT's own ``nfeatures`` is not used: OpenCV keeps the best n before applying the
+    mask, which would lose keypoints inside the field of view.
+    """
+    keypoints = cv2.SIFT_create().detect(frame, mask)
+    best = sorted(keypoints, key=lambda kp: -kp.response)[:k]
+    return [(kp.response, kp.pt[0], kp.pt[1]) for kp in best]
 
 
 def extract_landmarks(
