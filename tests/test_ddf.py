@@ -11,23 +11,10 @@ from tusrec import ddf
 from tusrec.data import Scan, write_landmarks, write_scan
 from tusrec.geometry import default_calibration, frame_transforms, pose6_to_matrix
 
+from .reference import brute_force_ddfs
+
 CALIB = default_calibration()
 SX, SY = CALIB.pixel_spacing_mm
-
-
-def brute_force_ddfs(tforms, calib, H, W, reference):
-    """Per-pixel loops in float64, straight from TUSREC.md: reference(i) is frame a."""
-    tr, ts = calib.T_rotation, calib.T_scale
-    t = np.asarray(tforms, dtype=np.float64)
-    out = np.zeros((len(t) - 1, 3, H * W))
-    for i in range(1, len(t)):
-        a = reference(i)
-        T = np.linalg.inv(tr) @ np.linalg.inv(t[a]) @ t[i] @ tr
-        for y in range(1, H + 1):
-            for x in range(1, W + 1):
-                p = np.array([x, y, 0.0, 1.0])
-                out[i - 1, :, (y - 1) * W + (x - 1)] = (T @ ts @ p)[:3] - (ts @ p)[:3]
-    return out
 
 
 def tforms_from_image_poses(image_to_world):

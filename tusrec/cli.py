@@ -147,7 +147,7 @@ def add_ground_truth(sub) -> None:
 def run_ground_truth(args) -> int:
     from tqdm import tqdm
 
-    from tusrec.data import open_data
+    from tusrec.data import open_data, write_manifest
     from tusrec.ddf import write_ground_truth
 
     data = open_data(args.data)
@@ -155,10 +155,22 @@ def run_ground_truth(args) -> int:
     if not scans:
         raise TusrecDataError(f"{args.data}: no scans found")
     total_bytes = 0
+    rows = []
     for scan in tqdm(scans, desc="ground truth", unit="scan", disable=None):
         path = args.out / f"{scan.key}.h5"
         write_ground_truth(scan, data.calibration, path, args.chunk)
         total_bytes += path.stat().st_size
+        rows.append(
+            {
+                "key": scan.key,
+                "frames": scan.n_frames,
+                "status": "ok",
+                "seconds": 0.0,
+                "device": "none",
+                "message": "ground truth",
+            }
+        )
+    write_manifest(args.out, rows)
     print(f"ground truth: {len(scans)} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
     return 0
 
@@ -220,7 +232,70 @@ def run_info(args) -> int:
     return 1 if problems else 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="validate and score predictions against ground truth",
+        description="The organisers' evaluation: `check` validates a predictions folder "
+        "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime.",
+    )
+    ev = p.add_subparsers(dest="evaluate_command", required=True, metavar="command")
+    check = ev.add_parser(
+        "check",
+        help="validate a predictions folder before scoring",
+        description="Check that every scan has a prediction file with the right datasets, "
+        "shapes and dtype, finite values, no extra files, and a consistent manifest. "
+        "Lists every problem, file by file; exit status 1 if there is any.",
+    )
+    check.add_argument("predictions", type=Path, help="predictions folder (<key>.h5 + predictions.csv)")
+    check.add_argument("--data", type=Path, required=True, help="the data folder the predictions are for")
+    check.add_argument("--no-values", action="store_true", help="skip the NaN/Inf pass over the arrays")
+    check.set_defaults(run=run_evaluate_check)
+    score = ev.add_parser(
+        "score",
+        help="per-scan GPE, GLE, LPE, LLE and runtime",
+        description="Score every scan of DATA (which needs ground truth: transfs/ or the "
+        "training layout). Writes metrics.csv (errors, identity errors, pattern, scan "
+        "length, status) and the organisers' metrics.h5 into --out. A scan that failed, "
+        "timed out or cannot be scored keeps its row with a status and no numbers.",
+    )
+    score.add_argument("predictions", type=Path, help="predictions folder")
+    score.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
+    score.add_argument("--out", type=Path, required=True, help="folder for metrics.csv and metrics.h5")
+    score.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    score.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+    score.set_defaults(run=run_evaluate_score)
+
+
+def run_evaluate_check(args) -> int:
+    from tusrec.data import open_data
+    from tusrec.evaluate.score import check_predictions
+
+    data = open_data(args.data)
+    problems = check_predictions(args.predictions, data, values=not args.no_values)
+    for problem in problems:
+        print(problem)
+    if problems:
+        keys = {p.key for p in problems}
+        print(f"{len(problems)} problem(s) in {len(keys)} scan(s) or folder-level", file=sys.stderr)
+        return 1
+    print(f"{args.predictions}: predictions for all {len(data.scans)} scans are valid")
+    return 0
+
+
+def run_evaluate_score(args) -> int:
+    from tusrec.data import open_data
+    from tusrec.evaluate.score import score_predictions, summary
+
+    data = open_data(args.data)
+    table = score_predictions(args.predictions, data, args.out, args.chunk, args.keys)
+    print(summary(table))
+    print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'metrics.h5'}")
+    return 0
+
+
 COMMANDS = {
+    "evaluate": add_evaluate,
     "info": add_info,
     "simulate": add_simulate,
     "landmarks": add_landmarks,

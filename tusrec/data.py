@@ -585,3 +585,37 @@ class PredictionWriter:
                 self._tmp.replace(self.path)
             else:
                 self._tmp.unlink(missing_ok=True)
+
+
+def write_manifest(folder: str | Path, rows: list[dict]) -> Path:
+    """Write (replace) predictions.csv: one row per scan with MANIFEST_COLUMNS.
+
+    status is 'ok', 'failed' or 'timeout'; seconds the prediction's wall time.
+    """
+    import pandas as pd
+
+    path = Path(folder) / MANIFEST_FILE
+    table = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return path
+
+
+def read_manifest(folder: str | Path):
+    """predictions.csv as a pandas DataFrame indexed by key (None if there is none)."""
+    import pandas as pd
+
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        table = pd.read_csv(path, dtype={"key": str, "status": str, "device": str, "message": str})
+    except Exception as err:  # pandas raises several types for malformed CSV
+        raise TusrecDataError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in ("key", "status") if c not in table.columns]
+    if missing:
+        raise TusrecDataError(f"{path}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
+    if table["key"].duplicated().any():
+        dup = table["key"][table["key"].duplicated()].tolist()
+        raise TusrecDataError(f"{path}: duplicate key(s) {dup[:5]}")
+    return table.set_index("key")

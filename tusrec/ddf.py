@@ -144,18 +144,54 @@ class GroundTruth:
             yield start, g, loc
 
 
+def write_predictions(
+    path,
+    global_: np.ndarray,
+    local: np.ndarray,
+    calib: Calibration,
+    image_size: tuple[int, int],
+    landmarks: np.ndarray | None = None,
+    attrs: dict | None = None,
+    extras: dict[str, np.ndarray] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> None:
+    """Write a predictions file (tusrec.data.PredictionWriter) from frame transforms.
+
+    global_, local: (N-1, 4, 4) T(i->0) and T(i->i-1) in image mm. GP/LP are streamed in
+    chunks of frames (peak memory one chunk); GL/LL are written when ``landmarks``
+    ((K, 3) rows frame, x, y) are given. The transforms are stored beside the DDFs;
+    ``extras`` (e.g. uncertainty (N-1,)) likewise.
+    """
+    h, w = image_size
+    n_frames = len(global_) + 1
+    ts = calib.T_scale
+    with PredictionWriter(path, n_frames, image_size, attrs) as out:
+        gp = iter_pixel_ddfs(global_, ts, h, w, chunk)
+        lp = iter_pixel_ddfs(local, ts, h, w, chunk)
+        for (start, g), (_, loc) in zip(gp, lp, strict=True):
+            out.write_pixels(start, g, loc)
+        if landmarks is not None:
+            out.write_landmarks(landmark_ddfs(global_, ts, landmarks), landmark_ddfs(local, ts, landmarks))
+        out.write_array("transforms_global", global_)
+        out.write_array("transforms_local", local)
+        for name, arr in (extras or {}).items():
+            out.write_array(name, arr)
+
+
 def write_ground_truth(scan, calib: Calibration, path, chunk: int = DEFAULT_CHUNK) -> None:
-    """Write a scan's ground truth in the predictions format (tusrec.data.PredictionWriter).
+    """Write a scan's ground truth in the predictions format.
 
     Scoring this file against the same data must give 0 for every error. GL/LL are
-    written when the scan has landmarks. Peak memory is one chunk of frames.
+    written when the scan has landmarks.
     """
     gt = GroundTruth.from_scan(scan, calib)
-    attrs = {"model": "ground truth", "runtime_seconds": 0.0}
-    with PredictionWriter(path, scan.n_frames, scan.image_size, attrs) as out:
-        for start, gp, lp in gt.iter_pixel_ddfs(chunk):
-            out.write_pixels(start, gp, lp)
-        if scan.has_landmarks:
-            out.write_landmarks(*gt.landmark_ddfs(scan.read_landmarks()))
-        out.write_array("transforms_global", gt.global_)
-        out.write_array("transforms_local", gt.local)
+    write_predictions(
+        path,
+        gt.global_,
+        gt.local,
+        calib,
+        scan.image_size,
+        scan.read_landmarks() if scan.has_landmarks else None,
+        attrs={"model": "ground truth", "runtime_seconds": 0.0},
+        chunk=chunk,
+    )

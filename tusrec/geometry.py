@@ -26,10 +26,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import roma
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# roma and torch are imported inside the functions that use them: importing them costs
+# ~4 s, which every command (and --help) would otherwise pay.
 
 # Values of the 2024 data (TUSREC.md 4.5): the default for synthetic data.
 DEFAULT_PIXEL_SPACING_MM = (0.229389190673828, 0.220979690551758)
@@ -211,12 +216,13 @@ def frame_transforms(tforms: np.ndarray, calib: Calibration) -> tuple[np.ndarray
     return global_, local
 
 
-def compose_local(local: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def compose_local(local):
     """Chain local transforms into global ones: (N-1, 4, 4) -> (N-1, 4, 4).
 
     global[k] = local[0] @ local[1] @ ... @ local[k], i.e. T(i->0) = T(1->0) @ ... @ T(i->i-1).
+    Takes and returns numpy arrays or torch tensors.
     """
-    out = local.clone() if isinstance(local, torch.Tensor) else np.array(local, copy=True)
+    out = np.array(local, copy=True) if isinstance(local, np.ndarray) else local.clone()
     for k in range(1, out.shape[0]):
         out[k] = out[k - 1] @ local[k]
     return out
@@ -234,6 +240,8 @@ def _torch_in_numpy_out(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import torch
+
         is_numpy = any(isinstance(a, np.ndarray) for a in args)
         args = [torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in args]
         out = fn(*args, **kwargs)
@@ -249,6 +257,9 @@ def _torch_in_numpy_out(fn):
 @_torch_in_numpy_out
 def pose6_to_matrix(pose: torch.Tensor) -> torch.Tensor:
     """(..., 6) [rotation vector (rad), translation (mm)] -> (..., 4, 4) rigid transforms."""
+    import roma
+    import torch
+
     T = torch.zeros(*pose.shape[:-1], 4, 4, dtype=pose.dtype, device=pose.device)
     T[..., :3, :3] = roma.rotvec_to_rotmat(pose[..., :3])
     T[..., :3, 3] = pose[..., 3:]
@@ -263,6 +274,9 @@ def matrix_to_pose6(T: torch.Tensor) -> torch.Tensor:
     The rotation part is first projected onto SO(3), so slightly non-orthonormal input
     (float32 tracker data) is accepted.
     """
+    import roma
+    import torch
+
     R = roma.special_procrustes(T[..., :3, :3])
     return torch.cat([roma.rotmat_to_rotvec(R), T[..., :3, 3]], dim=-1)
 
@@ -270,6 +284,8 @@ def matrix_to_pose6(T: torch.Tensor) -> torch.Tensor:
 @_torch_in_numpy_out
 def invert_rigid(T: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid transforms (..., 4, 4) using R^T (no general matrix inverse)."""
+    import torch
+
     R = T[..., :3, :3].transpose(-1, -2)
     out = torch.zeros_like(T)
     out[..., :3, :3] = R
@@ -286,12 +302,16 @@ def projected_mean_rotation(R: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Frobenius norm to the arithmetic mean of the matrices (SVD projection onto SO(3)),
     shape of R without ``dim``.
     """
+    import roma
+
     return roma.special_procrustes(R.mean(dim=dim))
 
 
 @_torch_in_numpy_out
 def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     """Angle (radians) of R1^T R2 for batches of rotations (..., 3, 3) -> (...)."""
+    import roma
+
     return roma.rotmat_geodesic_distance(R1, R2, clamping=1.0)
 
 
@@ -299,5 +319,7 @@ def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
 def rotation_disagreement(R: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Ensemble disagreement: mean squared geodesic distance (rad^2) of the members
     (along ``dim`` of R, (..., 3, 3)) to their projected mean."""
+    import roma
+
     mean = roma.special_procrustes(R.mean(dim=dim)).unsqueeze(dim)
     return (roma.rotmat_geodesic_distance(R, mean.expand_as(R), clamping=1.0) ** 2).mean(dim=dim)

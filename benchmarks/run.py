@@ -1,0 +1,177 @@
+"""``make bench``: measure speed and peak memory, write them to a JSON file and a table.
+
+Each measurement runs in a child process of its own, so its peak resident memory
+(ru_maxrss) is that measurement's alone, imports included. Benchmarks are not tests:
+nothing here asserts; the numbers are written down for the README and closing notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCHES: dict[str, callable] = {}
+
+
+def bench(fn):
+    BENCHES[fn.__name__] = fn
+    return fn
+
+
+def smooth_tforms(n: int, seed: int = 0) -> np.ndarray:
+    """A smooth freehand-like trajectory of n tracker poses (N, 4, 4), ~0.5 mm a frame."""
+    from tusrec.geometry import pose6_to_matrix
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    rot = 0.05 * np.sin(t / 200 + rng.uniform(0, 6, 3))
+    trans = np.array([300.0, -100.0, 800.0]) + t * np.array([0.5, 0.05, 0.02]) + rng.normal(0, 0.02, (n, 3))
+    return pose6_to_matrix(np.concatenate([rot, trans], axis=1))
+
+
+@bench
+def simulate(frames: int = 200) -> dict:
+    """Simulation speed at 480 x 640 (anatomy set-up excluded, measured apart)."""
+    from tusrec.simulate import simulate_scan
+
+    t0 = time.perf_counter()
+    simulate_scan(60, "LH_Per_L_DtP", 3).frames()  # builds and caches the subject's anatomy
+    setup = time.perf_counter() - t0
+    results = {}
+    for name in ("LH_Per_C_DtP", "RH_Par_S_PtD"):
+        t0 = time.perf_counter()
+        sim = simulate_scan(60, name, frames)
+        n = sum(len(c) for c in sim.frame_chunks())
+        results[name] = n / (time.perf_counter() - t0)
+    return {
+        "frames": frames,
+        "image": "480x640",
+        "anatomy_setup_s": setup,
+        "frames_per_s": min(results.values()),
+        "per_scan_frames_per_s": results,
+    }
+
+
+@bench
+def ground_truth(frames: int = 200, write: bool = False) -> dict:
+    """GP + LP generation from tforms at 480 x 640; optionally written to a predictions file."""
+    from tusrec.data import PredictionWriter
+    from tusrec.ddf import GroundTruth
+    from tusrec.geometry import default_calibration
+
+    gt = GroundTruth.from_tforms(smooth_tforms(frames), default_calibration(), (480, 640))
+    t0 = time.perf_counter()
+    if write:
+        tmp = Path(tempfile.mkdtemp(dir=Path.cwd()))
+        try:
+            with PredictionWriter(tmp / "gt.h5", frames, (480, 640)) as out:
+                for start, gp, lp in gt.iter_pixel_ddfs():
+                    out.write_pixels(start, gp, lp)
+            size = (tmp / "gt.h5").stat().st_size
+        finally:
+            shutil.rmtree(tmp)
+    else:
+        checksum = 0.0
+        for _, gp, lp in gt.iter_pixel_ddfs():
+            checksum += float(gp[:, 0, 0].sum() + lp[:, 0, 0].sum())
+        size = (frames - 1) * 2 * 3 * 480 * 640 * 4
+    seconds = time.perf_counter() - t0
+    return {
+        "frames": frames,
+        "written_to_h5": write,
+        "seconds": seconds,
+        "frames_per_s": (frames - 1) / seconds,
+        "GB_per_s": size / seconds / 1e9,
+    }
+
+
+@bench
+def landmarks(frames: int = 500) -> dict:
+    """SIFT landmarks of one simulated 500-frame 480 x 640 scan."""
+    from tusrec.data import open_data
+    from tusrec.landmarks import extract_landmarks
+    from tusrec.simulate.dataset import simulate_dataset
+
+    tmp = Path(tempfile.mkdtemp(dir=Path.cwd()))
+    try:
+        simulate_dataset(tmp, [61], names=["LH_Par_C_DtP"], frames=frames, landmarks=False)
+        scan = open_data(tmp).scans[0]
+        t0 = time.perf_counter()
+        lm = extract_landmarks(scan)
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp)
+    return {"frames": frames, "k": len(lm), "seconds_per_scan": seconds}
+
+
+def child(name: str, kwargs: dict) -> dict:
+    """Run one benchmark in a fresh interpreter; add its peak resident memory."""
+    code = (
+        "import json, resource, sys; from benchmarks.run import BENCHES; "
+        f"r = BENCHES[{name!r}](**json.loads(sys.argv[1])); "
+        "r['peak_rss_MB'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "print('RESULT ' + json.dumps(r))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"benchmark {name} {kwargs} failed:\n{run.stderr[-3000:]}")
+
+
+PLAN = [
+    ("simulate", {"frames": 200}),
+    ("ground_truth", {"frames": 200}),
+    ("ground_truth", {"frames": 1600}),
+    ("ground_truth", {"frames": 200, "write": True}),
+    ("ground_truth", {"frames": 1600, "write": True}),
+    ("landmarks", {"frames": 500}),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these")
+    args = parser.parse_args()
+    results = []
+    for name, kwargs in PLAN:
+        if args.only and name not in args.only:
+            continue
+        print(f"bench {name} {kwargs} ...", flush=True)
+        r = {"bench": name, "args": kwargs, **child(name, kwargs)}
+        print("   ", json.dumps(r), flush=True)
+        results.append(r)
+    machine = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged = {(r["bench"], json.dumps(r["args"], sort_keys=True)): r for r in previous.get("results", [])}
+    merged.update({(r["bench"], json.dumps(r["args"], sort_keys=True)): r for r in results})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "results": list(merged.values())}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Per-scan errors GPE, GLE, LPE, LLE (TUSREC.md section 3), in bounded memory.
+
+    GPE = mean over frames 1..N-1 and all pixels of || GP_true - GP_pred ||_2   (mm)
+    LPE = the same with LP;  GLE, LLE = mean over the K landmarks (mm)
+
+The true fields are generated a chunk of frames at a time from the ground-truth
+transforms and compared with the predicted arrays read chunk by chunk (numpy arrays or
+h5py datasets alike): neither a true nor a predicted GP/LP is ever held whole. Each pass
+also yields the error of the identity prediction (all-zero DDFs), i.e. the mean true
+displacement norm, which the 2025 normalisation needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tusrec.ddf import DEFAULT_CHUNK, ddf_coefficients, landmark_ddfs
+from tusrec.geometry import Calibration, frame_transforms, image_corners, read_calibration
+
+
+class PredictionValueError(ValueError):
+    """A predicted array holds NaN or Inf, or has the wrong shape."""
+
+
+@dataclass(frozen=True)
+class ErrorPair:
+    """A mean error (mm) of a prediction and of the identity prediction."""
+
+    error: float
+    identity: float
+
+
+def _grid(height: int, width: int):
+    """Rows x, y, 1 of the 1-based row-major pixel grid: (3, H*W) float32 torch tensor."""
+    import torch
+
+    y, x = torch.meshgrid(
+        torch.arange(1, height + 1, dtype=torch.float32),
+        torch.arange(1, width + 1, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([x.reshape(-1), y.reshape(-1), torch.ones(height * width)])
+
+
+def _read_chunk(pred, start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
+    """Frames start..stop-1 of a (N-1, 3, H*W) array or h5py dataset into ``buffer``."""
+    out = buffer[: stop - start]
+    if hasattr(pred, "read_direct"):
+        if pred.dtype == out.dtype:
+            pred.read_direct(out, np.s_[start:stop])
+        else:
+            out[...] = pred[start:stop]
+    else:
+        out[...] = pred[start:stop]
+    return out
+
+
+def pixel_errors(
+    pred,
+    transforms: np.ndarray,
+    T_scale: np.ndarray,
+    image_size: tuple[int, int],
+    chunk: int = DEFAULT_CHUNK,
+    name: str = "GP",
+) -> ErrorPair:
+    """Mean per-pixel error of a dense prediction against the fields of ``transforms``.
+
+    pred: (N-1, 3, H*W) mm (numpy array or h5py dataset). transforms: (N-1, 4, 4) true
+    T(i->0) (for GP) or T(i->i-1) (for LP). Raises PredictionValueError on a wrong shape
+    or a non-finite value (naming the first bad frame).
+    """
+    import torch  # here, not at import time: see tusrec.geometry
+
+    h, w = image_size
+    n = len(transforms)
+    if tuple(pred.shape) != (n, 3, h * w):
+        raise PredictionValueError(f"'{name}' has shape {tuple(pred.shape)}, expected {(n, 3, h * w)}")
+    grid = _grid(h, w)
+    buffer = np.empty((min(chunk, n), 3, h * w), dtype=np.float32)
+    err_sum = 0.0
+    identity_sum = 0.0
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = torch.from_numpy(_read_chunk(pred, start, stop, buffer))
+        finite = torch.isfinite(block).all(dim=(1, 2))
+        if not bool(finite.all()):
+            bad = start + int(torch.nonzero(~finite)[0, 0])
+            raise PredictionValueError(f"'{name}' has NaN or Inf values (first in frame {bad + 1})")
+        coef = torch.from_numpy(ddf_coefficients(transforms[start:stop], T_scale).astype(np.float32))
+        true = coef @ grid  # (n, 3, H*W)
+        identity_sum += float(torch.linalg.vector_norm(true, dim=1).sum(dtype=torch.float64))
+        block -= true
+        err_sum += float(torch.linalg.vector_norm(block, dim=1).sum(dtype=torch.float64))
+    count = n * h * w
+    return ErrorPair(err_sum / count, identity_sum / count)
+
+
+def landmark_errors(
+    pred, transforms: np.ndarray, T_scale: np.ndarray, landmarks: np.ndarray, name: str = "GL"
+) -> ErrorPair:
+    """Mean error over the landmarks: pred (3, K) mm, landmarks (K, 3) rows (frame, x, y)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.shape != (3, len(landmarks)):
+        raise PredictionValueError(f"'{name}' has shape {pred.shape}, expected {(3, len(landmarks))}")
+    if not np.isfinite(pred).all():
+        raise PredictionValueError(f"'{name}' has NaN or Inf values")
+    true = landmark_ddfs(transforms, T_scale, landmarks)
+    return ErrorPair(
+        float(np.linalg.norm(pred - true, axis=0).mean()),
+        float(np.linalg.norm(true, axis=0).mean()),
+    )
+
+
+def scan_length_mm(local: np.ndarray, T_scale: np.ndarray, image_size: tuple[int, int]) -> float:
+    """Scan length: the distance travelled by the four image corners, summed over
+    consecutive frames and averaged over the corners (mm). local: (N-1, 4, 4) T(i->i-1)."""
+    h, w = image_size
+    corners = image_corners(h, w)  # (4, 4): columns are the corner pixels
+    moved = ((np.asarray(local) - np.eye(4)) @ T_scale @ corners)[:, :3]  # (N-1, 3, 4)
+    return float(np.linalg.norm(moved, axis=1).sum(axis=0).mean())
+
+
+def metrics_for_scan(
+    pred_GP,
+    pred_GL,
+    pred_LP,
+    pred_LL,
+    frames,
+    tforms: np.ndarray,
+    landmark: np.ndarray,
+    calib: Calibration | str | Path,
+    chunk: int = DEFAULT_CHUNK,
+) -> dict[str, float]:
+    """The four errors of one scan, for use inside the organisers' evaluation template.
+
+    pred_GP, pred_LP: (N-1, 3, H*W); pred_GL, pred_LL: (3, K) (numpy arrays or h5py
+    datasets, mm). frames: (N, H, W) (only its shape is used). tforms: (N, 4, 4) tool ->
+    camera. landmark: (K, 3) rows (frame, x, y). calib: a Calibration or the path of
+    calib_matrix.csv. Returns {'GPE', 'GLE', 'LPE', 'LLE'} in mm.
+    """
+    if not isinstance(calib, Calibration):
+        calib = read_calibration(calib)
+    image_size = tuple(frames.shape[1:3])
+    glob, local = frame_transforms(tforms, calib)
+    ts = calib.T_scale
+    landmark = np.asarray(landmark, dtype=np.int64)
+    return {
+        "GPE": pixel_errors(pred_GP, glob, ts, image_size, chunk, "GP").error,
+        "GLE": landmark_errors(pred_GL, glob, ts, landmark, "GL").error,
+        "LPE": pixel_errors(pred_LP, local, ts, image_size, chunk, "LP").error,
+        "LLE": landmark_errors(pred_LL, local, ts, landmark, "LL").error,
+    }
