@@ -114,6 +114,93 @@ def landmarks(frames: int = 500) -> dict:
     return {"frames": frames, "k": len(lm), "seconds_per_scan": seconds}
 
 
+BENCH_DATA = Path("bench-data")
+
+
+def _noisy(transforms: np.ndarray, seed: int) -> np.ndarray:
+    from tusrec.geometry import pose6_to_matrix
+
+    rng = np.random.default_rng(seed)
+    return transforms @ pose6_to_matrix(rng.normal(0, [0.002] * 3 + [0.1] * 3, (len(transforms), 6)))
+
+
+@bench
+def score_setup(frames: int) -> dict:
+    """A 480 x 640 scan of ``frames`` frames and a noisy prediction of it (not timed)."""
+    from tusrec.data import (
+        EVAL,
+        open_data,
+        write_data_calibration,
+        write_dataset_keys,
+        write_landmarks,
+        write_scan,
+    )
+    from tusrec.ddf import GroundTruth, write_predictions
+    from tusrec.geometry import default_calibration
+
+    root = BENCH_DATA / f"score{frames}"
+    shutil.rmtree(root, ignore_errors=True)
+    calib = default_calibration()
+    tforms = smooth_tforms(frames)
+    chunks = (np.full((min(64, frames - s), 480, 640), 100, np.uint8) for s in range(0, frames, 64))
+    write_scan(root / "data", EVAL, 90, "LH_Par_L_DtP", chunks, tforms)
+    write_dataset_keys(root / "data", ["sub090__LH_Par_L_DtP"])
+    write_data_calibration(root / "data", calib)
+    lm = np.stack([np.arange(1, 21) * (frames - 1) // 21 + 1, np.full(20, 320), np.full(20, 240)], axis=1)
+    write_landmarks(root / "data" / "landmark" / "landmark_090.h5", {"LH_Par_L_DtP": lm})
+    gt = GroundTruth.from_tforms(tforms, calib, (480, 640))
+    scan = open_data(root / "data").scans[0]
+    pred = root / "pred" / f"{scan.key}.h5"
+    write_predictions(pred, _noisy(gt.global_, 1), _noisy(gt.local, 2), calib, (480, 640), lm)
+    return {"frames": frames, "prediction_GB": pred.stat().st_size / 1e9}
+
+
+def _drop_page_cache() -> bool:
+    """Empty the page cache so reads come from the disk (needs root; False if refused)."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+@bench
+def score(frames: int) -> dict:
+    """Peak memory and throughput of `evaluate score` on one scan, against the raw read
+    speed of the same prediction file. Both start from an empty page cache when the
+    machine allows it (``cold``), so the raw figure is the disk's own read speed."""
+    from tusrec.data import open_data
+    from tusrec.evaluate.score import score_predictions
+
+    root = BENCH_DATA / f"score{frames}"
+    pred = next((root / "pred").glob("*.h5"))
+    size = pred.stat().st_size
+    cold = _drop_page_cache()
+    t0 = time.perf_counter()
+    buf = bytearray(64 << 20)
+    with open(pred, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    raw = time.perf_counter() - t0
+    shutil.rmtree(root / "scores", ignore_errors=True)
+    cold = _drop_page_cache() and cold
+    t0 = time.perf_counter()
+    table = score_predictions(root / "pred", open_data(root / "data"), root / "scores")
+    seconds = time.perf_counter() - t0
+    return {
+        "frames": frames,
+        "prediction_GB": size / 1e9,
+        "cold_page_cache": cold,
+        "score_s": seconds,
+        "score_GB_per_s": size / seconds / 1e9,
+        "raw_read_GB_per_s": size / raw / 1e9,
+        "ratio_score_to_raw": raw / seconds,
+        "GPE": float(table["GPE"].iloc[0]),
+        "LPE": float(table["LPE"].iloc[0]),
+    }
+
+
 def child(name: str, kwargs: dict) -> dict:
     """Run one benchmark in a fresh interpreter; add its peak resident memory."""
     code = (
@@ -141,6 +228,10 @@ PLAN = [
     ("ground_truth", {"frames": 200, "write": True}),
     ("ground_truth", {"frames": 1600, "write": True}),
     ("landmarks", {"frames": 500}),
+    ("score_setup", {"frames": 200}),
+    ("score", {"frames": 200}),
+    ("score_setup", {"frames": 1600}),
+    ("score", {"frames": 1600}),
 ]
 
 
@@ -151,7 +242,7 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     for name, kwargs in PLAN:
-        if args.only and name not in args.only:
+        if args.only and name not in args.only and not (name == "score_setup" and "score" in args.only):
             continue
         print(f"bench {name} {kwargs} ...", flush=True)
         r = {"bench": name, "args": kwargs, **child(name, kwargs)}
@@ -168,6 +259,7 @@ def main() -> int:
     merged.update({(r["bench"], json.dumps(r["args"], sort_keys=True)): r for r in results})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "results": list(merged.values())}, indent=2) + "\n")
+    shutil.rmtree(BENCH_DATA, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

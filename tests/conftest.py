@@ -93,7 +93,12 @@ def make_dataset(
         lms = {}
         for name in names:
             write_scan(
-                root, layout, subject, name, random_frames(rng, n_frames, image_size), random_tforms(rng, n_frames)
+                root,
+                layout,
+                subject,
+                name,
+                random_frames(rng, n_frames, image_size),
+                random_tforms(rng, n_frames),
             )
             lms[name] = random_landmarks(rng, n_landmarks, n_frames, image_size)
             keys.append(scan_key(subject, name))

@@ -14,7 +14,7 @@ import pytest
 from tusrec.data import open_data, write_manifest
 from tusrec.ddf import GroundTruth, write_ground_truth, write_predictions
 from tusrec.evaluate import metrics_for_scan
-from tusrec.evaluate.metrics import scan_length_mm
+from tusrec.evaluate.metrics import pixel_errors, scan_length_mm
 from tusrec.evaluate.score import check_predictions, score_predictions
 from tusrec.geometry import default_calibration, pose6_to_matrix
 
@@ -169,6 +169,17 @@ def test_chunk_size_does_not_change_the_result(data_root, tmp_path):
     for name in ("GPE", "LPE", "GLE", "LLE"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
         assert (a[name] > 0.01).all()
+
+
+def test_huge_finite_prediction_is_scored_not_called_nan(data_root):
+    data = open_data(data_root)
+    scan = data.scans[0]
+    n, h, w = scan.shape
+    gp = np.zeros((n - 1, 3, h * w), np.float32)
+    gp[1, 0, :] = 1e30  # finite in float32, but its square is not
+    glob = GroundTruth.from_scan(scan, data.calibration).global_
+    err = pixel_errors(gp, glob, CALIB.T_scale, (h, w), chunk=4).error
+    assert err == pytest.approx(1e30 / (n - 1), rel=1e-3)
 
 
 def test_scan_length_of_a_steady_sweep():

@@ -71,9 +71,9 @@ class ScanPattern:
 
     @classmethod
     def from_name(cls, name: str) -> ScanPattern:
-        if m := _NAME_2024.match(name):
+        if m := _NAME_2024.fullmatch(name):
             return cls("2024", *m.groups())
-        if m := _NAME_2025.match(name):
+        if m := _NAME_2025.fullmatch(name):
             return cls("2025", arm=m.group(1))
         return cls("unknown")
 
@@ -94,7 +94,7 @@ def scan_key(subject: str | int, name: str) -> str:
 
 def parse_scan_key(key: str) -> tuple[str, str]:
     """``sub050__LH_Par_C_DtP`` -> ('050', 'LH_Par_C_DtP')."""
-    m = _KEY.match(key)
+    m = _KEY.fullmatch(key)
     if not m:
         raise TusrecDataError(
             f"scan key {key!r} is not of the form 'sub<3 digits>__<scan name>', e.g. 'sub050__LH_Par_C_DtP'"
@@ -380,7 +380,10 @@ def open_data(root: str | Path) -> TusrecData:
         with open_h5(keys_file) as f:
             keys = list(f.keys())
         for key in keys:
-            subject, name = parse_scan_key(key)
+            try:
+                subject, name = parse_scan_key(key)
+            except TusrecDataError as err:
+                raise TusrecDataError(f"{keys_file}: {err}") from None
             scan = make_scan(subject, name)
             if not scan.frames_path.is_file():
                 raise TusrecDataError(
@@ -389,7 +392,7 @@ def open_data(root: str | Path) -> TusrecData:
             scans.append(scan)
     else:
         for sub_dir in sorted(p for p in frames_dir.iterdir() if p.is_dir()):
-            if not _SUBJECT.match(sub_dir.name):
+            if not _SUBJECT.fullmatch(sub_dir.name):
                 continue
             for path in sorted(sub_dir.glob("*.h5")):
                 scans.append(make_scan(sub_dir.name, path.stem))
@@ -430,8 +433,6 @@ def write_scan(
     """
     root = Path(root)
     subject = f"{int(subject):03d}"
-    tforms = check_tforms(tforms, None, f"scan {scan_key(subject, name)}")
-    n = tforms.shape[0]
     if isinstance(frames, np.ndarray):
         frames = [frames]
     if layout == TRAIN:
@@ -442,6 +443,8 @@ def write_scan(
         tforms_path = root / "transfs" / subject / f"{name}.h5"
     else:
         raise ValueError(f"layout must be {TRAIN!r} or {EVAL!r}, got {layout!r}")
+    tforms = check_tforms(tforms, None, f"{tforms_path} (scan {scan_key(subject, name)})")
+    n = tforms.shape[0]
 
     with atomic_path(frames_path) as tmp:
         with h5py.File(tmp, "w") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,9 +236,15 @@ def score_scan(
 
 
 def _score_datasets(path: Path, gt: GroundTruth, landmarks, chunk: int, ts: np.ndarray, out: dict) -> None:
-    with open_h5(path) as f:
-        for name, transforms in (("GP", gt.global_), ("LP", gt.local)):
-            pair = pixel_errors(f[name], transforms, ts, gt.image_size, chunk, name)
+    with open_h5(path) as f, ThreadPoolExecutor(max_workers=2) as pool:
+        # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
+        # most of the work, so two cores score nearly twice as fast.
+        pending = {
+            name: pool.submit(pixel_errors, f[name], transforms, ts, gt.image_size, chunk, name)
+            for name, transforms in (("GP", gt.global_), ("LP", gt.local))
+        }
+        for name, future in pending.items():
+            pair = future.result()
             out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity
         for name, transforms in (("GL", gt.global_), ("LL", gt.local)):
             if landmarks is None:
