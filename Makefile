@@ -16,12 +16,18 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 # Simulate a small synthetic validation set, extract its SIFT landmarks, compute the
-# ground-truth displacement fields, and show what was made. Reruns keep finished work.
+# ground-truth displacement fields, validate and score them (0 mm) and the identity
+# prediction. Reruns keep finished work.
 demo: setup
 	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --scans 4 --frames 60 --no-landmarks
 	./landmarks $(DEMO)/data
-	$(PY) -m tusrec ground-truth $(DEMO)/data --out $(DEMO)/ground_truth
-	$(PY) -m tusrec info $(DEMO)/data --ground-truth $(DEMO)/ground_truth
+	$(PY) -m tusrec info $(DEMO)/data
+	$(PY) -m tusrec reference ground-truth $(DEMO)/data --out $(DEMO)/ground_truth
+	./evaluate check $(DEMO)/ground_truth --data $(DEMO)/data
+	./evaluate score $(DEMO)/ground_truth --data $(DEMO)/data --out $(DEMO)/scores/ground_truth
+	$(PY) -m tusrec reference identity $(DEMO)/data --out $(DEMO)/identity
+	./evaluate score $(DEMO)/identity --data $(DEMO)/data --out $(DEMO)/scores/identity
+	@echo "demo: synthetic data in $(DEMO)/data, per-scan metrics in $(DEMO)/scores/*/metrics.csv"
 
 test: setup
 	$(PY) -m pytest -q

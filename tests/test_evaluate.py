@@ -358,3 +358,35 @@ def test_evaluate_command(data_root, tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "NaN or Inf" in bad.stdout
+
+
+def test_reference_command(data_root, dataset_factory, tmp_path):
+    tusrec = [str(ROOT / ".venv" / "bin" / "python"), "-m", "tusrec"]
+    gt = subprocess.run(
+        [*tusrec, "reference", "ground-truth", str(data_root), "--out", str(tmp_path / "gt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert gt.returncode == 0, gt.stderr
+    table = score_predictions(tmp_path / "gt", open_data(data_root), tmp_path / "s")
+    assert (table[["GPE", "GLE", "LPE", "LLE"]].abs().to_numpy() < 1e-4).all()
+    # The identity needs no ground truth: it works on the test layout (no transfs/).
+    test_root = dataset_factory(tmp_path / "test", "eval", with_tforms=False)
+    ident = subprocess.run(
+        [*tusrec, "reference", "identity", str(test_root), "--out", str(tmp_path / "id")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert ident.returncode == 0, ident.stderr
+    assert check_predictions(tmp_path / "id", open_data(test_root)) == []
+    # ...but the ground truth does, and says so.
+    bad = subprocess.run(
+        [*tusrec, "reference", "ground-truth", str(test_root), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "no ground-truth transforms" in bad.stderr
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.h5"))

@@ -129,49 +129,64 @@ def run_landmarks(args) -> int:
     return 0
 
 
-def add_ground_truth(sub) -> None:
+def add_reference(sub) -> None:
     p = sub.add_parser(
-        "ground-truth",
-        help="write ground-truth GP/GL/LP/LL of scans in the predictions format",
-        description="Compute the ground-truth displacement fields of each scan from its "
-        "tforms and the calibration (TUSREC.md section 2), streamed in frame chunks, and "
-        "write <key>.h5 files in the predictions format.",
+        "reference",
+        help="write reference predictions (ground truth or identity) in the predictions format",
+        description="Write a predictions folder (<key>.h5 + predictions.csv) of a reference "
+        "method: 'ground-truth' computes each scan's true GP/GL/LP/LL from its tforms and the "
+        "calibration (TUSREC.md section 2; scoring it gives 0), 'identity' predicts no motion "
+        "(all-zero DDFs; the 2025 normalisation's reference, and needs no ground truth). "
+        "Streamed in frame chunks; complete files are kept on a rerun.",
     )
-    p.add_argument("data", type=Path, help="TUS-REC data folder with ground-truth tforms")
-    p.add_argument("--out", type=Path, required=True, help="folder for <key>.h5 files")
+    p.add_argument("kind", choices=["ground-truth", "identity"])
+    p.add_argument("data", type=Path, help="TUS-REC data folder (ground-truth needs its tforms)")
+    p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
     p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
     p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
-    p.set_defaults(run=run_ground_truth)
+    p.set_defaults(run=run_reference)
 
 
-def run_ground_truth(args) -> int:
+def run_reference(args) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from tusrec.data import open_data, write_manifest
-    from tusrec.ddf import write_ground_truth
+    from tusrec.ddf import GroundTruth, write_predictions
 
     data = open_data(args.data)
     scans = [data.scan(k) for k in args.keys] if args.keys else data.scans
     if not scans:
         raise TusrecDataError(f"{args.data}: no scans found")
+    calib = data.calibration
     total_bytes = 0
     rows = []
-    for scan in tqdm(scans, desc="ground truth", unit="scan", disable=None):
+    for scan in tqdm(scans, desc=args.kind, unit="scan", disable=None):
         path = args.out / f"{scan.key}.h5"
-        write_ground_truth(scan, data.calibration, path, args.chunk)
+        t0 = time.perf_counter()
+        if not path.exists():
+            if args.kind == "ground-truth":
+                gt = GroundTruth.from_scan(scan, calib)
+                glob, local = gt.global_, gt.local
+            else:
+                glob = local = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
+            landmarks = scan.read_landmarks() if scan.has_landmarks else None
+            attrs = {"model": args.kind, "runtime_seconds": time.perf_counter() - t0}
+            write_predictions(path, glob, local, calib, scan.image_size, landmarks, attrs, chunk=args.chunk)
         total_bytes += path.stat().st_size
+        message = "" if scan.has_landmarks else "no landmarks: GL/LL not written"
         rows.append(
             {
                 "key": scan.key,
                 "frames": scan.n_frames,
                 "status": "ok",
-                "seconds": 0.0,
-                "device": "none",
-                "message": "ground truth",
+                "seconds": time.perf_counter() - t0,
+                "device": "cpu",
+                "message": message,
             }
         )
     write_manifest(args.out, rows)
-    print(f"ground truth: {len(scans)} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
+    print(f"{args.kind}: {len(scans)} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
     return 0
 
 
@@ -184,18 +199,10 @@ def add_info(sub) -> None:
         "tforms, landmarks, calibration). Exit status 1 if anything is invalid.",
     )
     p.add_argument("data", type=Path, help="TUS-REC data folder (either layout)")
-    p.add_argument(
-        "--ground-truth",
-        type=Path,
-        default=None,
-        help="also describe the <key>.h5 files of this predictions folder",
-    )
     p.set_defaults(run=run_info)
 
 
 def run_info(args) -> int:
-    import h5py
-
     from tusrec.data import open_data
 
     data = open_data(args.data)
@@ -223,12 +230,6 @@ def run_info(args) -> int:
             f"{scan.key:34} {pat.protocol:8} {pat.arm or '-':3} {pat.orientation or '-':6} "
             f"{pat.shape or '-':5} {pat.direction or '-':3} {n:6d} {f'{h}x{w}':>7} {tforms:6} {k:>4}"
         )
-    if args.ground_truth is not None:
-        print(f"\n{args.ground_truth}:")
-        for path in sorted(args.ground_truth.glob("*.h5")):
-            with h5py.File(path, "r") as f:
-                sets = ", ".join(f"{k} {f[k].shape} {f[k].dtype}" for k in f)
-            print(f"  {path.name}: {sets}")
     return 1 if problems else 0
 
 
@@ -299,7 +300,7 @@ COMMANDS = {
     "info": add_info,
     "simulate": add_simulate,
     "landmarks": add_landmarks,
-    "ground-truth": add_ground_truth,
+    "reference": add_reference,
 }
 
 
