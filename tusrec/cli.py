@@ -27,6 +27,11 @@ def _image_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _add_keys_and_chunk(p) -> None:
+    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+
+
 def add_simulate(sub) -> None:
     p = sub.add_parser(
         "simulate",
@@ -142,8 +147,7 @@ def add_reference(sub) -> None:
     p.add_argument("kind", choices=["ground-truth", "identity"])
     p.add_argument("data", type=Path, help="TUS-REC data folder (ground-truth needs its tforms)")
     p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
-    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
-    p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+    _add_keys_and_chunk(p)
     p.set_defaults(run=run_reference)
 
 
@@ -155,7 +159,7 @@ def run_reference(args) -> int:
     from tusrec.ddf import GroundTruth, write_predictions
 
     data = open_data(args.data)
-    scans = [data.scan(k) for k in args.keys] if args.keys else data.scans
+    scans = data.select(args.keys)
     if not scans:
         raise TusrecDataError(f"{args.data}: no scans found")
     calib = data.calibration
@@ -263,8 +267,7 @@ def add_evaluate(sub) -> None:
     score.add_argument("predictions", type=Path, help="predictions folder")
     score.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
     score.add_argument("--out", type=Path, required=True, help="folder for metrics.csv and metrics.h5")
-    score.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
-    score.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+    _add_keys_and_chunk(score)
     score.set_defaults(run=run_evaluate_score)
 
 

@@ -323,6 +323,10 @@ class TusrecData:
     def keys(self) -> list[str]:
         return [s.key for s in self.scans]
 
+    def select(self, keys: list[str] | None) -> list[Scan]:
+        """The scans with these keys (all scans if None); an unknown key is an error."""
+        return [self.scan(k) for k in keys] if keys else list(self.scans)
+
     def landmark_path(self, subject: str) -> Path:
         """Where landmark_<sub>.h5 of a subject is (or is to be written)."""
         return self.root / landmark_dir(self.root, self.layout) / f"landmark_{subject}.h5"

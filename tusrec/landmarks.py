@@ -122,7 +122,7 @@ def write_data_landmarks(
     landmarks are written as soon as they are found, so an interrupted run resumes.
     Returns the landmarks extracted in this run, by scan key.
     """
-    scans = [data.scan(key) for key in keys] if keys else data.scans
+    scans = data.select(keys)
     made: dict[str, np.ndarray] = {}
     total = sum(s.n_frames - 1 for s in scans)
     with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:

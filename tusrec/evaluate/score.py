@@ -273,7 +273,7 @@ def score_predictions(
         raise TusrecDataError(f"{folder}: predictions folder not found")
     if not any(folder.glob("*.h5")) and not (folder / MANIFEST_FILE).exists():
         raise TusrecDataError(f"{folder}: empty predictions folder (expected <key>.h5 files)")
-    scans = [data.scan(k) for k in keys] if keys else data.scans
+    scans = data.select(keys)
     missing_gt = [s.key for s in scans if not s.has_tforms]
     if missing_gt:
         raise TusrecDataError(
