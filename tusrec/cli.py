@@ -194,6 +194,57 @@ def run_reference(args) -> int:
     return 0
 
 
+def add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict GP/GL/LP/LL for every scan of a folder (the submission entrypoint)",
+        description="Read a folder of scans in the validation/test layout (either edition) "
+        "and write a predictions folder (<key>.h5 + predictions.csv) with the ensemble in "
+        "--weights, within --time-limit seconds a scan: members that would not finish are "
+        "skipped, and if none can, the identity motion is written and the manifest says so. "
+        "Complete predictions of an earlier run are kept; partial files are redone.",
+    )
+    p.add_argument("--input", type=Path, default=Path("/input"), help="data folder (default /input)")
+    p.add_argument(
+        "--output", type=Path, default=Path("/output"), help="predictions folder (default /output)"
+    )
+    p.add_argument(
+        "--weights", type=Path, default=None, help="ensemble folder (default: the shipped weights/)"
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per scan (default 120)")
+    p.add_argument(
+        "--translation", choices=["mean", "median"], default="mean", help="combine translations by"
+    )
+    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args) -> int:
+    from tusrec.model.ensemble import WeightsError
+    from tusrec.predict import DEFAULT_WEIGHTS, predict_folder
+
+    try:
+        rows = predict_folder(
+            args.input,
+            args.output,
+            args.weights or DEFAULT_WEIGHTS,
+            args.device,
+            args.time_limit,
+            args.keys,
+            args.translation,
+        )
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [r["key"] for r in rows if r["status"] != "ok"]
+    print(f"predict: {len(rows) - len(failed)} of {len(rows)} scans predicted into {args.output}")
+    if failed:
+        print(f"failed: {', '.join(failed)} (see {args.output / 'predictions.csv'})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_info(sub) -> None:
     p = sub.add_parser(
         "info",
@@ -299,6 +350,7 @@ def run_evaluate_score(args) -> int:
 
 
 COMMANDS = {
+    "predict": add_predict,
     "evaluate": add_evaluate,
     "info": add_info,
     "simulate": add_simulate,

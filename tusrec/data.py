@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -535,7 +536,9 @@ class PredictionWriter:
     """Write one scan's predictions file, frame chunk by frame chunk.
 
     Use as a context manager: the file appears under its final name only when the
-    block ends without error and every frame of GP and LP was written.
+    block ends without error and every frame of GP and LP was written. With
+    ``started_at`` (a time.perf_counter() value), the attribute runtime_seconds is the
+    time from then until the file is complete.
     """
 
     def __init__(
@@ -544,8 +547,10 @@ class PredictionWriter:
         n_frames: int,
         image_size: tuple[int, int],
         attrs: dict | None = None,
+        started_at: float | None = None,
     ):
         self.path = Path(path)
+        self.started_at = started_at
         self.n_frames = n_frames
         self.hw = image_size[0] * image_size[1]
         self.attrs = dict(attrs or {})
@@ -585,6 +590,8 @@ class PredictionWriter:
                     raise TusrecDataError(f"{self.path}: frames not written: {missing}")
                 for k, v in self.attrs.items():
                     self._file.attrs[k] = v
+                if self.started_at is not None:
+                    self._file.attrs["runtime_seconds"] = time.perf_counter() - self.started_at
                 complete = True
         finally:
             self._file.close()
@@ -597,12 +604,14 @@ class PredictionWriter:
 def write_manifest(folder: str | Path, rows: list[dict]) -> Path:
     """Write (replace) predictions.csv: one row per scan with MANIFEST_COLUMNS.
 
-    status is 'ok', 'failed' or 'timeout'; seconds the prediction's wall time.
+    status is 'ok', 'failed' or 'timeout'; seconds the prediction's wall time. Extra
+    keys of the rows become extra columns after the standard ones.
     """
     import pandas as pd
 
     path = Path(folder) / MANIFEST_FILE
-    table = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    extra = sorted({k for r in rows for k in r} - set(MANIFEST_COLUMNS))
+    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *extra])
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return path

@@ -150,18 +150,19 @@ def write_predictions(
     attrs: dict | None = None,
     extras: dict[str, np.ndarray] | None = None,
     chunk: int = DEFAULT_CHUNK,
+    started_at: float | None = None,
 ) -> None:
     """Write a predictions file (tusrec.data.PredictionWriter) from frame transforms.
 
     global_, local: (N-1, 4, 4) T(i->0) and T(i->i-1) in image mm. GP/LP are streamed in
     chunks of frames (peak memory one chunk); GL/LL are written when ``landmarks``
     ((K, 3) rows frame, x, y) are given. The transforms are stored beside the DDFs;
-    ``extras`` (e.g. uncertainty (N-1,)) likewise.
+    ``extras`` (e.g. uncertainty (N-1,)) likewise. ``started_at``: see PredictionWriter.
     """
     h, w = image_size
     n_frames = len(global_) + 1
     ts = calib.T_scale
-    with PredictionWriter(path, n_frames, image_size, attrs) as out:
+    with PredictionWriter(path, n_frames, image_size, attrs, started_at) as out:
         gp = iter_pixel_ddfs(global_, ts, h, w, chunk)
         lp = iter_pixel_ddfs(local, ts, h, w, chunk)
         for (start, g), (_, loc) in zip(gp, lp, strict=True):

@@ -1,0 +1,234 @@
+"""Ensemble members on disk, scan preprocessing, windowed inference, and combination.
+
+weights/ layout::
+
+    weights/manifest.json   {"members": [{"name", "file", "sha256", "config", "trained", "metrics"}]}
+    weights/<file>.pt       a member's state_dict (torch.save)
+
+A member's config (ModelConfig) travels with it, so the predictor builds the network the
+member was trained with. A missing file or a wrong checksum is an error naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from tusrec.geometry import projected_mean_rotation, rotation_disagreement
+from tusrec.model.network import ModelConfig, TrackerlessNet, pose9_to_matrix
+
+MANIFEST = "manifest.json"
+# Fixed intensity normalisation (uint8 -> roughly zero mean, unit spread on B-mode data).
+INTENSITY_MEAN, INTENSITY_STD = 40.0, 40.0
+
+
+class WeightsError(ValueError):
+    """weights/ is missing, incomplete or corrupt."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Member:
+    name: str
+    net: TrackerlessNet
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.net.cfg
+
+
+def save_member(weights_dir: str | Path, name: str, net: TrackerlessNet, info: dict | None = None) -> dict:
+    """Save a member's weights and add (or replace) its manifest entry; returns the entry."""
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    path = weights_dir / f"{name}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)
+    entry = {
+        "name": name,
+        "file": path.name,
+        "sha256": sha256(path),
+        "config": net.cfg.to_dict(),
+        **(info or {}),
+    }
+    manifest_path = weights_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"members": []}
+    manifest["members"] = [m for m in manifest["members"] if m["name"] != name] + [entry]
+    manifest["members"].sort(key=lambda m: m["name"])
+    tmp = manifest_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(manifest_path)
+    return entry
+
+
+def load_members(weights_dir: str | Path, device: str | torch.device = "cpu") -> list[Member]:
+    """Load every member of weights/manifest.json, verifying each file's sha256."""
+    weights_dir = Path(weights_dir)
+    manifest_path = weights_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise WeightsError(f"{manifest_path}: no weights manifest (expected {MANIFEST} listing the members)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["members"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WeightsError(f"{manifest_path}: not a weights manifest ({err})") from None
+    if not entries:
+        raise WeightsError(f"{manifest_path}: lists no members")
+    members = []
+    for entry in entries:
+        path = weights_dir / entry["file"]
+        if not path.is_file():
+            raise WeightsError(f"{manifest_path}: member {entry['name']!r}: file {path} is missing")
+        digest = sha256(path)
+        if digest != entry["sha256"]:
+            raise WeightsError(
+                f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} "
+                f"(member {entry['name']!r}): the file is corrupt or was replaced"
+            )
+        net = TrackerlessNet(ModelConfig.from_dict(entry["config"]))
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.to(device).eval()
+        members.append(Member(entry["name"], net, entry))
+    return members
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def field_of_view_box(frames: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (top, bottom, left, right) of the pixels non-zero in any of ``frames``
+    (n, H, W): the ultrasound fan. The whole image if all are zero."""
+    seen = (frames > 0).any(axis=0)
+    rows, cols = np.flatnonzero(seen.any(axis=1)), np.flatnonzero(seen.any(axis=0))
+    if len(rows) == 0:
+        return 0, frames.shape[1], 0, frames.shape[2]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def preprocess(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Crop to the field of view, resize (area averaging) and normalise.
+
+    frames (n, H, W) uint8 -> (n, h, w) float32 with size = (h, w). Any input image size
+    works: the network only ever sees ``size``.
+    """
+    top, bottom, left, right = box
+    h, w = size
+    out = np.empty((len(frames), h, w), np.float32)
+    for i, frame in enumerate(frames):
+        out[i] = cv2.resize(frame[top:bottom, left:right], (w, h), interpolation=cv2.INTER_AREA)
+    out -= INTENSITY_MEAN
+    out /= INTENSITY_STD
+    return out
+
+
+def global_indices(n_frames: int, count: int) -> np.ndarray:
+    """``count`` frame indices spread evenly over the scan, first and last included."""
+    return np.unique(np.round(np.linspace(0, n_frames - 1, count)).astype(int))
+
+
+def scan_positions(indices: np.ndarray, n_frames: int) -> np.ndarray:
+    """Frame (or transition) indices -> scan positions in [0, 1]."""
+    return np.asarray(indices, np.float32) / max(n_frames - 1, 1)
+
+
+class OutOfTimeError(Exception):
+    """A member could not finish before its deadline."""
+
+
+def windows(n_transitions: int, window: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Cut transitions 0..n-1 into windows: (core_start, core_stop, in_start, in_stop).
+
+    Transition k is frame k -> k+1. A window runs the network on transitions
+    in_start..in_stop-1 (the core plus up to ``overlap`` of context on each side) and
+    keeps the core: every kept output saw context on both sides, so no seam shows.
+    """
+    out = []
+    for core in range(0, n_transitions, window):
+        stop = min(core + window, n_transitions)
+        out.append((core, stop, max(0, core - overlap), min(n_transitions, stop + overlap)))
+    return out
+
+
+@torch.no_grad()
+def member_local_transforms(
+    member: Member,
+    frames: np.ndarray,
+    device: str | torch.device = "cpu",
+    deadline: float | None = None,
+    autocast: bool = False,
+) -> np.ndarray:
+    """One member's T(i->i-1) for a preprocessed scan: frames (N, h, w) -> (N-1, 4, 4) float64.
+
+    Checks ``deadline`` (time.perf_counter() value) between windows and raises OutOfTimeError
+    past it, so a slow member never overruns the time limit by more than one window.
+    """
+    cfg = member.cfg
+    n = len(frames)
+    net = member.net
+    idx = global_indices(n, cfg.global_frames)
+    g = torch.from_numpy(frames[idx]).to(device)[None]
+    gpos = torch.from_numpy(scan_positions(idx, n)).to(device)[None]
+    amp = torch.autocast(device_type=torch.device(device).type, enabled=autocast)
+    with amp:
+        global_tokens = net.encode_global(g, gpos)
+    raw = np.empty((n - 1, 9), np.float32)
+    for core, stop, lo, hi in windows(n - 1, cfg.window, cfg.overlap):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise OutOfTimeError(f"member {member.name} stopped at transition {core} of {n - 1}")
+        video = torch.from_numpy(frames[lo : hi + 1]).to(device)[None, None]  # frames lo..hi
+        pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
+        with amp:
+            out = net(video, pos, global_tokens)
+        raw[core:stop] = out[0, core - lo : stop - lo].float().cpu().numpy()
+    # The rigid transforms are built in float64 whatever precision the network ran in.
+    return pose9_to_matrix(torch.from_numpy(raw).double(), cfg).numpy()
+
+
+@dataclass
+class Combined:
+    """Ensemble output: local (N-1, 4, 4) float64, per-frame uncertainties (N-1,)."""
+
+    local: np.ndarray
+    rotation_disagreement: np.ndarray  # rad^2: mean squared geodesic distance to the mean
+    translation_spread_mm: np.ndarray  # RMS distance of members' translations to the mean
+
+
+def combine(locals_: list[np.ndarray], translation: str = "mean") -> Combined:
+    """Combine members' local transforms, each (N-1, 4, 4).
+
+    Rotations: projected mean (average the matrices, closest rotation by SVD).
+    Translations: mean, or 'median' (per coordinate). Globals follow by chaining.
+    """
+    stack = np.stack(locals_)  # (M, N-1, 4, 4)
+    R = torch.from_numpy(stack[:, :, :3, :3])
+    t = stack[:, :, :3, 3]
+    out = np.tile(np.eye(4), (stack.shape[1], 1, 1))
+    out[:, :3, :3] = projected_mean_rotation(R, dim=0).numpy()
+    if translation == "mean":
+        out[:, :3, 3] = t.mean(axis=0)
+    elif translation == "median":
+        out[:, :3, 3] = np.median(t, axis=0)
+    else:
+        raise ValueError(f"translation combination must be 'mean' or 'median', got {translation!r}")
+    spread = np.sqrt(((t - t.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0))
+    return Combined(out, rotation_disagreement(R, dim=0).numpy(), spread)
+
+
+ProgressFn = Callable[[str], None]
