@@ -1,0 +1,292 @@
+"""The predictor's mechanics with small randomly initialised members: output format,
+time limit, resume, bad input, weights, ensemble combination. (Accuracy is the
+training issue's business.)"""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from tusrec.data import TusrecDataError, open_data
+from tusrec.evaluate.score import check_predictions, score_predictions
+from tusrec.model import ensemble
+from tusrec.model.ensemble import WeightsError, combine, load_members, save_member, windows
+from tusrec.model.network import ModelConfig, TrackerlessNet
+from tusrec.predict import core, predict_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(
+    input_size=(16, 20),
+    channels=(8, 8),
+    global_channels=(8, 8),
+    dim=16,
+    heads=2,
+    global_frames=4,
+    window=4,
+    overlap=2,
+)
+
+
+def make_weights(folder, n=2, seed=0):
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        net = TrackerlessNet(TINY)
+        # Random small outputs instead of the identity start, so members disagree.
+        for p in net.fusion.head[-1].parameters():
+            torch.nn.init.normal_(p, 0, 0.05)
+        save_member(folder, f"member{i}", net, {"trained": "random init (test)"})
+    return folder
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return make_weights(tmp_path / "weights")
+
+
+@pytest.fixture
+def data_root(dataset_factory, tmp_path):
+    return dataset_factory(
+        tmp_path / "data", "eval", ("050",), ("LH_Par_C_DtP", "RH_Per_L_PtD", "LH_rotation"), 11
+    )
+
+
+def test_predictions_are_valid_and_scorable(data_root, weights, tmp_path):
+    rows = predict_folder(data_root, tmp_path / "pred", weights, "cpu", log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["members"] == 2 for r in rows)
+    data = open_data(data_root)
+    assert check_predictions(tmp_path / "pred", data) == []
+    table = score_predictions(tmp_path / "pred", data, tmp_path / "scores")
+    assert (table["status"] == "ok").all() and (table["GPE"] > 0).all()
+    with h5py.File(tmp_path / "pred" / f"{data.keys[0]}.h5") as f:
+        n = data.scans[0].n_frames
+        assert f["uncertainty"].shape == (n - 1,) and (f["uncertainty"][()] > 0).all()
+        assert f["transforms_local"].shape == (n - 1, 4, 4)
+        assert f.attrs["members_used"] == 2 and f.attrs["runtime_seconds"] > 0
+        # GP is the chain of the combined locals (globals are never predicted separately).
+        chained = np.linalg.multi_dot(list(f["transforms_local"][:3].astype(np.float64)))
+        np.testing.assert_allclose(f["transforms_global"][2], chained, atol=1e-5)
+
+
+def test_predict_ddfs_has_the_organisers_signature(data_root, weights, monkeypatch):
+    import tusrec.predict as predict
+
+    monkeypatch.setattr(predict, "DEFAULT_WEIGHTS", weights)
+    monkeypatch.setattr(predict, "_PREDICTOR", None)
+    scan = open_data(data_root).scans[0]
+    n, h, w = scan.shape
+    lm = scan.read_landmarks()
+    GP, GL, LP, LL = predict.predict_ddfs(scan.read_frames(), lm, str(data_root / "calib_matrix.csv"), "cpu")
+    assert GP.shape == LP.shape == (n - 1, 3, h * w) and GL.shape == LL.shape == (3, len(lm))
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in (GP, GL, LP, LL))
+    idx = (lm[:, 2] - 1) * w + lm[:, 1] - 1
+    np.testing.assert_allclose(GL, GP[lm[:, 0] - 1, :, idx].T, atol=1e-4)
+    # 2024's template passes no device.
+    assert (
+        predict.predict_ddfs(scan.read_frames(), lm, str(data_root / "calib_matrix.csv"))[0].shape == GP.shape
+    )
+
+
+def test_tiny_time_limit_still_gives_a_scorable_identity(data_root, weights, tmp_path):
+    rows = predict_folder(
+        data_root, tmp_path / "pred", weights, "cpu", time_limit_s=1e-3, log=lambda *a: None
+    )
+    assert all(r["status"] == "ok" and "fallback: identity" in r["message"] for r in rows)
+    data = open_data(data_root)
+    table = score_predictions(tmp_path / "pred", data, tmp_path / "scores")
+    np.testing.assert_allclose(table["GPE"], table["GPE_identity"], rtol=1e-6)
+    np.testing.assert_allclose(table["LLE"], table["LLE_identity"], rtol=1e-6)
+
+
+def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, monkeypatch):
+    real = core.member_local_transforms
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "member_local_transforms", slow)
+    monkeypatch.setattr(core, "ddf_reserve_s", lambda n, size: 0.0)
+    # The first member takes >= 0.4 s, so a second would end past the 0.7 s limit.
+    rows = predict_folder(
+        data_root, tmp_path / "pred", weights, "cpu", time_limit_s=0.7, keys=["sub050__LH_rotation"]
+    )
+    assert rows[0]["members"] == 1 and "skipped for time" in rows[0]["message"]
+
+
+def test_member_stops_between_windows_past_its_deadline(data_root, weights):
+    member = load_members(weights)[0]
+    frames = np.zeros((40, 16, 20), np.float32)
+    with pytest.raises(ensemble.OutOfTimeError, match="stopped at transition 0 of 39"):
+        ensemble.member_local_transforms(member, frames, deadline=time.perf_counter() - 1)
+
+
+def test_windows_cover_every_transition_once_with_context():
+    for n, window, overlap in [(1, 4, 2), (10, 4, 2), (97, 96, 16), (300, 64, 16)]:
+        wins = windows(n, window, overlap)
+        cores = np.concatenate([np.arange(c, s) for c, s, _, _ in wins])
+        np.testing.assert_array_equal(cores, np.arange(n))
+        for core_start, stop, lo, hi in wins:
+            assert lo == max(0, core_start - overlap) and hi == min(n, stop + overlap)
+
+
+def test_long_scan_windows_join_without_a_seam():
+    """Windowed inference equals one pass over the whole scan wherever a window's core
+    has the network's full convolutional context; with attention the difference stays
+    small, not a jump at window borders."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.to_dict(), "window": 8, "overlap": 6})
+    member = ensemble.Member("m", TrackerlessNet(cfg).eval())
+    for p in member.net.fusion.head[-1].parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    frames = np.random.default_rng(0).normal(size=(41, 16, 20)).astype(np.float32)
+    windowed = ensemble.member_local_transforms(member, frames)
+    member.net.cfg.window, member.net.cfg.overlap = 1000, 0
+    whole = ensemble.member_local_transforms(member, frames)
+    step = np.abs(np.diff(windowed[:, :3, 3], axis=0)).max()
+    assert np.abs(windowed - whole).max() < step  # smaller than the frame-to-frame variation
+
+
+def svd_mean(R):
+    U, _, Vt = np.linalg.svd(R.mean(axis=0))
+    return U @ np.diag([1, 1, np.linalg.det(U @ Vt)]) @ Vt
+
+
+def test_combine_projected_mean_and_translations():
+    rng = np.random.default_rng(3)
+    members = []
+    for _ in range(5):
+        T = np.tile(np.eye(4), (6, 1, 1))
+        T[:, :3, :3] = Rotation.from_rotvec(rng.normal(0, 0.05, (6, 3))).as_matrix()
+        T[:, :3, 3] = rng.normal(0, 1, (6, 3))
+        members.append(T)
+    stack = np.stack(members)
+    out = combine(members)
+    for k in range(6):
+        np.testing.assert_allclose(out.local[k, :3, :3], svd_mean(stack[:, k, :3, :3]), atol=1e-9)
+    np.testing.assert_allclose(out.local[:, :3, 3], stack[:, :, :3, 3].mean(axis=0))
+    np.testing.assert_allclose(
+        combine(members, "median").local[:, :3, 3], np.median(stack[:, :, :3, 3], axis=0)
+    )
+    spread = np.sqrt(((stack[:, :, :3, 3] - stack[:, :, :3, 3].mean(0)) ** 2).sum(-1).mean(0))
+    np.testing.assert_allclose(out.translation_spread_mm, spread)
+    same = combine([members[0]] * 3)
+    np.testing.assert_allclose(same.rotation_disagreement, 0, atol=1e-10)
+    np.testing.assert_allclose(same.translation_spread_mm, 0, atol=1e-12)
+
+
+def test_weights_errors(weights, tmp_path):
+    with pytest.raises(WeightsError, match="no weights manifest"):
+        load_members(tmp_path / "nowhere")
+    (weights / "member1.pt").write_bytes((weights / "member1.pt").read_bytes()[:-10])
+    with pytest.raises(WeightsError, match=r"member1\.pt: sha256 .* does not match"):
+        load_members(weights)
+    (weights / "member1.pt").unlink()
+    with pytest.raises(WeightsError, match=r"member1\.pt is missing"):
+        load_members(weights)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_one_bad_scan_never_stops_the_rest(data_root, weights, tmp_path):
+    data = open_data(data_root)
+    bad, short = data.scans[0], data.scans[1]
+    bad.frames_path.write_bytes(b"not hdf5")
+    with h5py.File(short.frames_path, "w") as f:  # a scan of one frame
+        f.create_dataset("frames", data=np.zeros((1, 24, 32), np.uint8))
+    rows = {
+        r["key"]: r for r in predict_folder(data_root, tmp_path / "pred", weights, "cpu", log=lambda *a: None)
+    }
+    assert (
+        rows[bad.key]["status"] == "failed" and "cannot be opened as an HDF5 file" in rows[bad.key]["message"]
+    )
+    assert rows[short.key]["status"] == "failed" and "at least 2" in rows[short.key]["message"]
+    assert rows[data.keys[2]]["status"] == "ok"
+    assert not (tmp_path / "pred" / f"{bad.key}.h5").exists()
+    manifest = (tmp_path / "pred" / "predictions.csv").read_text()
+    assert "failed" in manifest and data.keys[2] in manifest
+
+
+def test_other_image_size_is_resized_not_refused(dataset_factory, weights, tmp_path):
+    root = dataset_factory(tmp_path / "big", "eval", ("050",), ("LH_Par_C_DtP",), 6, image_size=(40, 56))
+    rows = predict_folder(root, tmp_path / "pred", weights, "cpu", log=lambda *a: None)
+    assert rows[0]["status"] == "ok"
+    assert check_predictions(tmp_path / "pred", open_data(root)) == []
+
+
+def test_missing_landmarks_still_give_gp_and_lp(data_root, weights, tmp_path):
+    data = open_data(data_root)
+    lm_file = data.scans[0].landmark_path
+    with h5py.File(lm_file, "r+") as f:
+        del f[data.scans[0].name]
+    rows = predict_folder(data_root, tmp_path / "pred", weights, "cpu", log=lambda *a: None)
+    assert rows[0]["status"] == "ok" and "GL/LL not written" in rows[0]["message"]
+    with h5py.File(tmp_path / "pred" / f"{data.keys[0]}.h5") as f:
+        assert "GP" in f and "LP" in f and "GL" not in f
+
+
+def test_unwritable_output_folder(data_root, weights, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    with pytest.raises(TusrecDataError, match="output folder is not writable"):
+        predict_folder(data_root, blocker / "pred", weights, "cpu")
+    assert blocker.read_text().startswith("a file")
+
+
+def test_resume_keeps_complete_files_and_redoes_partial_ones(data_root, weights, tmp_path):
+    out = tmp_path / "pred"
+    data = open_data(data_root)
+    predict_folder(data_root, out, weights, "cpu", keys=data.keys[:1], log=lambda *a: None)
+    done = out / f"{data.keys[0]}.h5"
+    mtime = done.stat().st_mtime_ns
+    partial = out / f".{data.keys[1]}.h5.1234.tmp"
+    partial.write_bytes(b"half a file")
+    bogus = out / f"{data.keys[2]}.h5"
+    with h5py.File(bogus, "w") as f:  # right name, wrong content: not trusted
+        f.create_dataset("GP", data=np.zeros((2, 3, 4), np.float32))
+    rows = predict_folder(data_root, out, weights, "cpu", log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert done.stat().st_mtime_ns == mtime
+    assert not partial.exists()
+    assert check_predictions(out, data) == []
+
+
+def test_predict_command(data_root, weights, tmp_path):
+    env = {**os.environ, "TUSREC_WEIGHTS": str(weights)}
+    run = subprocess.run(
+        [
+            str(ROOT / "predict"),
+            "--input",
+            str(data_root),
+            "--output",
+            str(tmp_path / "p"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "3 of 3 scans predicted" in run.stdout
+    no_weights = subprocess.run(
+        [
+            str(ROOT / "predict"),
+            "--input",
+            str(data_root),
+            "--output",
+            str(tmp_path / "q"),
+            "--weights",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert no_weights.returncode == 2 and "no weights manifest" in no_weights.stderr
