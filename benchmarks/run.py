@@ -201,6 +201,70 @@ def score(frames: int) -> dict:
     }
 
 
+@bench
+def predict_setup(frames: int) -> dict:
+    """A simulated 480 x 640 scan and 4 untrained members of the default configuration
+    (the compute of a 4-member ensemble; no trained ensemble ships yet). Not timed."""
+    import torch
+
+    from tusrec.model.ensemble import save_member
+    from tusrec.model.network import ModelConfig, TrackerlessNet
+    from tusrec.simulate.dataset import simulate_dataset
+
+    root = BENCH_DATA / f"predict{frames}"
+    shutil.rmtree(root, ignore_errors=True)
+    simulate_dataset(root / "data", [62], names=["RH_Per_S_DtP"], frames=frames, landmarks=True)
+    for i in range(4):
+        torch.manual_seed(i)
+        save_member(root / "weights", f"untrained{i}", TrackerlessNet(ModelConfig()), {"trained": "no"})
+    return {"frames": frames}
+
+
+@bench
+def predict(frames: int) -> dict:
+    """End-to-end `predict` of one scan, split into reading, network, DDF generation and
+    writing; and the same number of bytes written raw to the same disk."""
+    from tusrec.data import open_data
+    from tusrec.ddf import GroundTruth
+    from tusrec.predict import predict_folder
+
+    root = BENCH_DATA / f"predict{frames}"
+    out = root / "pred"
+    shutil.rmtree(out, ignore_errors=True)
+    row = predict_folder(root / "data", out, root / "weights", "cpu", log=lambda *a: None)[0]
+    size = next(out.glob("*.h5")).stat().st_size
+    # DDF generation alone (no writing), on the same number of frames.
+    scan = open_data(root / "data").scans[0]
+    gt = GroundTruth.from_scan(scan, open_data(root / "data").calibration)
+    t0 = time.perf_counter()
+    for _ in gt.iter_pixel_ddfs():
+        pass
+    generation = time.perf_counter() - t0
+    # Raw write of the same bytes the way the h5 file is written: through the page
+    # cache, no fsync, so the comparison is like for like.
+    block = np.random.default_rng(0).random(16 << 20).astype(np.float32).tobytes()
+    t0 = time.perf_counter()
+    with open(root / "raw.bin", "wb") as f:
+        written = 0
+        while written < size:
+            f.write(block)
+            written += len(block)
+    raw = time.perf_counter() - t0
+    return {
+        "frames": frames,
+        "members": int(row["members"]),
+        "total_s": float(row["seconds"]),
+        "read_s": float(row["read_s"]),
+        "network_s": float(row["network_s"]),
+        "ddf_generation_s": generation,
+        "ddf_writing_s": float(row["write_s"]) - generation,
+        "ddf_generate_and_write_s": float(row["write_s"]),
+        "raw_write_same_bytes_s": raw,
+        "ratio_ddf_to_raw_write": float(row["write_s"]) / raw,
+        "output_GB": size / 1e9,
+    }
+
+
 def child(name: str, kwargs: dict) -> dict:
     """Run one benchmark in a fresh interpreter; add its peak resident memory."""
     code = (
@@ -232,6 +296,12 @@ PLAN = [
     ("score", {"frames": 200}),
     ("score_setup", {"frames": 1600}),
     ("score", {"frames": 1600}),
+    ("predict_setup", {"frames": 500}),
+    ("predict", {"frames": 500}),
+    ("predict_setup", {"frames": 200}),
+    ("predict", {"frames": 200}),
+    ("predict_setup", {"frames": 1600}),
+    ("predict", {"frames": 1600}),
 ]
 
 
@@ -242,7 +312,8 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     for name, kwargs in PLAN:
-        if args.only and name not in args.only and not (name == "score_setup" and "score" in args.only):
+        setup_of = name.removesuffix("_setup") if name.endswith("_setup") else None
+        if args.only and name not in args.only and setup_of not in args.only:
             continue
         print(f"bench {name} {kwargs} ...", flush=True)
         r = {"bench": name, "args": kwargs, **child(name, kwargs)}

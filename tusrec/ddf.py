@@ -14,6 +14,7 @@ without building the dense field.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,11 +163,24 @@ def write_predictions(
     h, w = image_size
     n_frames = len(global_) + 1
     ts = calib.T_scale
-    with PredictionWriter(path, n_frames, image_size, attrs, started_at) as out:
-        gp = iter_pixel_ddfs(global_, ts, h, w, chunk)
-        lp = iter_pixel_ddfs(local, ts, h, w, chunk)
-        for (start, g), (_, loc) in zip(gp, lp, strict=True):
-            out.write_pixels(start, g, loc)
+    # Generation of chunk k+1 overlaps the writing of chunk k (numpy and HDF5 release the
+    # GIL), with two buffer pairs so a chunk is never overwritten while being written.
+    buffers = [np.empty((2, min(chunk, n_frames - 1), 3, h * w), np.float32) for _ in range(2)]
+    with (
+        PredictionWriter(path, n_frames, image_size, attrs, started_at) as out,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        pending = None
+        for k, start in enumerate(range(0, n_frames - 1, chunk)):
+            stop = min(start + chunk, n_frames - 1)
+            g, loc = buffers[k % 2][:, : stop - start]
+            pixel_ddfs(global_[start:stop], ts, h, w, out=g)
+            pixel_ddfs(local[start:stop], ts, h, w, out=loc)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(out.write_pixels, start, g, loc)
+        if pending is not None:
+            pending.result()
         if landmarks is not None:
             out.write_landmarks(landmark_ddfs(global_, ts, landmarks), landmark_ddfs(local, ts, landmarks))
         out.write_array("transforms_global", global_)

@@ -149,7 +149,10 @@ class Predictor:
             landmarks = scan.read_landmarks() if scan.has_landmarks else None
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w))
             frames = self.read_preprocessed(scan)
+            t_read = time.perf_counter()
             pred = self.predict_local(frames, deadline)
+            t_network = time.perf_counter()
+            row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []
             if landmarks is None:
                 notes.append("no landmarks for this scan: GL/LL not written")
@@ -171,6 +174,7 @@ class Predictor:
                 extras=extras,
                 started_at=t0,
             )
+            row["write_s"] = time.perf_counter() - t_network
             row["message"] = "; ".join(notes)
             row["members"] = pred.members_used
         except (TusrecDataError, OSError, ValueError) as err:
