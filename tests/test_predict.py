@@ -105,19 +105,30 @@ def test_tiny_time_limit_still_gives_a_scorable_identity(data_root, weights, tmp
 
 
 def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, monkeypatch):
-    real = core.member_local_transforms
+    real = core.members_local_transforms
 
-    def slow(*args, **kwargs):
-        time.sleep(0.4)
-        return real(*args, **kwargs)
+    def slow(members, *args, **kwargs):
+        time.sleep(0.4 * len(members))
+        return real(members, *args, **kwargs)
 
-    monkeypatch.setattr(core, "member_local_transforms", slow)
+    monkeypatch.setattr(core, "members_local_transforms", slow)
     monkeypatch.setattr(core, "ddf_reserve_s", lambda n, size: 0.0)
-    # The first member takes >= 0.4 s, so a second would end past the 0.7 s limit.
-    rows = predict_folder(
-        data_root, tmp_path / "pred", weights, "cpu", time_limit_s=0.7, keys=["sub050__LH_rotation"]
-    )
-    assert rows[0]["members"] == 1 and "skipped for time" in rows[0]["message"]
+    # The first member takes >= 0.4 s, so a second would end past the 0.7 s limit:
+    # one by one, and as a batched pass alike.
+    data = open_data(data_root)
+    for batched in (False, True):
+        predictor = core.Predictor(load_members(weights), "cpu", time_limit_s=0.7, batched=batched)
+        row = predictor.predict_scan(data.scans[0], data.calibration, tmp_path / f"{batched}.h5")
+        assert row["members"] == 1 and "1 member(s) skipped for time" in row["message"], batched
+
+
+def test_batched_members_equal_one_by_one(weights):
+    members = load_members(make_weights(weights.parent / "three", n=3, seed=5))
+    frames = np.random.default_rng(1).normal(size=(23, 16, 20)).astype(np.float32)
+    batched = ensemble.members_local_transforms(members, frames)
+    for member, out in zip(members, batched, strict=True):
+        np.testing.assert_allclose(out, ensemble.member_local_transforms(member, frames), atol=1e-6)
+    assert np.abs(batched[0] - batched[1]).max() > 1e-3  # the members do differ
 
 
 def test_member_stops_between_windows_past_its_deadline(data_root, weights):

@@ -11,9 +11,11 @@ member was trained with. A missing file or a wrong checksum is an error naming b
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,29 +178,95 @@ def member_local_transforms(
 ) -> np.ndarray:
     """One member's T(i->i-1) for a preprocessed scan: frames (N, h, w) -> (N-1, 4, 4) float64.
 
-    Checks ``deadline`` (time.perf_counter() value) between windows and raises OutOfTimeError
-    past it, so a slow member never overruns the time limit by more than one window.
+    Checks ``deadline`` (time.perf_counter() value) between windows and raises
+    OutOfTimeError past it, so a slow member never overruns by more than one window.
     """
-    cfg = member.cfg
+    return members_local_transforms([member], frames, device, deadline, autocast)[0]
+
+
+class _Single:
+    """One member behind the batched interface: outputs get a leading member axis of 1."""
+
+    def __init__(self, member: Member):
+        self.net = member.net
+
+    def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_global(frames, positions)[None]
+
+    def forward(self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(video, positions, tokens[0])[None]
+
+
+class _Batched:
+    """Members of one configuration as a single pass: torch.func.vmap over their stacked
+    weights. Outputs carry a leading member axis (M, ...)."""
+
+    def __init__(self, members: list[Member]):
+        from torch.func import stack_module_state
+
+        self.params, self.buffers = stack_module_state([m.net for m in members])
+        self.base = copy.deepcopy(members[0].net).to("meta")
+
+    def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        params, buffers = _sub(self.params, "global_."), _sub(self.buffers, "global_.")
+        return vmap(lambda p, b: functional_call(self.base.global_, (p, b), (frames, positions)))(
+            params, buffers
+        )
+
+    def forward(self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        def one(p, b, t):
+            return functional_call(self.base, (p, b), (video, positions, t))
+
+        return vmap(one)(self.params, self.buffers, tokens)
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def members_local_transforms(
+    members: list[Member],
+    frames: np.ndarray,
+    device: str | torch.device = "cpu",
+    deadline: float | None = None,
+    autocast: bool = False,
+) -> list[np.ndarray]:
+    """Several members' T(i->i-1) for a preprocessed scan, as one batched pass when they
+    share a configuration (torch.func.vmap over their stacked weights), else one by one.
+
+    frames: (N, h, w). Returns one (N-1, 4, 4) float64 array per member. Checks
+    ``deadline`` between windows and raises OutOfTimeError past it.
+    """
+    cfgs = [m.cfg.to_dict() for m in members]
+    if len(members) > 1 and any(c != cfgs[0] for c in cfgs):
+        return [r for m in members for r in members_local_transforms([m], frames, device, deadline, autocast)]
+    cfg = members[0].cfg
     n = len(frames)
-    net = member.net
+    runner = _Single(members[0]) if len(members) == 1 else _Batched(members)
     idx = global_indices(n, cfg.global_frames)
     g = torch.from_numpy(frames[idx]).to(device)[None]
     gpos = torch.from_numpy(scan_positions(idx, n)).to(device)[None]
     amp = torch.autocast(device_type=torch.device(device).type, enabled=autocast)
-    with amp:
-        global_tokens = net.encode_global(g, gpos)
-    raw = np.empty((n - 1, 9), np.float32)
-    for core, stop, lo, hi in windows(n - 1, cfg.window, cfg.overlap):
-        if deadline is not None and time.perf_counter() > deadline:
-            raise OutOfTimeError(f"member {member.name} stopped at transition {core} of {n - 1}")
-        video = torch.from_numpy(frames[lo : hi + 1]).to(device)[None, None]  # frames lo..hi
-        pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
-        with amp:
-            out = net(video, pos, global_tokens)
-        raw[core:stop] = out[0, core - lo : stop - lo].float().cpu().numpy()
+    with amp, warnings.catch_warnings():
+        # vmap falls back to a loop for fused attention kernels and says so every call.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        global_tokens = runner.encode_global(g, gpos)  # (M, 1, G, dim)
+        raw = np.empty((len(members), n - 1, 9), np.float32)
+        for core, stop, lo, hi in windows(n - 1, cfg.window, cfg.overlap):
+            if deadline is not None and time.perf_counter() > deadline:
+                names = ", ".join(m.name for m in members)
+                raise OutOfTimeError(f"member(s) {names} stopped at transition {core} of {n - 1}")
+            video = torch.from_numpy(frames[lo : hi + 1]).to(device)[None, None]  # frames lo..hi
+            pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
+            out = runner.forward(video, pos, global_tokens)  # (M, 1, hi-lo, 9)
+            raw[:, core:stop] = out[:, 0, core - lo : stop - lo].float().cpu().numpy()
     # The rigid transforms are built in float64 whatever precision the network ran in.
-    return pose9_to_matrix(torch.from_numpy(raw).double(), cfg).numpy()
+    return list(pose9_to_matrix(torch.from_numpy(raw).double(), cfg).numpy())
 
 
 @dataclass
