@@ -265,6 +265,42 @@ def predict(frames: int) -> dict:
     }
 
 
+@bench
+def rank(teams: int = 20, scans: int = 768, resamples: int = 2000) -> dict:
+    """`evaluate rank` on synthetic teams: the vectorised bootstrap (scan- and subject-level,
+    ranks, Kendall's tau, rank frequencies), the pairwise tests and the whole analysis
+    without figures. Imports are warmed up first, so the times are the computation's."""
+    from tusrec.evaluate.rank import aggregate_then_rank, combine_teams, scan_scores
+    from tusrec.evaluate.report import analyse
+    from tusrec.evaluate.stats import all_pairwise, bootstrap
+    from tusrec.evaluate.synthetic import synthetic_tables
+
+    data = combine_teams(synthetic_tables(teams, subjects=max(1, scans // 24), failure_rate=0.01, seed=0))
+    scores = scan_scores(data, "minmax")
+    ranking = aggregate_then_rank(data, scores)
+    bootstrap(data, scores, ranking, 10, seed=1)  # warm-up
+    all_pairwise(data.subset([0, 1]), scan_scores(data.subset([0, 1]), "minmax"))
+    t0 = time.perf_counter()
+    boots = bootstrap(data, scores, ranking, resamples, seed=0)
+    for b in boots.values():
+        b.summary(data.teams), b.frequency_table(data.teams)
+    boot_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_pairwise(data, scores)
+    pairwise_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    analyse(data, None, resamples, seed=0)
+    return {
+        "teams": data.n_teams,
+        "scans": data.n_scans,
+        "resamples": resamples,
+        "bootstrap_s": boot_s,
+        "pairwise_tests_s": pairwise_s,
+        "analysis_without_figures_s": time.perf_counter() - t0,
+        "median_tau_scan_level": float(np.median(boots["scan"].tau)),
+    }
+
+
 def child(name: str, kwargs: dict) -> dict:
     """Run one benchmark in a fresh interpreter; add its peak resident memory."""
     code = (
@@ -302,6 +338,7 @@ PLAN = [
     ("predict", {"frames": 200}),
     ("predict_setup", {"frames": 1600}),
     ("predict", {"frames": 1600}),
+    ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
 ]
 
 

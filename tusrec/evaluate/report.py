@@ -1,0 +1,736 @@
+"""The ranking report: data -> ranking -> bootstrap -> tests -> files (the challengeR
+pipeline, for TUS-REC).
+
+    analyse(data, ...)          every number of the report, in an Analysis (no files)
+    write_report(analysis, out) the tables (CSV, Markdown), figures (PNG), analysis.json
+                                and one self-contained report.html (images inlined)
+    rank_command(...)           what `./evaluate rank` runs
+
+What is written to ``out``:
+
+    leaderboard.csv / .md       rank, team, FS GS LS PS LMS (mean, sd), GPE GLE LPE LLE
+                                (mean, sd over scored scans, mm), runtime (s), scan counts
+    scores_per_scan.csv         per team and scan: status, X* of each error, the five scores
+    bootstrap_summary.csv       per level and team: full rank, median rank, 2.5-97.5 % interval
+    bootstrap_rank_frequencies.csv, kendall_tau.csv
+    sampling_distribution.csv   mean FS, sd, n, standard error, 95 % interval
+    pvalues.csv                 every one-sided Wilcoxon test (raw and Holm-adjusted p)
+    pvalues/<level>_<metric>.csv  matrices of Holm-adjusted p: row team better than column
+    patterns.csv, scan_length_correlation.csv, sensitivity.csv, leave_one_out.csv
+    figures/*.png, report.html, analysis.json (settings and notes)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tusrec.data import atomic_path
+from tusrec.evaluate.rank import (
+    ERRORS,
+    NORMALISATIONS,
+    SCORES,
+    Ranking,
+    RankingError,
+    ScanScores,
+    TeamData,
+    aggregate_then_rank,
+    check_normalisation,
+    default_normalisation,
+    leaderboard,
+    leave_one_out,
+    load_teams,
+    parse_team_args,
+    scan_scores,
+    sensitivity,
+)
+from tusrec.evaluate.stats import (
+    Bootstrap,
+    Pairwise,
+    all_pairwise,
+    bootstrap,
+    length_correlation,
+    pairwise_table,
+    pattern_breakdown,
+    sampling_distribution,
+)
+
+DEFAULT_TITLE = "TUS-REC ranking"
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows (see the module docstring for what each part is)."""
+
+    data: TeamData
+    normalisation: str
+    normalisation_reason: str
+    scores: ScanScores
+    ranking: Ranking
+    leaderboard: pd.DataFrame
+    bootstrap: dict[str, Bootstrap]
+    sampling: pd.DataFrame
+    pairwise: list[Pairwise]
+    patterns: pd.DataFrame
+    lengths: pd.DataFrame
+    sensitivity: pd.DataFrame
+    sensitivity_notes: list[str]
+    leave_one_out: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def analyse(
+    data: TeamData,
+    normalisation: str | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> Analysis:
+    """Scores, ranking and every analysis of the report for one set of team tables.
+
+    normalisation: 'minmax' or 'identity'; None chooses by the scans' protocol
+    (default_normalisation). resamples: bootstrap size (each level); seed: of the bootstrap.
+    """
+    if normalisation is None:
+        normalisation, reason = default_normalisation(data)
+    else:
+        check_normalisation(normalisation, NORMALISATIONS)
+        reason = "chosen with --normalisation"
+    if resamples < 1:
+        raise RankingError(f"--bootstrap must be at least 1, got {resamples}")
+    if not 0 < alpha < 1:
+        raise RankingError(f"--alpha must be between 0 and 1, got {alpha}")
+    scores = scan_scores(data, normalisation)
+    ranking = aggregate_then_rank(data, scores)
+    boots = bootstrap(data, scores, ranking, resamples, seed)
+    pairwise = all_pairwise(data, scores) if data.n_teams >= 2 else []
+    sens, sens_notes = sensitivity(data, normalisation)
+    loo = leave_one_out(data, "minmax")
+    notes = _notes(data, scores, normalisation, reason)
+    settings = {
+        "normalisation": normalisation,
+        "normalisation_reason": reason,
+        "bootstrap_resamples": resamples,
+        "seed": seed,
+        "alpha": alpha,
+        "teams": data.n_teams,
+        "scans": data.n_scans,
+        "subjects": len(set(data.subjects)),
+        "protocols": data.protocols,
+    }
+    return Analysis(
+        data,
+        normalisation,
+        reason,
+        scores,
+        ranking,
+        leaderboard(data, scores, ranking),
+        boots,
+        sampling_distribution(data, scores, ranking),
+        pairwise,
+        pattern_breakdown(data, scores),
+        length_correlation(data),
+        sens,
+        sens_notes,
+        loo,
+        notes,
+        settings,
+    )
+
+
+def _notes(data: TeamData, scores: ScanScores, normalisation: str, reason: str) -> list[str]:
+    notes = [f"Normalisation: {normalisation} ({reason})."]
+    if normalisation == "minmax":
+        notes.append(
+            "Min-max scores are relative to the teams taking part: one poor submission moves "
+            "everybody's scores, and small differences can look large. The sensitivity section "
+            "shows the ranking under the other normalisations, and with each team left out."
+        )
+    else:
+        below = (scores.scores["FS"] < 0) & data.scored
+        notes.append(
+            "Identity normalisation: 1 - X / X_identity per scan; a prediction worse than predicting "
+            "no motion scores below 0, while a failed scan scores 0, so a failure is not always the "
+            f"worst outcome ({int(below.sum())} scored team-scans have FS < 0"
+            + (
+                ": "
+                + ", ".join(f"{data.teams[t]} {int(below[t].sum())}" for t in np.flatnonzero(below.any(1)))
+                if below.any()
+                else ""
+            )
+            + ")."
+        )
+    not_scored = ~data.scored
+    if not_scored.any():
+        parts = []
+        for t in np.flatnonzero(not_scored.any(axis=1)):
+            counts = pd.Series(data.status[t][not_scored[t]]).value_counts()
+            parts.append(f"{data.teams[t]}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        notes.append("Scans not scored (each scores 0 for that team): " + "; ".join(parts) + ".")
+    notes.extend(data.notes)
+    for name in SCORES:
+        undefined = ~np.isfinite(scores.scores[name][0])
+        if undefined.any():
+            notes.append(
+                f"{name} is undefined on {int(undefined.sum())} scan(s) (none of its components has data "
+                "there); its mean is over the other scans."
+            )
+    if data.n_teams == 1:
+        notes.append(
+            "Only one team: its rank is 1 by definition; Kendall's tau and the pairwise tests need "
+            "two teams and are left out."
+        )
+    if len(set(data.subjects)) < 2:
+        notes.append("Only one subject: the subject-level bootstrap and tests cannot vary.")
+    return notes
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def scores_per_scan(analysis: Analysis) -> pd.DataFrame:
+    """Long table: team, key, subject, scan, status, the four errors (mm), their normalised
+    values, the five scores, runtime (s)."""
+    data, scores = analysis.data, analysis.scores
+    frames = []
+    for t, team in enumerate(data.teams):
+        frame = pd.DataFrame(
+            {
+                "team": team,
+                "key": data.scans["key"],
+                "subject": data.scans["subject"],
+                "scan": data.scans["scan"],
+                "status": data.status[t],
+            }
+        )
+        for e, name in enumerate(ERRORS):
+            frame[name] = data.errors[t, :, e]
+        for e, name in enumerate(ERRORS):
+            frame[f"{name}_norm"] = scores.normalised[t, :, e]
+        for name in SCORES:
+            frame[name] = scores.scores[name][t]
+        frame["runtime_s"] = data.runtime[t]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pm(mean: float, sd: float, digits: int) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{mean:.{digits}f}"
+
+
+def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as strings: scores to three decimals (mean ± sd), errors (mm) to
+    three, runtime (s) to one, scored scans."""
+    out = pd.DataFrame({"rank": board["rank"], "team": board["team"]})
+    for name in SCORES:
+        out[f"{name} ± sd"] = [_pm(m, s, 3) for m, s in zip(board[name], board[f"{name}_sd"], strict=True)]
+    for name in ERRORS:
+        out[f"{name} (mm)"] = [_pm(m, s, 3) for m, s in zip(board[name], board[f"{name}_sd"], strict=True)]
+    out["runtime (s)"] = [f"{v:.1f}" if np.isfinite(v) else "n/a" for v in board["runtime_s"]]
+    out["scored"] = [f"{a}/{b}" for a, b in zip(board["scored"], board["scans"], strict=True)]
+    return out
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency: pandas' to_markdown needs
+    tabulate)."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def leaderboard_markdown(analysis: Analysis, title: str = DEFAULT_TITLE, synthetic: bool = False) -> str:
+    head = f"# {title}\n\n"
+    if synthetic:
+        head += "**SYNTHETIC DATA** - these results are on synthetic data.\n\n"
+    s = analysis.settings
+    head += (
+        f"{s['teams']} teams, {s['scans']} scans of {_count(s['subjects'], 'subject')}; normalisation "
+        f"{analysis.normalisation} ({analysis.normalisation_reason}). Scores: mean over all scans "
+        "(a scan not scored counts 0) ± sd; errors: mean ± sd over the scored scans. Ranked by FS to "
+        "three decimals, ties by mean runtime.\n\n"
+    )
+    return head + _markdown_table(leaderboard_display(analysis.leaderboard)) + "\n"
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+    return path
+
+
+def _write_text(text: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_tables(analysis: Analysis, out: Path, title: str, synthetic: bool) -> list[Path]:
+    """Every CSV, leaderboard.md and analysis.json into ``out``."""
+    data = analysis.data
+    written = [
+        _write_csv(analysis.leaderboard, out / "leaderboard.csv", index=False, float_format="%.6g"),
+        _write_text(leaderboard_markdown(analysis, title, synthetic), out / "leaderboard.md"),
+        _write_csv(scores_per_scan(analysis), out / "scores_per_scan.csv", index=False, float_format="%.6g"),
+        _write_csv(
+            pd.concat([b.summary(data.teams) for b in analysis.bootstrap.values()]),
+            out / "bootstrap_summary.csv",
+            index=False,
+        ),
+        _write_csv(
+            pd.concat([b.frequency_table(data.teams) for b in analysis.bootstrap.values()]),
+            out / "bootstrap_rank_frequencies.csv",
+            index=False,
+        ),
+        _write_csv(
+            pd.concat(
+                [
+                    pd.DataFrame({"level": lv, "resample": np.arange(b.resamples), "tau": b.tau})
+                    for lv, b in analysis.bootstrap.items()
+                ]
+            ),
+            out / "kendall_tau.csv",
+            index=False,
+            float_format="%.6g",
+        ),
+        _write_csv(analysis.sampling, out / "sampling_distribution.csv", index=False, float_format="%.6g"),
+        _write_csv(analysis.patterns, out / "patterns.csv", index=False, float_format="%.6g"),
+        _write_csv(analysis.lengths, out / "scan_length_correlation.csv", index=False, float_format="%.6g"),
+        _write_csv(analysis.sensitivity, out / "sensitivity.csv", index=False, float_format="%.6g"),
+        _write_csv(analysis.leave_one_out, out / "leave_one_out.csv", index=False, float_format="%.6g"),
+    ]
+    if analysis.pairwise:
+        written.append(
+            _write_csv(
+                pairwise_table(analysis.pairwise, data.teams),
+                out / "pvalues.csv",
+                index=False,
+                float_format="%.6g",
+            )
+        )
+        order = analysis.ranking.order
+        names = [data.teams[t] for t in order]
+        for pw in analysis.pairwise:
+            matrix = pd.DataFrame(pw.p_holm[np.ix_(order, order)], index=names, columns=names)
+            matrix.index.name = "better (row) than (column)"
+            written.append(
+                _write_csv(matrix, out / "pvalues" / f"{pw.level}_{pw.metric}.csv", float_format="%.6g")
+            )
+    meta = {
+        "title": title,
+        "synthetic": synthetic,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": analysis.settings,
+        "notes": analysis.notes,
+        "sensitivity_notes": analysis.sensitivity_notes,
+        "ranking": [
+            {
+                "rank": int(analysis.ranking.ranks[t]),
+                "team": data.teams[t],
+                "FS": _num(analysis.ranking.value[t]),
+            }
+            for t in analysis.ranking.order
+        ],
+    }
+    written.append(_write_text(json.dumps(meta, indent=2) + "\n", out / "analysis.json"))
+    return written
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+FIGURES = {
+    "blob_plot": "Ranking stability: rank frequencies over bootstrap resamples",
+    "kendall_tau": "Kendall's tau between bootstrap rankings and the full ranking",
+    "significance_map": "Pairwise significance of the final score",
+    "significance_all": "Pairwise significance of every score and error",
+    "sampling_distribution": "Sampling distribution of each team's mean final score",
+    "box_scores": "Per-scan scores per team",
+    "box_errors": "Per-scan errors per team",
+    "patterns": "Scores and errors by scan pattern",
+    "scan_length": "Errors against scan length",
+    "sensitivity": "Ranks under other normalisations and under rank-then-aggregate",
+}
+
+
+def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
+    """Yield (name, Figure) for every figure of the report (FIGURES; the significance
+    figures only with two teams or more)."""
+    from tusrec.evaluate import figures as fg
+
+    a = analysis
+    prefix = f"{title} - " if title else ""
+    yield "blob_plot", fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic)
+    yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
+    if a.pairwise:
+        yield (
+            "significance_map",
+            fg.significance_map(
+                a.pairwise,
+                a.ranking,
+                "FS",
+                prefix + FIGURES["significance_map"],
+                a.settings["alpha"],
+                synthetic,
+            ),
+        )
+        yield (
+            "significance_all",
+            fg.significance_grid(
+                a.pairwise, a.ranking, prefix + FIGURES["significance_all"], a.settings["alpha"], synthetic
+            ),
+        )
+    yield (
+        "sampling_distribution",
+        fg.sampling_curves(a.sampling, prefix + FIGURES["sampling_distribution"], synthetic),
+    )
+    yield (
+        "box_scores",
+        fg.box_plots(
+            {name: a.scores.scores[name] for name in SCORES},
+            fg.SCORE_LABELS,
+            a.ranking,
+            prefix + FIGURES["box_scores"] + f" ({a.normalisation} normalisation; failed scans 0)",
+            synthetic,
+        ),
+    )
+    yield (
+        "box_errors",
+        fg.box_plots(
+            {name: a.data.errors[:, :, e] for e, name in enumerate(ERRORS)},
+            fg.ERROR_LABELS,
+            a.ranking,
+            prefix + FIGURES["box_errors"] + " (scored scans)",
+            synthetic,
+            log=True,
+        ),
+    )
+    if len(a.patterns):
+        yield "patterns", fg.pattern_plot(a.patterns, a.ranking, prefix + FIGURES["patterns"], synthetic)
+    yield (
+        "scan_length",
+        fg.length_plot(
+            a.data.scans["scan_length_mm"].to_numpy(float),
+            a.data.errors,
+            a.ranking,
+            a.lengths,
+            prefix + FIGURES["scan_length"],
+            synthetic,
+        ),
+    )
+    yield "sensitivity", fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic)
+
+
+def write_figures(
+    analysis: Analysis, out: Path, title: str = DEFAULT_TITLE, synthetic: bool = False, dpi: int = 100
+) -> dict[str, Path]:
+    """Render every figure to out/figures/<name>.png; returns {name: path}."""
+    from tqdm import tqdm
+
+    written = {}
+    # Figures of an earlier run (e.g. with more teams) must not linger beside these.
+    shutil.rmtree(out / "figures", ignore_errors=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    n = len(FIGURES) - (0 if analysis.pairwise else 2) - (0 if len(analysis.patterns) else 1)
+    for name, fig in tqdm(make_figures(analysis, synthetic, title), total=n, desc="figures", disable=None):
+        path = out / "figures" / f"{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+        written[name] = path
+    return written
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1500px; padding: 0 20px; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 4px; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 4px; margin-top: 36px; }
+.synthetic { background: #c00000; color: white; font-weight: bold; font-size: 22px; padding: 10px 16px;
+             border-radius: 6px; margin: 12px 0; letter-spacing: 1px; }
+table { border-collapse: collapse; margin: 10px 0 18px; font-size: 13px; }
+th, td { border: 1px solid #d4d4d4; padding: 4px 8px; text-align: right; white-space: nowrap; }
+th { background: #f0f3f7; } td:nth-child(2), th:nth-child(2) { text-align: left; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; border: 1px solid #e4e4e4; margin: 8px 0 20px; }
+.notes li { margin-bottom: 4px; } .meta { color: #555; } code { background: #f3f3f3; padding: 1px 4px; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _table_html(frame: pd.DataFrame, table_id: str = "", digits: int = 3) -> str:
+    def fmt(v):
+        if isinstance(v, float | np.floating):
+            return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
+        return v
+
+    shown = frame.map(fmt) if len(frame) else frame
+    attrs = f' id="{table_id}"' if table_id else ""
+    body = shown.to_html(index=False, escape=True, border=0, na_rep="n/a")
+    return f'<div class="scroll"{attrs}>{body}</div>'
+
+
+def _img_html(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _p_fmt(p: float) -> str:
+    if not np.isfinite(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def report_html(
+    analysis: Analysis, figures: dict[str, Path], title: str = DEFAULT_TITLE, synthetic: bool = False
+) -> str:
+    """The whole report as one HTML page; images inlined as base64 PNG."""
+    a = analysis
+    data = a.data
+    esc = html.escape
+    s = a.settings
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}{' (SYNTHETIC DATA)' if synthetic else ''}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    if synthetic:
+        parts.append(
+            '<div class="synthetic" id="synthetic">SYNTHETIC DATA - these results are not real</div>'
+        )
+    parts.append(
+        f'<p class="meta">{s["teams"]} teams, {s["scans"]} scans of {_count(s["subjects"], "subject")} '
+        f"(protocol {esc(', '.join(s['protocols']) or 'unknown')}); "
+        f"normalisation <b>{esc(a.normalisation)}</b> "
+        f"({esc(a.normalisation_reason)}); {s['bootstrap_resamples']:,} bootstrap resamples per level, seed "
+        f"{s['seed']}; significance level {s['alpha']}. Generated {time.strftime('%Y-%m-%d %H:%M')} by "
+        "<code>./evaluate rank</code>.</p>"
+    )
+
+    def figure(name: str) -> None:
+        if name in figures:
+            parts.append(_img_html(figures[name], FIGURES[name]))
+
+    parts.append('<h2 id="leaderboard-heading">Leaderboard</h2>')
+    parts.append(
+        "<p>Per scan each error X is normalised to X* and combined: FS = 0.25 (GPE* + GLE* + LPE* + LLE*), "
+        "GS = 0.5 (GPE* + GLE*), LS = 0.5 (LPE* + LLE*), PS = 0.5 (GPE* + LPE*), LMS = 0.5 (GLE* + LLE*). "
+        "A team's score is the mean over all scans (a scan it was not scored on counts 0) ± sd over scans; "
+        "ranked by FS to three decimals, ties by mean runtime (faster first). Errors: mean ± sd over the "
+        "team's scored scans (mm).</p>"
+    )
+    parts.append(_table_html(leaderboard_display(a.leaderboard), "leaderboard"))
+    parts.append("<h3>Notes and choices</h3><ul class='notes'>")
+    parts.extend(f"<li>{esc(n)}</li>" for n in a.notes)
+    parts.append(
+        "<li>Documented choices: min-max with max = min gives every scored team X* = 1; identity with "
+        "X_identity = 0 (below 1e-9 mm) drops the component on that scan (weights renormalised); an error "
+        "no team has on a scan (e.g. GLE/LLE without landmarks) is dropped likewise; an error other teams "
+        "have but a team lacks makes that scan unscored for it (score 0). Scans absent from a team's table "
+        "count as failed.</li></ul>"
+    )
+
+    parts.append("<h2>Ranking stability (bootstrap)</h2>")
+    parts.append(
+        "<p>The test scans are resampled with replacement (same size) and the teams re-ranked in each "
+        "resample; the subject-level bootstrap resamples subjects and keeps each subject's scans together, "
+        "since scans of one subject are not independent. Bubble area: how often a team takes each rank; "
+        "cross: median rank; bar: 2.5-97.5 % rank interval.</p>"
+    )
+    figure("blob_plot")
+    boot = pd.concat([b.summary(data.teams) for b in a.bootstrap.values()])
+    boot = boot.rename(columns={"p_rank_as_full": "P(same rank)", "p_first": "P(rank 1)"})
+    for c in ("median_rank", "rank_2.5%", "rank_97.5%"):
+        boot[c] = boot[c].map(lambda v: f"{v:.1f}")
+    parts.append(_table_html(boot, "bootstrap", digits=3))
+    figure("kendall_tau")
+    taus = []
+    for level, b in a.bootstrap.items():
+        t = b.tau[np.isfinite(b.tau)]
+        if len(t):
+            q = np.quantile(t, [0.025, 0.5, 0.975])
+            taus.append(
+                {
+                    "level": level,
+                    "median tau": q[1],
+                    "2.5 %": q[0],
+                    "97.5 %": q[2],
+                    "P(tau = 1)": np.mean(t == 1),
+                }
+            )
+    if taus:
+        parts.append(_table_html(pd.DataFrame(taus), "kendall"))
+
+    parts.append("<h2>Sampling distribution of the mean final score</h2>")
+    parts.append("<p>Normal approximation: mean FS over scans, standard error sd / sqrt(n).</p>")
+    figure("sampling_distribution")
+    parts.append(_table_html(a.sampling, "sampling", digits=4))
+
+    parts.append("<h2>Pairwise significance</h2>")
+    if a.pairwise:
+        parts.append(
+            "<p>One-sided paired Wilcoxon signed-rank tests between every ordered pair of teams (is the row "
+            "team better: higher score, lower error?), Holm-adjusted over all pairs of a metric; on "
+            "scan-level values and on subject means. Errors are paired over the scans both teams were "
+            "scored on; scores over all scans (failures 0).</p>"
+        )
+        figure("significance_map")
+        order = a.ranking.order
+        names = [data.teams[t] for t in order]
+        for pw in a.pairwise:
+            if pw.metric != "FS":
+                continue
+            m = pd.DataFrame(pw.p_holm[np.ix_(order, order)], columns=names)
+            m = m.map(_p_fmt)
+            m.insert(0, "better than →", names)
+            parts.append(f"<h3>FS, {pw.level} level: Holm-adjusted p (row better than column)</h3>")
+            parts.append(_table_html(m, f"pvalues-{pw.level}"))
+        figure("significance_all")
+        parts.append("<p>All p-values: <code>pvalues.csv</code> and <code>pvalues/</code>.</p>")
+    else:
+        parts.append("<p>Needs two teams or more.</p>")
+
+    parts.append("<h2>Distributions per team</h2>")
+    figure("box_scores")
+    figure("box_errors")
+
+    parts.append("<h2>Breakdown by scan pattern</h2>")
+    if len(a.patterns):
+        figure("patterns")
+        wide = a.patterns[a.patterns["metric"] == "FS"].pivot_table(
+            index=["factor", "level"], columns="team", values="mean", sort=False
+        )
+        wide = wide[[data.teams[t] for t in a.ranking.order]].reset_index()
+        wide.columns.name = None
+        parts.append("<h3>Mean FS per pattern</h3>")
+        parts.append(_table_html(wide, "patterns"))
+        parts.append("<p>Every error per pattern: <code>patterns.csv</code>.</p>")
+    else:
+        parts.append("<p>The scan names carry no pattern that varies.</p>")
+
+    parts.append("<h2>Errors and scan length</h2>")
+    parts.append(
+        "<p>Scan length: distance travelled by the image corners over the scan (mm). Pearson r of scan "
+        "length with each error over a team's scored scans, and over subject means (the 2024 paper reports "
+        "r of 0.3-0.5 per scan and 0.58-0.78 per subject).</p>"
+    )
+    figure("scan_length")
+    corr = a.lengths.pivot_table(index="team", columns=["level", "error"], values="r", sort=False)
+    corr = corr.reindex([data.teams[t] for t in a.ranking.order])
+    corr.columns = [f"r {e} ({lv})" for lv, e in corr.columns]
+    parts.append(_table_html(corr.reset_index(), "scan-length"))
+    parts.append("<p>p-values and counts: <code>scan_length_correlation.csv</code>.</p>")
+
+    parts.append("<h2>Sensitivity to the ranking method</h2>")
+    parts.append(
+        "<p>The same data ranked under min-max, identity and z-score normalisation (aggregate then rank; a "
+        "failed scan scores 0, or under z-score the lowest z of that scan), and by rank then aggregate (per "
+        "scan and error the teams are ranked, failures last, ranks averaged; lower is better).</p><ul>"
+    )
+    parts.extend(f"<li>{esc(n)}</li>" for n in a.sensitivity_notes)
+    parts.append("</ul>")
+    figure("sensitivity")
+    parts.append(_table_html(a.sensitivity, "sensitivity"))
+    if len(a.leave_one_out):
+        parts.append(
+            "<h3>Leave one team out (min-max)</h3><p>Min-max scores depend on who takes part: each team is "
+            "left out in turn and the others re-ranked; tau compares their order with and without it.</p>"
+        )
+        parts.append(_table_html(a.leave_one_out, "leave-one-out"))
+
+    parts.append(
+        "<h2>Files</h2><p>Beside this report: "
+        + ", ".join(
+            f"<code>{n}</code>"
+            for n in (
+                "leaderboard.csv",
+                "leaderboard.md",
+                "scores_per_scan.csv",
+                "bootstrap_summary.csv",
+                "bootstrap_rank_frequencies.csv",
+                "kendall_tau.csv",
+                "sampling_distribution.csv",
+                "pvalues.csv",
+                "pvalues/",
+                "patterns.csv",
+                "scan_length_correlation.csv",
+                "sensitivity.csv",
+                "leave_one_out.csv",
+                "figures/",
+                "analysis.json",
+            )
+        )
+        + ".</p>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    analysis: Analysis,
+    out: str | Path,
+    title: str = DEFAULT_TITLE,
+    synthetic: bool = False,
+    figures: bool = True,
+) -> dict[str, Path]:
+    """Write every table, figure and report.html into ``out``; returns {name: path}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {
+        p.name if p.parent == out else str(p.relative_to(out)): p
+        for p in write_tables(analysis, out, title, synthetic)
+    }
+    figs = write_figures(analysis, out, title, synthetic) if figures else {}
+    written.update({f"figures/{k}.png": v for k, v in figs.items()})
+    written["report.html"] = _write_text(report_html(analysis, figs, title, synthetic), out / "report.html")
+    return written
+
+
+def rank_command(
+    team_args: list[str],
+    out: str | Path,
+    normalisation: str | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    title: str | None = None,
+    synthetic: bool = False,
+) -> int:
+    """`./evaluate rank`: read the tables, analyse, write the report, print the leaderboard."""
+    title = title or DEFAULT_TITLE
+    data = load_teams(parse_team_args(team_args))
+    analysis = analyse(data, normalisation, resamples, seed, alpha)
+    write_report(analysis, out, title, synthetic)
+    shown = leaderboard_display(analysis.leaderboard)[["rank", "team", "FS ± sd", "runtime (s)", "scored"]]
+    if synthetic:
+        print("SYNTHETIC DATA")
+    print(shown.to_string(index=False))
+    for note in analysis.notes[1:]:
+        print(f"note: {note}")
+    print(f"wrote {Path(out) / 'report.html'} and the tables and figures beside it")
+    return 0

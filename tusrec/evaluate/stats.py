@@ -1,0 +1,457 @@
+"""How far to trust a ranking: bootstrap stability, sampling distributions, pairwise tests,
+breakdowns by scan pattern and scan length (TUSREC.md section 6, "Analysis published with
+the 2024 ranking", and what the paper says it lacks).
+
+All of it works on arrays of ``rank``: per-scan scores (T teams, n scans) and errors
+(T, n, 4) in mm. The bootstrap is vectorised: one (B, n) matrix of resampling weights
+(how often each scan is drawn in each resample) turns every team's mean into one matrix
+product, so 2,000 resamples of 20 teams x 768 scans take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from tusrec.evaluate.rank import (
+    ERRORS,
+    SCORES,
+    Ranking,
+    ScanScores,
+    TeamData,
+    kendall_tau,
+    quiet,
+    rank_order,
+)
+
+LEVELS = ("scan", "subject")
+FACTORS = ("shape", "orientation", "arm", "direction")
+FACTOR_LABELS = {
+    "shape": "trajectory shape",
+    "orientation": "probe orientation",
+    "arm": "arm",
+    "direction": "scanning direction",
+    "protocol": "protocol",
+}
+LEVEL_LABELS = {
+    "L": "L\n(line)",
+    "C": "C",
+    "S": "S",
+    "Par": "Par\n(parallel)",
+    "Per": "Per\n(perpendicular)",
+    "DtP": "DtP\n(distal to proximal)",
+    "PtD": "PtD\n(proximal to distal)",
+    "LH": "LH",
+    "RH": "RH",
+}
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def scan_weights(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, n) float: how often each of n scans is drawn in each of B resamples of n scans
+    with replacement (each row sums to n)."""
+    idx = rng.integers(0, n, size=(resamples, n))
+    flat = (np.arange(resamples)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(float)
+
+
+def subject_weights(subjects: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, n) float: scan weights of a bootstrap over subjects. Each resample draws S of
+    the S subjects with replacement and takes all scans of every drawn subject, as often
+    as it was drawn (scans of one subject are not independent, so they move together).
+    subjects: (n,) labels."""
+    _, inverse = np.unique(np.asarray(subjects), return_inverse=True)
+    counts = scan_weights(int(inverse.max()) + 1, resamples, rng)  # (B, S)
+    return counts[:, inverse]
+
+
+def weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(B, T) weighted mean of each team's values per resample; NaN values are left out
+    (and a resample without any value gives NaN). values: (T, n); weights: (B, n)."""
+    finite = np.isfinite(values)
+    with quiet():
+        num = weights @ np.where(finite, values, 0.0).T
+        den = weights @ finite.T.astype(float)
+        return num / den
+
+
+@dataclass
+class Bootstrap:
+    """Ranks of B bootstrap resamples.
+
+    level: 'scan' or 'subject'; ranks: (B, T) int; full: (T,) the ranking of all scans;
+    tau: (B,) Kendall's tau-b of each resample's ranking with the full one.
+    """
+
+    level: str
+    ranks: np.ndarray
+    full: np.ndarray
+    tau: np.ndarray
+
+    @property
+    def resamples(self) -> int:
+        return self.ranks.shape[0]
+
+    @property
+    def frequencies(self) -> np.ndarray:
+        """(T, T): [t, r - 1] = fraction of resamples in which team t has rank r."""
+        b, t = self.ranks.shape
+        flat = np.arange(t)[None, :] * t + (self.ranks - 1)
+        return np.bincount(flat.ravel(), minlength=t * t).reshape(t, t) / b
+
+    @property
+    def median(self) -> np.ndarray:
+        return np.median(self.ranks, axis=0)
+
+    @property
+    def interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """(2.5 %, 97.5 %) quantiles of each team's rank (numpy's default, linear)."""
+        lo, hi = np.quantile(self.ranks, [0.025, 0.975], axis=0)
+        return lo, hi
+
+    def summary(self, teams: list[str]) -> pd.DataFrame:
+        lo, hi = self.interval
+        freq = self.frequencies
+        return pd.DataFrame(
+            {
+                "level": self.level,
+                "team": teams,
+                "rank": self.full,
+                "median_rank": self.median,
+                "rank_2.5%": lo,
+                "rank_97.5%": hi,
+                "p_rank_as_full": freq[np.arange(len(teams)), self.full - 1],
+                "p_first": freq[:, 0],
+            }
+        ).sort_values("rank", kind="stable")
+
+    def frequency_table(self, teams: list[str]) -> pd.DataFrame:
+        """Long format: level, team, rank, frequency (fraction of resamples)."""
+        freq = self.frequencies
+        t = len(teams)
+        return pd.DataFrame(
+            {
+                "level": self.level,
+                "team": np.repeat(teams, t),
+                "rank": np.tile(np.arange(1, t + 1), t),
+                "frequency": freq.ravel(),
+            }
+        )
+
+
+def bootstrap_ranks(
+    score: np.ndarray, runtime: np.ndarray, full: np.ndarray, weights: np.ndarray, level: str = "scan"
+) -> Bootstrap:
+    """Re-rank the teams in every resample.
+
+    score: (T, n) per-scan FS; runtime: (T, n) s (NaN where not scored; the tie-break uses
+    each resample's mean runtime); full: (T,) ranks of the whole set; weights: (B, n)
+    resampling weights (scan_weights / subject_weights).
+    """
+    means = weighted_means(score, weights)  # (B, T)
+    rts = weighted_means(runtime, weights)
+    ranks = rank_order(means, rts)
+    return Bootstrap(level, ranks, np.asarray(full), kendall_tau(ranks, full))
+
+
+def bootstrap(
+    data: TeamData, scores: ScanScores, ranking: Ranking, resamples: int = 2000, seed: int = 0
+) -> dict[str, Bootstrap]:
+    """Scan-level and subject-level bootstrap of the aggregate-then-rank ranking.
+
+    Seeded: the two levels draw from independent streams of ``seed``, so a rerun (or a
+    run with only one level) gives the same resamples.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    scan_seed, subject_seed = np.random.SeedSequence(seed).spawn(2)
+    fs = scores.scores["FS"]
+    rt = np.where(data.scored, data.runtime, np.nan)
+    w_scan = scan_weights(data.n_scans, resamples, np.random.default_rng(scan_seed))
+    w_subj = subject_weights(data.subjects, resamples, np.random.default_rng(subject_seed))
+    return {
+        "scan": bootstrap_ranks(fs, rt, ranking.ranks, w_scan, "scan"),
+        "subject": bootstrap_ranks(fs, rt, ranking.ranks, w_subj, "subject"),
+    }
+
+
+# --------------------------------------------------------------------------- sampling distribution
+
+
+def sampling_distribution(data: TeamData, scores: ScanScores, ranking: Ranking) -> pd.DataFrame:
+    """Per team the normal approximation of its mean FS: mean, sd over scans (ddof 1),
+    n scans, standard error sd / sqrt(n), and the 95 % interval mean +- 1.96 se."""
+    fs = scores.scores["FS"]
+    rows = []
+    for t in ranking.order:
+        v = fs[t][np.isfinite(fs[t])]
+        sd = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+        se = sd / np.sqrt(len(v)) if len(v) > 1 else np.nan
+        mean = float(v.mean()) if len(v) else np.nan
+        rows.append(
+            {
+                "team": data.teams[t],
+                "rank": int(ranking.ranks[t]),
+                "mean": mean,
+                "sd": sd,
+                "n": len(v),
+                "se": se,
+                "ci_2.5%": mean - 1.959964 * se,
+                "ci_97.5%": mean + 1.959964 * se,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- pairwise tests
+
+
+def subject_means(values: np.ndarray, subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, S) mean of each team's values over each subject's scans (NaN left out; a
+    subject without values gives NaN), and the (S,) subject labels. values: (T, n)."""
+    labels, inverse = np.unique(np.asarray(subjects), return_inverse=True)
+    finite = np.isfinite(values)
+    onehot = np.zeros((len(inverse), len(labels)))
+    onehot[np.arange(len(inverse)), inverse] = 1.0
+    with quiet():
+        return (np.where(finite, values, 0.0) @ onehot) / (finite.astype(float) @ onehot), labels
+
+
+def _signflip_greater(d: np.ndarray) -> np.ndarray:
+    """Exact sign-flip p-values of the Wilcoxon statistic r+ for rows d (k, n), n <= 13,
+    all finite: every one of the 2^n sign patterns, as scipy's permutation test does for
+    small samples with ties or zeros (zeros stay zero and add nothing; same tolerance)."""
+    from scipy.stats import rankdata
+
+    n = d.shape[1]
+    nonzero = d != 0
+    ranks = np.where(nonzero, rankdata(np.where(nonzero, np.abs(d), np.nan), axis=1, nan_policy="omit"), 0.0)
+    observed = (ranks * (d > 0)).sum(axis=1)  # (k,)
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1  # (2^n, n): 1 = positive
+    null = bits.astype(float) @ ranks.T  # (2^n, k)
+    gamma = np.abs(np.finfo(float).eps * 100 * observed)
+    return (null >= observed - gamma).sum(axis=0) / 2**n
+
+
+def wilcoxon_greater(d: np.ndarray) -> np.ndarray:
+    """One-sided Wilcoxon signed-rank p-values that each row of differences d (m, n) is
+    shifted above 0: what scipy.stats.wilcoxon(row, alternative='greater') gives on the
+    row's finite values with its defaults (zero differences dropped; exact for n <= 50
+    without ties or zeros; with ties or zeros an exact sign-flip test for n <= 13, else
+    the normal approximation without continuity correction). A row without any non-zero
+    difference gives p = 1 (no evidence); a row without any finite difference gives NaN.
+
+    scipy picks its method once for a whole array, so rows are grouped by the method it
+    would pick for each row alone and each group is computed in one call.
+    """
+    from scipy.stats import wilcoxon
+
+    d = np.atleast_2d(np.asarray(d, float))
+    p = np.full(len(d), np.nan)
+    finite = np.isfinite(d)
+    n = finite.sum(axis=1)
+    nonzero = (finite & (d != 0)).any(axis=1)
+    p[(n > 0) & ~nonzero] = 1.0
+    absd = np.sort(np.where(finite & (d != 0), np.abs(d), np.inf), axis=1)
+    ties = ((absd[:, 1:] == absd[:, :-1]) & np.isfinite(absd[:, 1:])).any(axis=1)
+    zeros = (finite & (d == 0)).any(axis=1)
+    plain = ~ties & ~zeros
+    exact = nonzero & (n <= 50) & plain
+    small = nonzero & (n <= 13) & ~plain
+    normal = nonzero & ~exact & ~small  # n > 50, or 14..50 with ties or zeros
+    with quiet():
+        if normal.any():
+            # a NaN set to 0 is dropped like any zero difference: the row's own n is kept
+            filled = np.where(finite[normal], d[normal], 0.0)
+            p[normal] = wilcoxon(filled, axis=1, alternative="greater", method="asymptotic").pvalue
+        for group, test in ((exact, "exact"), (small, "signflip")):
+            for size in np.unique(n[group]):
+                rows = np.flatnonzero(group & (n == size))
+                values = d[rows][finite[rows]].reshape(len(rows), size)
+                if test == "exact":
+                    p[rows] = wilcoxon(values, axis=1, alternative="greater", method="exact").pvalue
+                else:
+                    p[rows] = _signflip_greater(values)
+    return p
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values of the finite entries of p (any shape; NaN stays NaN):
+    sorted ascending, the k-th smallest (from 0) times (m - k), made non-decreasing,
+    capped at 1 - what statsmodels' multipletests(method='holm') returns (the tests
+    check it), without the full garbage collection that function runs on every call."""
+    out = np.full(p.shape, np.nan)
+    mask = np.isfinite(p)
+    values = p[mask]
+    m = len(values)
+    if m:
+        order = np.argsort(values, kind="stable")
+        adjusted = np.minimum(1.0, np.maximum.accumulate(values[order] * (m - np.arange(m))))
+        result = np.empty(m)
+        result[order] = adjusted
+        out[mask] = result
+    return out
+
+
+@dataclass
+class Pairwise:
+    """One-sided paired tests between every ordered pair of teams for one metric.
+
+    p[i, j]: raw p-value that team i is better than team j (higher score or lower error);
+    p_holm: Holm-adjusted over all T (T - 1) ordered pairs; n[i, j]: paired values used
+    (before dropping zero differences). Diagonals are NaN.
+    """
+
+    level: str
+    metric: str
+    p: np.ndarray
+    p_holm: np.ndarray
+    n: np.ndarray
+
+    def significant(self, alpha: float = 0.05) -> np.ndarray:
+        return np.nan_to_num(self.p_holm, nan=1.0) < alpha
+
+
+def pairwise_tests(
+    values: np.ndarray, higher_is_better: bool, level: str = "scan", metric: str = ""
+) -> Pairwise:
+    """Wilcoxon signed-rank tests, one-sided, between every ordered pair of teams.
+
+    values: (T, m) per-scan (or per-subject) values of one metric, NaN where a team has
+    none (pairs are formed from the entries both teams have).
+    """
+    t = len(values)
+    i, j = np.where(~np.eye(t, dtype=bool))
+    sign = 1.0 if higher_is_better else -1.0
+    d = sign * (values[i] - values[j])  # (T(T-1), m): > 0 where i is better
+    p = np.full((t, t), np.nan)
+    n = np.zeros((t, t), int)
+    if len(i):
+        p[i, j] = wilcoxon_greater(d)
+        n[i, j] = np.isfinite(d).sum(axis=1)
+    return Pairwise(level, metric, p, holm(p), n)
+
+
+def metric_values(data: TeamData, scores: ScanScores, metric: str) -> tuple[np.ndarray, bool]:
+    """(T, n) per-scan values of a score (failed scans 0) or an error (failed scans NaN),
+    and whether higher is better."""
+    if metric in SCORES:
+        return scores.scores[metric], True
+    return data.errors[:, :, ERRORS.index(metric)], False
+
+
+def all_pairwise(
+    data: TeamData, scores: ScanScores, metrics: tuple[str, ...] = (*SCORES, *ERRORS)
+) -> list[Pairwise]:
+    """Pairwise tests for every metric, on scan-level values and on subject means."""
+    out = []
+    subjects = data.subjects
+    for metric in metrics:
+        values, higher = metric_values(data, scores, metric)
+        out.append(pairwise_tests(values, higher, "scan", metric))
+        out.append(pairwise_tests(subject_means(values, subjects)[0], higher, "subject", metric))
+    return out
+
+
+def pairwise_table(results: list[Pairwise], teams: list[str]) -> pd.DataFrame:
+    """Long format: level, metric, team, versus, n, p, p_holm (p: team better than versus)."""
+    rows = []
+    for r in results:
+        i, j = np.where(~np.eye(len(teams), dtype=bool))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "level": r.level,
+                    "metric": r.metric,
+                    "team": np.asarray(teams)[i],
+                    "versus": np.asarray(teams)[j],
+                    "n": r.n[i, j],
+                    "p": r.p[i, j],
+                    "p_holm": r.p_holm[i, j],
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- breakdowns
+
+
+def factors_present(data: TeamData) -> list[str]:
+    """The pattern factors that vary in the data: shape, orientation, arm, direction (2024
+    names carry all four, 2025 rotation scans only the arm), and protocol if mixed."""
+    out = [f for f in FACTORS if len(set(data.scans[f]) - {""}) >= 2]
+    if len(set(data.scans["protocol"])) >= 2:
+        out.append("protocol")
+    return out
+
+
+def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
+    """Mean, sd and count of FS and each error per team and level of each pattern factor.
+
+    Long format: factor, level, team, metric, mean, sd, n. Errors over the scored scans,
+    FS over all scans (failures 0). 2025 rotation scans appear under arm, labelled
+    '<arm> rotation'.
+    """
+    rows = []
+    rotation = data.scans["protocol"].to_numpy() == "2025"
+    for factor in factors_present(data):
+        labels = data.scans[factor].to_numpy(dtype=str)
+        if factor == "arm" and rotation.any():
+            labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
+        for level in sorted(set(labels) - {""}):
+            mask = labels == level
+            for t, team in enumerate(data.teams):
+                for metric in ("FS", *ERRORS):
+                    values = metric_values(data, scores, metric)[0][t, mask]
+                    values = values[np.isfinite(values)]
+                    rows.append(
+                        {
+                            "factor": factor,
+                            "level": level,
+                            "team": team,
+                            "metric": metric,
+                            "mean": float(values.mean()) if len(values) else np.nan,
+                            "sd": float(values.std(ddof=1)) if len(values) > 1 else np.nan,
+                            "n": len(values),
+                        }
+                    )
+    return pd.DataFrame(rows, columns=["factor", "level", "team", "metric", "mean", "sd", "n"])
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+    """(r, two-sided p, n) of scipy.stats.pearsonr on the pairs where both are finite;
+    NaN when fewer than 3 pairs or either side is constant."""
+    from scipy.stats import pearsonr
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return np.nan, np.nan, n
+    res = pearsonr(x[ok], y[ok])
+    return float(res.statistic), float(res.pvalue), n
+
+
+def length_correlation(data: TeamData) -> pd.DataFrame:
+    """Pearson r (and p) of scan length with each error, per team, over scans and over
+    subjects (subject means of length and error over the team's scored scans).
+
+    Long format: team, error, level, r, p, n.
+    """
+    length = data.scans["scan_length_mm"].to_numpy(dtype=float)
+    rows = []
+    for t, team in enumerate(data.teams):
+        for e, name in enumerate(ERRORS):
+            err = data.errors[t, :, e]
+            both = np.isfinite(err) & np.isfinite(length)
+            r, p, n = pearson(length, err)
+            rows.append({"team": team, "error": name, "level": "scan", "r": r, "p": p, "n": n})
+            stacked = np.stack([np.where(both, length, np.nan), np.where(both, err, np.nan)])
+            means, _ = subject_means(stacked, data.subjects)
+            r, p, n = pearson(means[0], means[1])
+            rows.append({"team": team, "error": name, "level": "subject", "r": r, "p": p, "n": n})
+    return pd.DataFrame(rows, columns=["team", "error", "level", "r", "p", "n"])
