@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,8 @@ class FrameCount:
     def for_scan(self, seed: int, subject: int, name: str) -> int:
         if self.low == self.high:
             return self.low
-        # Stable across runs and Python versions (no hash()).
-        salt = int.from_bytes(name.encode(), "little") % (2**32)
+        # Stable across runs and processes (unlike hash()), and over the whole name.
+        salt = zlib.crc32(name.encode())
         rng = np.random.default_rng([seed, subject, salt, 7])
         return int(rng.integers(self.low, self.high + 1))
 
