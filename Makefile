@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # Simulate a small synthetic validation set, extract its SIFT landmarks, compute the
 # ground-truth displacement fields, validate and score them (0 mm) and the identity
-# prediction. Reruns keep finished work.
+# prediction, and rank the two as teams in a report. Reruns keep finished work.
 demo: setup
 	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --scans 4 --frames 60 --no-landmarks
 	./landmarks $(DEMO)/data
@@ -27,7 +27,10 @@ demo: setup
 	./evaluate score $(DEMO)/ground_truth --data $(DEMO)/data --out $(DEMO)/scores/ground_truth
 	$(PY) -m tusrec reference identity $(DEMO)/data --out $(DEMO)/identity
 	./evaluate score $(DEMO)/identity --data $(DEMO)/data --out $(DEMO)/scores/identity
-	@echo "demo: synthetic data in $(DEMO)/data, per-scan metrics in $(DEMO)/scores/*/metrics.csv"
+	./evaluate rank --team ground-truth=$(DEMO)/scores/ground_truth --team identity=$(DEMO)/scores/identity \
+		--out $(DEMO)/ranking --synthetic --title "tusrec demo: reference predictions on synthetic scans"
+	@echo "demo: synthetic data in $(DEMO)/data, per-scan metrics in $(DEMO)/scores/*/metrics.csv,"
+	@echo "      ranking report in $(DEMO)/ranking/report.html"
 
 test: setup
 	$(PY) -m pytest -q
