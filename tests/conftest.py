@@ -17,6 +17,8 @@ import pytest
 
 from tusrec.data import (
     EVAL,
+    SCAN_NAMES_2024,
+    SCAN_NAMES_2025,
     TRAIN,
     scan_key,
     write_data_calibration,
@@ -27,14 +29,7 @@ from tusrec.data import (
 from tusrec.geometry import Calibration, default_calibration, pose6_to_matrix
 
 SMALL_IMAGE = (24, 32)  # (H, W): small but not square, so H/W mix-ups show
-NAMES_2024 = tuple(
-    f"{arm}_{orientation}_{shape}_{direction}"
-    for arm in ("LH", "RH")
-    for orientation in ("Par", "Per")
-    for shape in ("L", "C", "S")
-    for direction in ("DtP", "PtD")
-)
-NAMES_2025 = ("LH_rotation", "RH_rotation")
+NAMES_2024, NAMES_2025 = SCAN_NAMES_2024, SCAN_NAMES_2025
 
 
 def random_tforms(rng: np.random.Generator, n: int) -> np.ndarray:

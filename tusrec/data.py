@@ -41,6 +41,17 @@ LANDMARK_DIRS = ("landmark", "landmarks")  # 2024 spelling, 2025 spelling
 CALIB_FILE = "calib_matrix.csv"
 KEYS_FILE = "dataset_keys.h5"
 
+# The scan names of each protocol (TUSREC.md 4.3), in the order arm, orientation, shape,
+# direction.
+SCAN_NAMES_2024 = tuple(
+    f"{arm}_{orientation}_{shape}_{direction}"
+    for arm in ("LH", "RH")
+    for orientation in ("Par", "Per")
+    for shape in ("L", "C", "S")
+    for direction in ("DtP", "PtD")
+)
+SCAN_NAMES_2025 = ("LH_rotation", "RH_rotation")
+
 _NAME_2024 = re.compile(r"^(LH|RH)_(Par|Per)_(L|C|S)_(DtP|PtD)$")
 _NAME_2025 = re.compile(r"^(LH|RH)_rotation$")
 _KEY = re.compile(r"^sub(\d{3})__(.+)$")

@@ -51,8 +51,8 @@ import numpy as np
 import pandas as pd
 
 from tusrec.data import TusrecDataError, parse_scan_key
+from tusrec.evaluate.score import DESCRIPTIVE, ERRORS, STATUSES
 
-ERRORS = ("GPE", "GLE", "LPE", "LLE")
 # The five scores of TUSREC.md section 6: weights of the normalised errors (in ERRORS order).
 SCORE_WEIGHTS: dict[str, tuple[float, float, float, float]] = {
     "FS": (0.25, 0.25, 0.25, 0.25),
@@ -69,18 +69,6 @@ SENSITIVITY_NORMALISATIONS = ("minmax", "identity", "zscore")
 OK = "ok"
 ABSENT = "absent"  # the scan is in another team's table but not in this one
 INCOMPLETE = "incomplete"  # status ok but an error other teams have is NaN
-STATUSES = ("ok", "failed", "timeout", "missing", "invalid")
-DESCRIPTIVE = (
-    "subject",
-    "scan",
-    "protocol",
-    "arm",
-    "orientation",
-    "shape",
-    "direction",
-    "frames",
-    "scan_length_mm",
-)
 IDENTITY_EPS_MM = 1e-9  # an identity error below this is taken as 0 (degenerate reference)
 DECIMALS = 3  # team scores are reported, and compared, to three decimals
 

@@ -43,8 +43,9 @@ from tusrec.evaluate.metrics import PredictionValueError, landmark_errors, pixel
 OK, FAILED, TIMEOUT, INVALID, MISSING = "ok", "failed", "timeout", "invalid", "missing"
 ERRORS = ("GPE", "GLE", "LPE", "LLE")
 METRICS_H5_SETS = (*ERRORS, "time_elapsed")
-TABLE_ORDER = (
-    "key",
+STATUSES = (OK, FAILED, TIMEOUT, MISSING, INVALID)
+# What metrics.csv says about each scan besides its errors.
+DESCRIPTIVE = (
     "subject",
     "scan",
     "protocol",
@@ -54,6 +55,10 @@ TABLE_ORDER = (
     "direction",
     "frames",
     "scan_length_mm",
+)
+TABLE_ORDER = (
+    "key",
+    *DESCRIPTIVE,
     "status",
     *ERRORS,
     "runtime_s",

@@ -11,16 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tusrec.data import SCAN_NAMES_2024, SCAN_NAMES_2025
 from tusrec.evaluate.rank import ERRORS
 
-NAMES_2024 = tuple(
-    f"{arm}_{orientation}_{shape}_{direction}"
-    for arm in ("LH", "RH")
-    for orientation in ("Par", "Per")
-    for shape in ("L", "C", "S")
-    for direction in ("DtP", "PtD")
-)
-NAMES_2025 = ("LH_rotation", "RH_rotation")
+NAMES_2024, NAMES_2025 = SCAN_NAMES_2024, SCAN_NAMES_2025
 
 
 def synthetic_tables(

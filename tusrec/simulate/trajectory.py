@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from ..data import SCAN_NAMES_2024, SCAN_NAMES_2025
 from .anatomy import ArmModel
 
 FPS = 20.0
@@ -41,9 +42,9 @@ DIRECTIONS = ("DtP", "PtD")
 def scan_names(protocol: str) -> list[str]:
     """Scan names of a protocol: '2024' -> the 24 sweep names, '2025' -> the two rotations."""
     if protocol == "2024":
-        return [f"{a}_{o}_{s}_{d}" for a in ARMS for o in ORIENTS for s in SHAPES for d in DIRECTIONS]
+        return list(SCAN_NAMES_2024)
     if protocol == "2025":
-        return [f"{a}_rotation" for a in ARMS]
+        return list(SCAN_NAMES_2025)
     raise ValueError(f"unknown protocol {protocol!r}: expected '2024' or '2025'")
 
 
