@@ -203,8 +203,8 @@ def frame_transforms(tforms: np.ndarray, calib: Calibration) -> tuple[np.ndarray
     Returns (global, local), each (N-1, 4, 4) float64: entry k is frame i = k+1,
     global[k] = T(i->0) and local[k] = T(i->i-1).
 
-    tforms are inverted as general matrices (np.linalg.inv), as the organisers do:
-    tracker matrices stored in float32 are only rigid to ~1e-7.
+    tforms are inverted as general matrices (np.linalg.inv): tracker matrices stored in
+    float32 are only rigid to ~1e-7, so the rigid shortcut (R^T) would add its own error.
     """
     tforms = np.asarray(tforms, dtype=np.float64)
     tr = calib.T_rotation
