@@ -120,3 +120,13 @@ def test_calibration_product_and_spacing():
     assert c.pixel_spacing_mm == (0.229389190673828, 0.220979690551758)
     np.testing.assert_allclose(c.T_pixel_to_tool, c.T_rotation @ c.T_scale)
     g.check_calibration(c)
+
+
+def test_compose_local_is_differentiable_and_batched():
+    rng = np.random.default_rng(9)
+    _, loc = g.frame_transforms(random_rigid(rng, 6), g.default_calibration())
+    batch = torch.tensor(np.stack([loc, loc[::-1].copy()]), requires_grad=True)  # (2, 5, 4, 4)
+    out = g.compose_local(batch, axis=1)
+    np.testing.assert_allclose(out[0].detach().numpy(), g.compose_local(loc), atol=1e-9)
+    out[:, -1, :3, 3].sum().backward()  # in-place chaining would fail here
+    assert batch.grad is not None and torch.isfinite(batch.grad).all()

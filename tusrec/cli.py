@@ -245,6 +245,48 @@ def run_predict(args) -> int:
     return 0
 
 
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one ensemble member on a training-layout folder",
+        description="Train one ensemble member on a TUS-REC folder in the training layout "
+        "(frames_transfs/), holding out validation subjects as the config says. Writes "
+        "config.json, last.pt, best.pt and log.csv to --out, and the best checkpoint as "
+        "member --name in --out/weights (manifest.json). An interrupted run continues "
+        "from last.pt with --resume.",
+    )
+    p.add_argument("data", type=Path, help="training data folder (frames_transfs/ layout)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights/)")
+    p.add_argument("--config", type=Path, required=True, help="TrainConfig JSON file")
+    p.add_argument("--name", default="member0", help="member name in weights/ (default member0)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    import dataclasses
+
+    from tusrec.train.config import TrainConfig
+    from tusrec.train.trainer import train_member
+
+    try:
+        config = TrainConfig.load(args.config)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    try:
+        entry = train_member(args.data, args.out, config, args.name, resume=args.resume, device=args.device)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"train: member {entry['name']} saved in {args.out / 'weights'} ({entry.get('metrics', {})})")
+    return 0
+
+
 def add_info(sub) -> None:
     p = sub.add_parser(
         "info",
@@ -392,6 +434,7 @@ COMMANDS = {
     "predict": add_predict,
     "evaluate": add_evaluate,
     "info": add_info,
+    "train": add_train,
     "simulate": add_simulate,
     "landmarks": add_landmarks,
     "reference": add_reference,

@@ -216,16 +216,23 @@ def frame_transforms(tforms: np.ndarray, calib: Calibration) -> tuple[np.ndarray
     return global_, local
 
 
-def compose_local(local):
-    """Chain local transforms into global ones: (N-1, 4, 4) -> (N-1, 4, 4).
+def compose_local(local, axis: int = 0):
+    """Chain local transforms into global ones along ``axis``: (..., N-1, ..., 4, 4), same shape.
 
     global[k] = local[0] @ local[1] @ ... @ local[k], i.e. T(i->0) = T(1->0) @ ... @ T(i->i-1).
-    Takes and returns numpy arrays or torch tensors.
+    Takes and returns numpy arrays or torch tensors; out of place, so autograd can run
+    through it (training chains predicted transforms with it).
     """
-    out = np.array(local, copy=True) if isinstance(local, np.ndarray) else local.clone()
-    for k in range(1, out.shape[0]):
-        out[k] = out[k - 1] @ local[k]
-    return out
+    is_numpy = isinstance(local, np.ndarray)
+    parts = list(np.moveaxis(local, axis, 0)) if is_numpy else list(local.unbind(axis))
+    out = [parts[0]]
+    for T in parts[1:]:
+        out.append(out[-1] @ T)
+    if is_numpy:
+        return np.stack(out, axis=axis)
+    import torch
+
+    return torch.stack(out, dim=axis)
 
 
 def local_from_global(global_: np.ndarray) -> np.ndarray:

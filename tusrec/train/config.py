@@ -1,0 +1,129 @@
+"""TrainConfig: every setting of a training run, as JSON (unknown keys are an error).
+
+A copy is written beside each checkpoint (config.json) and stored inside it, so a run
+can always be told apart and resumed with the settings it started with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from tusrec.model.network import ModelConfig
+
+
+def _strict(cls, d: dict, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    return d
+
+
+@dataclass
+class AugmentConfig:
+    """Label-preserving augmentations, each applied to a clip with probability 0.5 when on.
+
+    reverse: play the scan backwards. mirror: flip image columns about the crop centre.
+    intensity: random gamma / contrast / brightness. frame_skip: largest k of "every k-th
+    frame" (1 = off); k is drawn uniformly from 1..frame_skip.
+    """
+
+    reverse: bool = True
+    mirror: bool = True
+    intensity: bool = True
+    frame_skip: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AugmentConfig:
+        return cls(**_strict(cls, d, "augment"))
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (both in mm): per-transition point distance, and the
+    point distance of the transforms chained over the clip (drift)."""
+
+    points: float = 1.0
+    drift: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LossConfig:
+        return cls(**_strict(cls, d, "loss"))
+
+
+@dataclass
+class TrainConfig:
+    """One member's training run.
+
+    clip_frames: T frames per training clip (T-1 transitions). lr: peak AdamW learning
+    rate (warmup over ``warmup_steps``, then cosine decay to 0 at ``steps``).
+    val_subjects: held-out subject ids (e.g. ["003", "017"]) or a fraction of the subjects
+    (e.g. 0.1, at least one when > 0); 0 or [] for no validation. val_every: steps between
+    validations (and checkpoints).
+    """
+
+    model: dict = field(default_factory=lambda: ModelConfig().to_dict())
+    clip_frames: int = 24
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    steps: int = 20000
+    val_every: int = 500
+    seed: int = 0
+    val_subjects: list[str] | float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        self.model = ModelConfig.from_dict(self.model).to_dict()  # validates, normalises tuples
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig.from_dict(self.loss)
+        if isinstance(self.val_subjects, list | tuple):
+            self.val_subjects = [f"{int(s):03d}" for s in self.val_subjects]
+        elif not 0.0 <= float(self.val_subjects) < 1.0:
+            raise ValueError(f"val_subjects: a fraction must be in [0, 1), got {self.val_subjects}")
+        if self.clip_frames < 2:
+            raise ValueError("clip_frames must be at least 2")
+        if self.augment.frame_skip < 1:
+            raise ValueError("augment.frame_skip must be at least 1")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**_strict(cls, dict(d), "train config"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["model"].items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None

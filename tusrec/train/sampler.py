@@ -1,0 +1,167 @@
+"""Training clips with labels that stay right under augmentation.
+
+A sample is a clip of T consecutive frames of a scan (T-1 transitions, labels
+T(i->i-1) in image mm), G global frames spread (jittered) over the whole scan, and the
+scan positions the predictor would give them (ensemble.scan_positions: transitions over
+n-1, global frames over n, where n is the length of the scan as augmented).
+
+Augmentations act on the whole scan (the "view"), so positions are those of the
+augmented scan:
+
+* frame skip k: every k-th frame; a local becomes the product of k consecutive locals;
+* reversal: frames in reverse order; locals become the inverses, in reverse order;
+* mirroring: image columns flipped inside the crop; every transform T becomes F T F,
+  F the reflection x -> 2c - x (image mm) about the crop centre c = sx (left+right+1)/2;
+* intensity: a random gamma, contrast and brightness on the uint8 range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tusrec.model.ensemble import scan_positions
+from tusrec.train.cache import CachedScan
+from tusrec.train.config import AugmentConfig
+
+LOSS_GRID = 5  # the loss probes the four corners and a LOSS_GRID x LOSS_GRID grid
+
+
+def reverse_locals(local: np.ndarray) -> np.ndarray:
+    """Locals of the reversed scan: (n-1, 4, 4) -> (n-1, 4, 4), inv(local[::-1]) float64."""
+    return np.linalg.inv(np.asarray(local, np.float64)[::-1])
+
+
+def skip_locals(local: np.ndarray, k: int) -> np.ndarray:
+    """Locals of frames 0, k, 2k, ...: (n-1, 4, 4) -> ((n-1)//k, 4, 4) float64, entry m the
+    product local[mk] @ ... @ local[mk+k-1] (T(mk+k -> mk))."""
+    local = np.asarray(local, np.float64)
+    m = len(local) // k
+    out = local[0 : m * k : k].copy()
+    for j in range(1, k):
+        out = out @ local[j : m * k : k]
+    return out
+
+
+def mirror_matrix(box: tuple[int, int, int, int], sx: float) -> np.ndarray:
+    """F (4, 4): the reflection x -> 2c - x in image mm about the crop's centre column.
+
+    box (top, bottom, left, right) in 0-based pixels, end exclusive: the crop's 1-based
+    pixel columns are left+1..right, centre (left+right+1)/2 pixels, c = sx times that.
+    Flipping the crop's columns maps pixel x to left+right+1-x, i.e. mm x to 2c - x.
+    """
+    F = np.eye(4)
+    F[0, 0] = -1.0
+    F[0, 3] = sx * (box[2] + box[3] + 1)
+    return F
+
+
+def mirror_transforms(T: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """T (..., 4, 4) -> F T F (F is its own inverse): the transforms of the mirrored scan."""
+    return F @ np.asarray(T, np.float64) @ F
+
+
+def remap_intensity(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random monotone remapping of uint8-range frames (n, h, w) -> float32 in [0, 255]:
+    gamma in [0.7, 1.4], contrast in [0.8, 1.2], brightness in [-10, 10]. Zero (outside the
+    fan) stays near zero up to the brightness shift."""
+    x = frames.astype(np.float32) / 255.0
+    x = x ** rng.uniform(0.7, 1.4)
+    x = x * rng.uniform(0.8, 1.2) * 255.0 + rng.uniform(-10.0, 10.0)
+    return np.clip(x, 0.0, 255.0)
+
+
+def loss_points(image_size: tuple[int, int], sx: float, sy: float, grid: int = LOSS_GRID) -> np.ndarray:
+    """Probe points of the original image in image mm, homogeneous: (4 + grid^2, 4) float32.
+
+    The four corner pixels (1,1), (W,1), (1,H), (W,H) and a grid x grid lattice spanning
+    the image, 1-based pixels scaled by (sx, sy)."""
+    h, w = image_size
+    xs = np.concatenate([[1, w, 1, w], np.tile(np.linspace(1, w, grid), grid)])
+    ys = np.concatenate([[1, 1, h, h], np.repeat(np.linspace(1, h, grid), grid)])
+    return np.stack([xs * sx, ys * sy, np.zeros_like(xs), np.ones_like(xs)], axis=1).astype(np.float32)
+
+
+class ClipSampler:
+    """Random training clips from cached scans.
+
+    scans: CachedScan list (scans shorter than ``clip_frames`` are never drawn); a scan is
+    drawn with probability proportional to its length. ``sample()`` returns one clip as
+    numpy arrays, ``batch(B)`` stacks B of them:
+
+        frames (T, h, w) float32, uint8 range (normalise with cache.normalise)
+        positions (T-1,) float32, scan positions of the clip's transitions
+        global_frames (G, h, w) float32, uint8 range
+        global_positions (G,) float32
+        local (T-1, 4, 4) float32 labels T(i->i-1) in image mm
+        points (P, 4) float32 loss probe points in image mm
+        indices (T,) int64 original frame indices of the clip (for checks and debugging)
+    """
+
+    def __init__(
+        self,
+        scans: list[CachedScan],
+        clip_frames: int,
+        global_frames: int,
+        augment: AugmentConfig,
+        T_scale: np.ndarray,
+        rng: np.random.Generator,
+    ):
+        self.scans = [s for s in scans if s.n_frames >= clip_frames]
+        if not self.scans:
+            raise ValueError(f"no training scan has at least clip_frames={clip_frames} frames")
+        weights = np.array([s.n_frames for s in self.scans], np.float64)
+        self.p = weights / weights.sum()
+        self.T = clip_frames
+        self.G = global_frames
+        self.augment = augment
+        self.sx, self.sy = float(T_scale[0, 0]), float(T_scale[1, 1])
+        self.rng = rng
+
+    def sample(self, scan: CachedScan | None = None) -> dict[str, np.ndarray]:
+        rng, aug, T = self.rng, self.augment, self.T
+        if scan is None:
+            scan = self.scans[rng.choice(len(self.scans), p=self.p)]
+        n = scan.n_frames
+        k_max = max(1, min(aug.frame_skip, (n - 1) // (T - 1)))  # the view must hold a clip
+        k = int(rng.integers(1, k_max + 1))
+        phase = int(rng.integers(0, k)) if k > 1 else 0
+        # Keep the view long enough for a clip whatever the phase.
+        while len(range(phase, n, k)) < T:
+            phase -= 1
+        view = np.arange(phase, n, k)  # original frame indices of the (forward) view
+        reverse = aug.reverse and rng.random() < 0.5
+        if reverse:
+            view = view[::-1]
+        n_view = len(view)
+        start = int(rng.integers(0, n_view - T + 1))
+        clip = view[start : start + T]
+        lo = int(clip.min())
+        local = skip_locals(scan.local[lo : lo + (T - 1) * k], k)  # forward, (T-1, 4, 4)
+        if reverse:
+            local = reverse_locals(local)
+        # Global frames: evenly spread over the view, each jittered within its share.
+        spacing = (n_view - 1) / max(self.G - 1, 1)
+        gidx = np.linspace(0, n_view - 1, self.G) + rng.uniform(-0.5, 0.5, self.G) * spacing
+        gidx = np.sort(np.clip(np.round(gidx), 0, n_view - 1).astype(int))
+        frames = scan.frames[clip]
+        gframes = scan.frames[view[gidx]]
+        if aug.mirror and rng.random() < 0.5:
+            frames, gframes = frames[:, :, ::-1], gframes[:, :, ::-1]
+            local = mirror_transforms(local, mirror_matrix(scan.box, self.sx))
+        if aug.intensity and rng.random() < 0.5:
+            both = remap_intensity(np.concatenate([frames, gframes]), rng)
+            frames, gframes = both[:T], both[T:]
+        return {
+            "frames": np.ascontiguousarray(frames, np.float32),
+            "positions": scan_positions(np.arange(start, start + T - 1), n_view - 1),
+            "global_frames": np.ascontiguousarray(gframes, np.float32),
+            "global_positions": scan_positions(gidx, n_view),
+            "local": local.astype(np.float32),
+            "points": loss_points(scan.image_size, self.sx, self.sy),
+            "indices": clip.astype(np.int64),
+        }
+
+    def batch(self, size: int) -> dict[str, np.ndarray]:
+        """``size`` clips stacked along a new leading axis (B, ...)."""
+        samples = [self.sample() for _ in range(size)]
+        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}

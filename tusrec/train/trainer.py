@@ -1,0 +1,249 @@
+"""train_member: one ensemble member, with checkpoints, resume, a CSV log and validation.
+
+out_dir/
+    config.json   the TrainConfig of the run
+    last.pt       model, optimiser, step, rng states, best metric: resume point
+    best.pt       the same at the best validation GPE (or the last step without validation)
+    log.csv       step, loss, points_mm, drift_mm, lr, val_GPE, val_LPE, seconds
+    weights/      the best member, saved with ensemble.save_member (manifest.json + .pt)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tusrec.ddf import pixel_ddfs
+from tusrec.geometry import compose_local
+from tusrec.model.ensemble import Member, members_local_transforms, save_member
+from tusrec.model.network import TrackerlessNet, pose9_to_matrix
+from tusrec.predict.core import pick_device
+from tusrec.train.cache import CachedScan, load_cache, normalise, split_subjects
+from tusrec.train.config import TrainConfig
+from tusrec.train.loss import clip_loss
+from tusrec.train.sampler import ClipSampler
+
+LOG_COLUMNS = ("step", "loss", "points_mm", "drift_mm", "lr", "val_GPE", "val_LPE", "seconds")
+LOG_EVERY = 10  # steps between training-loss rows of the log
+VAL_CHUNK = 8  # frames per chunk of the dense validation DDFs
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def mean_pixel_error(
+    pred: np.ndarray,
+    true: np.ndarray,
+    T_scale: np.ndarray,
+    image_size: tuple[int, int],
+    chunk: int = VAL_CHUNK,
+) -> float:
+    """Mean over frames and all pixels of |DDF_pred - DDF_true| (mm), without dense arrays.
+
+    pred, true: (N-1, 4, 4). The DDF is affine in (T - I), so pred - true DDFs are the DDFs
+    of pred - true + I; computed a chunk of frames at a time in float64.
+    """
+    h, w = image_size
+    diff = np.asarray(pred, np.float64) - np.asarray(true, np.float64) + np.eye(4)
+    total = 0.0
+    for s in range(0, len(diff), chunk):
+        d = pixel_ddfs(diff[s : s + chunk], T_scale, h, w, dtype=np.float64)
+        total += float(np.sqrt((d**2).sum(axis=1)).sum())
+    return total / (len(diff) * h * w)
+
+
+def validate(net: TrackerlessNet, scans: list[CachedScan], T_scale: np.ndarray, device) -> dict[str, float]:
+    """Run the member on whole scans as the predictor does; mean per-scan GPE and LPE (mm)."""
+    was_training = net.training
+    net.eval()
+    gpe, lpe = [], []
+    try:
+        for scan in scans:
+            local = members_local_transforms([Member("val", net)], scan.normalised(), device)[0]
+            gpe.append(mean_pixel_error(compose_local(local), scan.global_, T_scale, scan.image_size))
+            lpe.append(mean_pixel_error(local, scan.local, T_scale, scan.image_size))
+    finally:
+        net.train(was_training)
+    return {"val_GPE": float(np.mean(gpe)), "val_LPE": float(np.mean(lpe))}
+
+
+def _to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(v).to(device) for k, v in batch.items() if k != "indices"}
+    out["frames"] = normalise(out["frames"])
+    out["global_frames"] = normalise(out["global_frames"])
+    return out
+
+
+def training_step(net: TrackerlessNet, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict:
+    """Forward a batch (see ClipSampler) and return the loss terms (mm)."""
+    tokens = net.encode_global(batch["global_frames"], batch["global_positions"])
+    raw = net(batch["frames"][:, None], batch["positions"], tokens)  # (B, T-1, 9)
+    pred = pose9_to_matrix(raw, net.cfg)
+    return clip_loss(pred, batch["local"], batch["points"], cfg.loss)
+
+
+def _rng_states(sampler_rng: np.random.Generator) -> dict:
+    return {
+        "sampler": sampler_rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+    }
+
+
+def _save_checkpoint(path: Path, net, opt, step, best, cfg, sampler_rng, extra: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "best": best,
+            "config": cfg.to_dict(),
+            "rng": _rng_states(sampler_rng),
+            **extra,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    cfg.save(path.parent / "config.json")
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def train_member(
+    data_root: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    name: str = "member0",
+    progress: bool = True,
+    resume: bool = False,
+    device: str | None = None,
+    weights_dir: str | Path | None = None,
+) -> dict:
+    """Train one member on a TRAIN-layout folder; returns its weights manifest entry.
+
+    Resumes from out_dir/last.pt with ``resume`` (the step, optimiser and rng states
+    continue; ``config.steps`` may be raised); without it an existing last.pt is an error.
+    The best checkpoint (lowest validation GPE; the last one without validation) is
+    saved as member ``name`` in ``weights_dir`` (default out_dir/weights).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_dir = Path(weights_dir) if weights_dir else out_dir / "weights"
+    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
+    device = pick_device(device)
+    cfg = config
+    mcfg = cfg.model_config
+
+    checkpoint = None
+    if last_path.exists():
+        if not resume:
+            raise FileExistsError(f"{last_path} exists: resume it (--resume) or choose another output folder")
+        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        if checkpoint["config"]["model"] != cfg.to_dict()["model"]:
+            raise ValueError(f"{last_path}: the model configuration differs from the checkpoint's")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    data = load_cache(data_root, mcfg.input_size, progress=progress)
+    train_subjects, val_subjects = split_subjects(data.subjects, cfg.val_subjects, cfg.seed)
+    train_scans, val_scans = data.of_subjects(train_subjects), data.of_subjects(val_subjects)
+    T_scale = data.calib.T_scale
+    sampler_rng = np.random.default_rng(cfg.seed)
+    sampler = ClipSampler(train_scans, cfg.clip_frames, mcfg.global_frames, cfg.augment, T_scale, sampler_rng)
+
+    net = TrackerlessNet(mcfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, best, seconds = 0, math.inf, 0.0
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        step, best, seconds = checkpoint["step"], checkpoint["best"], checkpoint.get("seconds", 0.0)
+        sampler_rng.bit_generator.state = checkpoint["rng"]["sampler"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        random.setstate(checkpoint["rng"]["python"])
+    cfg.save(out_dir / "config.json")
+
+    t0 = time.perf_counter() - seconds
+    net.train()
+    running: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {name}", unit="step", disable=not progress)
+    while step < cfg.steps:
+        lr = learning_rate(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = _to_torch(sampler.batch(cfg.batch_size), device)
+        terms = training_step(net, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + v.item()
+        running["n"] = running.get("n", 0) + 1
+        validate_now = step % cfg.val_every == 0 or step == cfg.steps
+        if step % LOG_EVERY == 0 or validate_now:
+            n = running.pop("n")
+            row = {
+                "step": step,
+                "loss": running["loss"] / n,
+                "points_mm": running["points"] / n,
+                "drift_mm": running["drift"] / n,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            running = {}
+            if validate_now:
+                metric = row["loss"]
+                if val_scans:
+                    row.update(validate(net, val_scans, T_scale, device))
+                    metric = row["val_GPE"]
+                extra = {"seconds": row["seconds"], "frames_seen": step * cfg.batch_size * cfg.clip_frames}
+                if metric < best or not val_scans:
+                    best = metric if val_scans else math.inf
+                    _save_checkpoint(best_path, net, opt, step, best, cfg, sampler_rng, {**extra, **row})
+                _save_checkpoint(last_path, net, opt, step, best, cfg, sampler_rng, extra)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{row[k]:.3f}" for k in row if "val" in k})
+            _append_log(log_path, row)
+    bar.close()
+
+    best_ckpt = torch.load(
+        best_path if best_path.exists() else last_path, map_location="cpu", weights_only=False
+    )
+    net.load_state_dict(best_ckpt["model"])
+    metrics = {k: best_ckpt[k] for k in ("val_GPE", "val_LPE") if k in best_ckpt}
+    info = {
+        "trained": {
+            "data_root": str(Path(data_root).resolve()),
+            "train_subjects": train_subjects,
+            "val_subjects": val_subjects,
+            "frames_seen": best_ckpt.get("frames_seen", 0),
+            "steps": best_ckpt["step"],
+            "seconds": best_ckpt.get("seconds", 0.0),
+            "config": cfg.to_dict(),
+        },
+        "metrics": metrics,
+    }
+    return save_member(weights_dir, name, net.cpu(), info)
