@@ -20,17 +20,9 @@ from tusrec.model.ensemble import WeightsError, combine, load_members, save_memb
 from tusrec.model.network import ModelConfig, TrackerlessNet
 from tusrec.predict import core, predict_folder
 
+from .tiny import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(
-    input_size=(16, 20),
-    channels=(8, 8),
-    global_channels=(8, 8),
-    dim=16,
-    heads=2,
-    global_frames=4,
-    window=4,
-    overlap=2,
-)
 
 
 def make_weights(folder, n=2, seed=0):

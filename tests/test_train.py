@@ -27,16 +27,9 @@ from tusrec.train.sampler import (
 )
 from tusrec.train.trainer import _to_torch, mean_pixel_error, train_member, training_step
 
-TINY = ModelConfig(
-    input_size=(16, 20),
-    channels=(8, 8),
-    global_channels=(8, 8),
-    dim=16,
-    heads=2,
-    global_frames=4,
-    window=8,
-    overlap=2,
-)
+from .tiny import TINY as TINY_BASE
+
+TINY = ModelConfig(**{**TINY_BASE.to_dict(), "window": 8})
 NO_AUGMENT = AugmentConfig(reverse=False, mirror=False, intensity=False, frame_skip=1)
 
 
