@@ -197,3 +197,14 @@ def test_world_pose_is_only_a_placement():
     np.testing.assert_allclose(
         np.linalg.inv(scan.image_to_world[0]) @ scan.image_to_world[1:], rel, atol=1e-9
     )
+
+
+def test_echo_channels_are_never_negative_and_frames_finite():
+    """Subject 4 of seed 0 had skin voxels of negative echogenicity, which the log
+    compression turned into NaN pixels."""
+    from tusrec.simulate.anatomy import anatomy_volume
+
+    atlas = anatomy_volume(0, 4).atlas
+    assert atlas[..., 0].min() >= 0 and atlas[..., 1].min() >= 0
+    scan = simulate_scan(4, "LH_Per_L_PtD", 2)
+    assert np.isfinite(scan.renderer().polar(scan.arm_from_image[0], 0)).all()

@@ -351,6 +351,11 @@ class ArmModel:
             spec += 1.0 * mem
 
         out = ~inside
+        # Echogenicity is an amplitude: never negative (skin's 3 + 0.8 * texture dips below
+        # 0 where the texture field is below -3.75, and a negative echo turns into NaN
+        # under the log compression). Attenuation may be negative: it is relative to
+        # average tissue (blood's negative excess is the enhancement behind vessels).
+        np.maximum(diff, 0.0, out=diff)
         diff[out] = 0.0
         spec[depth < -0.6] = 0.0
         att[out] = 0.0
