@@ -208,3 +208,23 @@ def test_echo_channels_are_never_negative_and_frames_finite():
     assert atlas[..., 0].min() >= 0 and atlas[..., 1].min() >= 0
     scan = simulate_scan(4, "LH_Per_L_PtD", 2)
     assert np.isfinite(scan.renderer().polar(scan.arm_from_image[0], 0)).all()
+
+
+@pytest.mark.parametrize("name", scan_names("2024"))
+def test_probe_face_moves_at_5_to_20_mm_per_s(name):
+    """The point of the probe touching the skin travels at hand speeds (20 frames/s)."""
+    scan = simulate_scan(4, name, 400, image_size=SMALL)
+    face = scan.image_to_world[:, :3, :3] @ scan.fan.face_centre + scan.image_to_world[:, :3, 3]
+    step = np.linalg.norm(np.diff(face, axis=0), axis=1)
+    assert 5.0 <= 20.0 * step.mean() <= 20.5, 20.0 * step.mean()
+    assert step.max() < 1.3, step.max()
+
+
+def test_rotation_scans_turn_smoothly():
+    scan = simulate_scan(5, "RH_rotation", 1600, image_size=SMALL)
+    R = scan.image_to_world[:, :3, :3]
+    rel = np.einsum("nji,njk->nik", R[:-1], R[1:])
+    step = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert step.max() < 0.9 and step.mean() < 0.4, (step.max(), step.mean())
+    x0, x1 = R[0, :, 0], R[-1, :, 0]  # image x turned ~90 degrees about the probe axis
+    assert np.degrees(np.arccos(abs(x0 @ x1))) > 70

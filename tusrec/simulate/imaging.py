@@ -152,7 +152,7 @@ class Renderer:
         # coarse (every other beam / sample) -> fine grid, exact at the shared points
         self._up_x = np.tile(np.arange(ns, dtype=np.float32) / 2, (nb, 1))
         self._up_y = np.tile(np.arange(nb, dtype=np.float32)[:, None] / 2, (1, ns))
-        self._gain = self._depth_gain()
+        self._gain, self._speckle_norm = self._depth_gain()
         rng = np.random.default_rng(noise_seed)
         self._noise = [
             NOISE_AMPLITUDE
@@ -166,10 +166,11 @@ class Renderer:
         self._log_scale = np.float32(255.0 * 20.0 / np.log(10.0) / DYNAMIC_RANGE_DB)
         self._log_offset = np.float32(-FLOOR_DB * 255.0 / DYNAMIC_RANGE_DB)
 
-    def _depth_gain(self) -> np.ndarray:
-        """(ns,) gain: restores the speckle power lost to the lateral blur (which depends on
-        the beam spacing, hence on depth) and adds what a real time-gain compensation
-        leaves: a mild fall-off with depth and a brighter focal zone."""
+    def _depth_gain(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gain, speckle_norm), each (ns,) float32. speckle_norm restores the speckle power
+        lost to the lateral blur (which depends on the beam spacing, hence on depth); gain
+        adds what a real time-gain compensation leaves: a mild fall-off with depth and a
+        brighter focal zone."""
         fan = self.fan
         sig = SPECKLE_SIGMA_MM[1]
         dth = float(fan.theta[1] - fan.theta[0])
@@ -181,7 +182,8 @@ class Renderer:
         power *= len(self.tiles)
         d = (fan.r - fan.radius) / fan.scale
         tgc = np.exp(-0.004 * d) * (1 + 0.3 * np.exp(-0.5 * ((d - 45) / 18) ** 2))
-        return (tgc / np.sqrt(power)).astype(np.float32)
+        norm = (1.0 / np.sqrt(power)).astype(np.float32)
+        return (tgc * norm).astype(np.float32), norm
 
     def _grid(
         self, T: np.ndarray, A: np.ndarray, B: np.ndarray, g: np.ndarray, step: int = 1
@@ -236,9 +238,9 @@ class Renderer:
         re = cv2.GaussianBlur(re, (1, 15), sigmaX=0.3, sigmaY=LATERAL_BLUR_BEAMS)
         im = cv2.GaussianBlur(im, (1, 15), sigmaX=0.3, sigmaY=LATERAL_BLUR_BEAMS)
         mag = cv2.magnitude(re, im)
+        if speckle_only:  # unit power at every depth, without the depth-gain profile
+            return mag * self._speckle_norm[None, :]
         mag *= self._gain[None, :]
-        if speckle_only:
-            return mag
         # A small incoherent part keeps the speckle's zeros from reading as black cracks
         # (as a scanner's envelope detector and post-processing do).
         mag += np.float32(INCOHERENT)

@@ -18,7 +18,7 @@ would run off the forearm is the speed lowered below that.
 2025 ``{LH|RH}_rotation``: the probe stays at a contact point 25-40 mm from the elbow and is
 fanned (tilted about the image x axis, the probe's long axis), rocked (tilted about the
 elevation axis, in plane), rotated by ~90 degrees about the probe axis, then fanned and
-rocked again. Angular rates stay below ~16 deg/s (0.8 deg per frame); when n_frames is too
+rocked again. Angular rates stay below ~12 deg/s (0.6 deg per frame); when n_frames is too
 small for the full amplitudes at that rate the amplitudes shrink.
 """
 
@@ -31,7 +31,7 @@ from ..data import SCAN_NAMES_2024, SCAN_NAMES_2025
 from .anatomy import ArmModel
 
 FPS = 20.0
-MAX_RATE_DEG_S = 16.0  # peak angular rate of the deliberate rotation-scan motions
+MAX_RATE_DEG_S = 12.0  # peak angular rate of the deliberate rotation-scan motions
 
 ARMS = ("LH", "RH")
 ORIENTS = ("Par", "Per")
@@ -207,7 +207,7 @@ def rotation_poses(
     """arm_from_image (n, 4, 4) of a 2025 rotation scan (module docstring)."""
     L = model.length
     u0, v0 = L - rng.uniform(25.0, 40.0), rng.uniform(-5.0, 5.0)
-    weights = np.array([0.25, 0.17, 0.16, 0.25, 0.17])
+    weights = np.array([0.24, 0.15, 0.22, 0.24, 0.15])
     bounds = np.round(np.concatenate([[0], np.cumsum(weights)]) * (n - 1)).astype(int)
     fan_amp, rock_amp = rng.uniform(20.0, 30.0), rng.uniform(10.0, 18.0)
     turn = rng.uniform(85.0, 95.0) * rng.choice([-1.0, 1.0])
