@@ -95,6 +95,28 @@ def pixel_errors(
     return ErrorPair(err_sum / count, identity_sum / count)
 
 
+def transform_pixel_error(
+    pred: np.ndarray,
+    true: np.ndarray,
+    T_scale: np.ndarray,
+    image_size: tuple[int, int],
+    chunk: int = 8,
+) -> float:
+    """GPE/LPE of predicted transforms, without writing or reading dense arrays (mm).
+
+    pred, true: (N-1, 4, 4). The DDF is affine in (T - I), so the difference of the two
+    fields is the field of pred - true + I; produced a chunk of frames at a time in float64.
+    Equals pixel_errors() of the dense prediction (training validates with it).
+    """
+    h, w = image_size
+    diff = np.asarray(pred, np.float64) - np.asarray(true, np.float64) + np.eye(4)
+    total = sum(
+        float(_norm_sums(pixel_ddfs(diff[s : s + chunk], T_scale, h, w, dtype=np.float64)).sum())
+        for s in range(0, len(diff), chunk)
+    )
+    return total / (len(diff) * h * w)
+
+
 def landmark_errors(
     pred, transforms: np.ndarray, T_scale: np.ndarray, landmarks: np.ndarray, name: str = "GL"
 ) -> ErrorPair:

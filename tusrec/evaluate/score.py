@@ -85,11 +85,13 @@ def prediction_path(folder: Path, key: str) -> Path:
     return Path(folder) / f"{key}.h5"
 
 
-def check_structure(path: Path, scan: Scan) -> list[str]:
+def check_structure(path: Path, scan: Scan, n_landmarks: int | None = -1) -> list[str]:
     """Problems with the datasets of one prediction file (shapes, dtypes), without
-    reading the dense arrays."""
+    reading the dense arrays. n_landmarks: K of the scan (None: no landmarks; -1: read
+    them from the scan)."""
     n, h, w = scan.shape
-    n_landmarks = len(scan.read_landmarks()) if scan.has_landmarks else None
+    if n_landmarks == -1:
+        n_landmarks = len(scan.read_landmarks()) if scan.has_landmarks else None
     problems = []
     try:
         with open_h5(path) as f:
@@ -228,7 +230,7 @@ def score_scan(
     """Errors of one prediction file (raises PredictionValueError / TusrecDataError if it
     cannot be scored). Returns the four errors, their identity counterparts and the
     runtime recorded in the file."""
-    problems = check_structure(path, scan)
+    problems = check_structure(path, scan, None if landmarks is None else len(landmarks))
     if problems:
         raise PredictionValueError("; ".join(problems))
     ts = gt.calib.T_scale

@@ -81,6 +81,12 @@ class SpatialAttentionPool(nn.Module):
         return (x.flatten(2) * w[:, None, :]).sum(-1)
 
 
+def _self_attention(cfg: ModelConfig, layers: int) -> nn.TransformerEncoder:
+    """Self-attention over a sequence of tokens (B, S, dim) -> (B, S, dim)."""
+    layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 2 * cfg.dim, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
 class LocalEncoder(nn.Module):
     """Video (B, 1, T, h, w) -> transition tokens (B, T-1, dim)."""
 
@@ -100,8 +106,7 @@ class LocalEncoder(nn.Module):
         self.cnn = nn.Sequential(*layers)
         self.pair = nn.Conv2d(3 * c_in, cfg.dim, 1)
         self.pool = SpatialAttentionPool(cfg.dim)
-        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 2 * cfg.dim, dropout=0.0, batch_first=True)
-        self.temporal = nn.TransformerEncoder(layer, cfg.local_layers, enable_nested_tensor=False)
+        self.temporal = _self_attention(cfg, cfg.local_layers)
 
     def forward(self, video: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """video (B, 1, T, h, w); positions (B, T-1) in [0, 1] -> (B, T-1, dim)."""
@@ -128,8 +133,7 @@ class GlobalEncoder(nn.Module):
         self.cnn = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c_in, cfg.dim, 1)
         self.pool = SpatialAttentionPool(cfg.dim)
-        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 2 * cfg.dim, dropout=0.0, batch_first=True)
-        self.temporal = nn.TransformerEncoder(layer, cfg.global_layers, enable_nested_tensor=False)
+        self.temporal = _self_attention(cfg, cfg.global_layers)
 
     def forward(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, g, h, w = frames.shape

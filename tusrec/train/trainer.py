@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tusrec.ddf import pixel_ddfs
+from tusrec.evaluate.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.geometry import compose_local
 from tusrec.model.ensemble import Member, members_local_transforms, save_member
 from tusrec.model.network import TrackerlessNet, pose9_to_matrix
@@ -31,7 +31,6 @@ from tusrec.train.sampler import ClipSampler
 
 LOG_COLUMNS = ("step", "loss", "points_mm", "drift_mm", "lr", "val_GPE", "val_LPE", "seconds")
 LOG_EVERY = 10  # steps between training-loss rows of the log
-VAL_CHUNK = 8  # frames per chunk of the dense validation DDFs
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -40,27 +39,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def mean_pixel_error(
-    pred: np.ndarray,
-    true: np.ndarray,
-    T_scale: np.ndarray,
-    image_size: tuple[int, int],
-    chunk: int = VAL_CHUNK,
-) -> float:
-    """Mean over frames and all pixels of |DDF_pred - DDF_true| (mm), without dense arrays.
-
-    pred, true: (N-1, 4, 4). The DDF is affine in (T - I), so pred - true DDFs are the DDFs
-    of pred - true + I; computed a chunk of frames at a time in float64.
-    """
-    h, w = image_size
-    diff = np.asarray(pred, np.float64) - np.asarray(true, np.float64) + np.eye(4)
-    total = 0.0
-    for s in range(0, len(diff), chunk):
-        d = pixel_ddfs(diff[s : s + chunk], T_scale, h, w, dtype=np.float64)
-        total += float(np.sqrt((d**2).sum(axis=1)).sum())
-    return total / (len(diff) * h * w)
 
 
 def validate(net: TrackerlessNet, scans: list[CachedScan], T_scale: np.ndarray, device) -> dict[str, float]:
