@@ -13,8 +13,9 @@ from tusrec.data import open_data
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import compose_local, default_calibration, frame_transforms
 from tusrec.model import ensemble
+from tusrec.model.ensemble import normalise_frames as normalise
 from tusrec.model.network import ModelConfig
-from tusrec.train.cache import load_cache, normalise, split_subjects
+from tusrec.train.cache import load_cache, split_subjects
 from tusrec.train.config import AugmentConfig, LossConfig, TrainConfig
 from tusrec.train.loss import clip_loss
 from tusrec.train.sampler import (
@@ -236,8 +237,8 @@ def test_tiny_training_run_learns_resumes_and_predicts(sim_root, tmp_path):
     # Augmentation off: its labels are tested above, and 40 steps of a tiny net learn the
     # typical forward motion cleanly (with reversals the direction must come from the images).
     cfg = tiny_config(augment=NO_AUGMENT)
-    data = load_cache(sim_root, TINY.input_size)
-    fixed = ClipSampler(data.scans, 8, 4, NO_AUGMENT, data.calib.T_scale, np.random.default_rng(5))
+    data = load_cache(sim_root, TINY.input_size, steps=(1,))
+    fixed = ClipSampler(data.scans, 8, 4, NO_AUGMENT, data.calib.T_scale, np.random.default_rng(5), True)
     batches = [_to_torch(fixed.batch(8), "cpu") for _ in range(3)]
 
     def fixed_loss(net) -> float:
@@ -286,3 +287,155 @@ def test_train_command_help(capsys):
         main(["train", "--help"])
     assert exit_.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- decorrelation channel
+
+
+def _corrcoef_blocks(a: np.ndarray, b: np.ndarray, by: int, bx: int) -> np.ndarray:
+    """Independent reference: np.corrcoef of each (by, bx) block; 0 for a flat block."""
+    h, w = a.shape[0] // by, a.shape[1] // bx
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            x = a[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
+            y = b[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
+            if x.var() > ensemble.NCC_MIN_VARIANCE and y.var() > ensemble.NCC_MIN_VARIANCE:
+                out[i, j] = np.corrcoef(x, y)[0, 1]
+    return out
+
+
+def test_block_ncc_is_the_correlation_coefficient_of_each_block(rng):
+    a = rng.integers(0, 255, (40, 48)).astype(np.float32)
+    b = 0.6 * a + 0.4 * rng.integers(0, 255, (40, 48)).astype(np.float32)
+    b[:10, :12] = 7.0  # a flat block: no defined correlation -> 0
+    got = ensemble.block_ncc(a, b, (8, 8))  # blocks of 5 x 6 pixels
+    np.testing.assert_allclose(got, _corrcoef_blocks(a, b, 5, 6), atol=2e-4)
+    assert got[0, 0] == 0.0 and 0.5 < np.median(got) < 0.95
+    np.testing.assert_allclose(ensemble.block_ncc(a, a, (8, 8)), 1.0, atol=1e-4)
+    enc = ensemble.encode_ncc(np.array([-1.0, 0.0, 1.0]))
+    np.testing.assert_array_equal(enc, [0, 128, 255])
+    np.testing.assert_allclose(
+        ensemble.normalise_ncc(enc) * ensemble.NCC_STD + ensemble.NCC_MEAN, [-1, 0.0039, 1], atol=1e-3
+    )
+
+
+def test_scan_input_maps_are_each_frames_ncc_whatever_the_chunking(dataset_factory, tmp_path):
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 9, (24, 32))
+    scan = open_data(root).scans[0]
+    frames = scan.read_frames()
+    whole = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=100)
+    chunked = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=2)
+    box = whole.box
+    crop = frames[:, box[0] : box[1], box[2] : box[3]].astype(np.float32)
+    for k in (1, 2):
+        np.testing.assert_array_equal(whole.decorrelation[k], chunked.decorrelation[k])
+        for j in range(9):
+            partner = j - k if j >= k else j + k  # the scan's first frames pair forwards
+            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            np.testing.assert_array_equal(whole.decorrelation[k][j], expected)
+    x = whole.network_input()
+    assert x.shape == (9, 2, 8, 10)
+    np.testing.assert_array_equal(x[:, 0], ensemble.preprocess(frames, box, (8, 10)))
+
+
+def test_cache_on_disk_is_reused_and_rebuilt_when_the_scan_changes(dataset_factory, tmp_path):
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 6, (24, 32))
+    first = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    (cached,) = list((tmp_path / "cache").glob("*.npz"))
+    again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(first.scans[0].decorrelation[1], again.scans[0].decorrelation[1])
+    np.testing.assert_array_equal(first.scans[0].frames, again.scans[0].frames)
+    stamp = cached.stat().st_mtime_ns
+    again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    assert cached.stat().st_mtime_ns == stamp  # read back, not rewritten
+    scan_file = open_data(root).scans[0].frames_path
+    os_time = scan_file.stat().st_mtime_ns + 10**9
+    import os
+
+    os.utime(scan_file, ns=(os_time, os_time))
+    load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    assert cached.stat().st_mtime_ns != stamp  # the source changed: rebuilt
+
+
+def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp_path):
+    """Under reversal, frame skip and mirroring, each clip frame's map is the NCC of that
+    frame with its predecessor in the augmented scan, computed from the raw frames."""
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 20, (24, 32))
+    data = load_cache(root, (8, 10), steps=(1, 2))
+    scan = data.scans[0]
+    raw = open_data(root).scans[0].read_frames()
+    box = scan.box
+    crop = raw[:, box[0] : box[1], box[2] : box[3]].astype(np.float32)
+    aug = AugmentConfig(reverse=True, mirror=True, intensity=False, frame_skip=2)
+    sampler = ClipSampler(data.scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(2), True)
+    mirrored_seen = False
+    for _ in range(30):
+        s = sampler.sample()
+        idx = s["indices"]
+        step = int(idx[1] - idx[0])
+        mirrored = not np.array_equal(s["frames"], scan.frames[idx])
+        mirrored_seen |= mirrored
+        for p, j in enumerate(idx):
+            # the predecessor in the augmented view; the view's first frame pairs forwards
+            partner = j - step if 0 <= j - step < 20 else j + step
+            if p == 0 and not (0 <= j - step < 20):
+                partner = idx[1]
+            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            np.testing.assert_array_equal(s["decorrelation"][p], expected[:, ::-1] if mirrored else expected)
+    assert mirrored_seen
+    with pytest.raises(ValueError, match="lack decorrelation maps"):
+        ClipSampler(
+            load_cache(root, (8, 10)).scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(0), True
+        )
+
+
+# --------------------------------------------------------------------------- pair baseline, reproduction
+
+
+def test_pair_baseline_trains_and_predicts_through_the_same_code(sim_root, tmp_path):
+    from tusrec.model.network import PairNet
+    from tusrec.predict.core import Predictor
+
+    pair = ModelConfig(**{**TINY.to_dict(), "architecture": "pair"})
+    cfg = tiny_config(model=pair.to_dict(), steps=6, val_every=3)
+    entry = train_member(sim_root, tmp_path / "pair", cfg, "pair", progress=False)
+    assert entry["config"]["architecture"] == "pair" and set(entry["metrics"]) == {"val_GPE", "val_LPE"}
+    (member,) = ensemble.load_members(tmp_path / "pair" / "weights")
+    assert isinstance(member.net, PairNet)
+    # Each transition from its own pair: one frame pair alone gives the same transform.
+    x = np.random.default_rng(0).normal(size=(7, 2, *TINY.input_size)).astype(np.float32)
+    whole = ensemble.member_local_transforms(member, x)
+    np.testing.assert_allclose(ensemble.member_local_transforms(member, x[2:4])[0], whole[2], atol=1e-5)
+    scan = open_data(sim_root).scans[0]
+    row = Predictor([member], "cpu").predict_scan(scan, open_data(sim_root).calibration, tmp_path / "p.h5")
+    assert row["status"] == "ok", row
+
+
+def test_a_member_is_reproduced_from_the_config_in_its_manifest(sim_root, tmp_path):
+    from tusrec.cli import main
+
+    cfg = tiny_config(steps=4, val_every=2, seed=7)
+    train_member(sim_root, tmp_path / "a", cfg, "m7", progress=False)
+    manifest = tmp_path / "a" / "weights" / "manifest.json"
+    assert TrainConfig.load(manifest, member="m7") == cfg
+    code = main(
+        ["train", str(sim_root), "--out", str(tmp_path / "b"), "--config", str(manifest), "--name", "m7"]
+    )
+    assert code == 0
+    a = torch.load(tmp_path / "a" / "weights" / "m7.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "weights" / "m7.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="no member 'nope'"):
+        TrainConfig.load(manifest, member="nope")
+
+
+def test_train_members_share_one_cache_and_one_manifest(sim_root, tmp_path):
+    from tusrec.train.trainer import train_ensemble
+
+    cfg = tiny_config(steps=3, val_every=3)
+    entries = train_ensemble(sim_root, tmp_path / "ens", cfg, members=2, name="m", progress=False)
+    assert [e["name"] for e in entries] == ["m0", "m1"]
+    assert [e["trained"]["config"]["seed"] for e in entries] == [cfg.seed, cfg.seed + 1]
+    assert [m.name for m in ensemble.load_members(tmp_path / "ens" / "weights")] == ["m0", "m1"]
+    assert (tmp_path / "ens" / "m1" / "log.csv").is_file()

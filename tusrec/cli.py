@@ -248,19 +248,30 @@ def run_predict(args) -> int:
 def add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train one ensemble member on a training-layout folder",
-        description="Train one ensemble member on a TUS-REC folder in the training layout "
-        "(frames_transfs/), holding out validation subjects as the config says. Writes "
-        "config.json, last.pt, best.pt and log.csv to --out, and the best checkpoint as "
-        "member --name in --out/weights (manifest.json). An interrupted run continues "
-        "from last.pt with --resume.",
+        help="train ensemble members on a training-layout folder",
+        description="Train one ensemble member (or --members M of them, seeds seed..seed+M-1, "
+        "on one shared cache) on a TUS-REC folder in the training layout (frames_transfs/), "
+        "holding out validation subjects as the config says. A run folder gets config.json, "
+        "last.pt, best.pt and log.csv; the best checkpoint is saved as a member in the "
+        "weights folder (manifest.json). --config takes a TrainConfig JSON file or a weights "
+        "manifest, whose member --name is then retrained with the config it was trained with. "
+        "An interrupted run continues from last.pt with --resume.",
     )
     p.add_argument("data", type=Path, help="training data folder (frames_transfs/ layout)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights/)")
-    p.add_argument("--config", type=Path, required=True, help="TrainConfig JSON file")
-    p.add_argument("--name", default="member0", help="member name in weights/ (default member0)")
+    p.add_argument("--config", type=Path, required=True, help="TrainConfig JSON, or a weights manifest.json")
+    p.add_argument(
+        "--name", default="member0", help="member name (default member0); the prefix with --members"
+    )
+    p.add_argument("--members", type=int, default=1, help="train M members, <name>0..<name>M-1 (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--steps", type=int, default=None, help="override the config's step count")
-    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--weights", type=Path, default=None, help="weights folder (default --out/weights)")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt")
+    p.add_argument(
+        "--cache", type=Path, default=None, help="keep the preprocessed scans here (reused by later runs)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.set_defaults(run=run_train)
 
@@ -269,21 +280,42 @@ def run_train(args) -> int:
     import dataclasses
 
     from tusrec.train.config import TrainConfig
-    from tusrec.train.trainer import train_member
+    from tusrec.train.trainer import train_ensemble
 
     try:
-        config = TrainConfig.load(args.config)
+        config = TrainConfig.load(args.config, member=args.name)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed)
+    if args.members < 1:
+        print("error: --members must be at least 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        entry = train_member(args.data, args.out, config, args.name, resume=args.resume, device=args.device)
+        entries = train_ensemble(
+            args.data,
+            args.out,
+            config,
+            args.members,
+            args.name,
+            resume=args.resume,
+            device=args.device,
+            weights_dir=args.weights,
+            cache_dir=args.cache,
+        )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"train: member {entry['name']} saved in {args.out / 'weights'} ({entry.get('metrics', {})})")
+    weights = args.weights or args.out / "weights"
+    for entry in entries:
+        print(f"train: member {entry['name']} saved in {weights} ({entry.get('metrics', {})})")
     return 0
 
 

@@ -12,6 +12,7 @@ member was trained with. A missing file or a wrong checksum is an error naming b
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from tusrec.geometry import projected_mean_rotation, rotation_disagreement
-from tusrec.model.network import ModelConfig, TrackerlessNet, pose9_to_matrix
+from tusrec.model.network import ModelConfig, build_network, pose9_to_matrix
 
 MANIFEST = "manifest.json"
 # Fixed intensity normalisation (uint8 -> roughly zero mean, unit spread on B-mode data).
@@ -47,7 +48,7 @@ def sha256(path: Path) -> str:
 @dataclass
 class Member:
     name: str
-    net: TrackerlessNet
+    net: torch.nn.Module  # TrackerlessNet or PairNet (build_network)
     info: dict = field(default_factory=dict)
 
     @property
@@ -55,7 +56,7 @@ class Member:
         return self.net.cfg
 
 
-def save_member(weights_dir: str | Path, name: str, net: TrackerlessNet, info: dict | None = None) -> dict:
+def save_member(weights_dir: str | Path, name: str, net: torch.nn.Module, info: dict | None = None) -> dict:
     """Save a member's weights and add (or replace) its manifest entry; returns the entry."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -71,12 +72,15 @@ def save_member(weights_dir: str | Path, name: str, net: TrackerlessNet, info: d
         **(info or {}),
     }
     manifest_path = weights_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"members": []}
-    manifest["members"] = [m for m in manifest["members"] if m["name"] != name] + [entry]
-    manifest["members"].sort(key=lambda m: m["name"])
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(manifest_path)
+    # Members trained in parallel processes share a manifest: update it under a lock.
+    with open(weights_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"members": []}
+        manifest["members"] = [m for m in manifest["members"] if m["name"] != name] + [entry]
+        manifest["members"].sort(key=lambda m: m["name"])
+        tmp = manifest_path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(manifest_path)
     return entry
 
 
@@ -104,7 +108,7 @@ def load_members(weights_dir: str | Path, device: str | torch.device = "cpu") ->
                 f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} "
                 f"(member {entry['name']!r}): the file is corrupt or was replaced"
             )
-        net = TrackerlessNet(ModelConfig.from_dict(entry["config"]))
+        net = build_network(ModelConfig.from_dict(entry["config"]))
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.to(device).eval()
         members.append(Member(entry["name"], net, entry))
@@ -124,20 +128,158 @@ def field_of_view_box(frames: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def preprocess(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
-    """Crop to the field of view, resize (area averaging) and normalise.
+def preprocess_u8(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Crop to the field of view and resize by area averaging: (n, H, W) uint8 -> (n, h, w)
+    uint8 with size = (h, w). Any input image size works: the network only sees ``size``."""
+    top, bottom, left, right = box
+    h, w = size
+    out = np.empty((len(frames), h, w), np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = cv2.resize(frame[top:bottom, left:right], (w, h), interpolation=cv2.INTER_AREA)
+    return out
 
-    frames (n, H, W) uint8 -> (n, h, w) float32 with size = (h, w). Any input image size
-    works: the network only ever sees ``size``.
+
+def normalise_frames(frames):
+    """uint8-range frames (numpy or torch) -> float32 (x - INTENSITY_MEAN) / INTENSITY_STD."""
+    if isinstance(frames, np.ndarray):
+        return (frames.astype(np.float32) - INTENSITY_MEAN) / INTENSITY_STD
+    return (frames.float() - INTENSITY_MEAN) / INTENSITY_STD
+
+
+def preprocess(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Crop, resize and normalise: (n, H, W) uint8 -> (n, h, w) float32."""
+    return normalise_frames(preprocess_u8(frames, box, size))
+
+
+# ----------------------------------------------------------- speckle decorrelation maps
+#
+# Out-of-plane motion shows in ultrasound as speckle decorrelation between neighbouring
+# frames, but speckle is a fine-grained pattern (a pixel or two at 480 x 640) that the
+# area-averaged network input (64 x 80: 6-8 pixels per input pixel) wipes out. So the
+# decorrelation is measured at native resolution, as one normalised cross-correlation
+# (NCC) per input pixel's block of native pixels, and given to the local encoder as a
+# second channel. It is stored as uint8 (NCC in [-1, 1] -> 0..255), the same in training
+# and prediction, so both see bit-identical inputs.
+
+NCC_MIN_VARIANCE = 1.0  # a block flatter than this (outside the fan) has no defined NCC -> 0
+NCC_MEAN, NCC_STD = 0.5, 0.25  # network input = (NCC - NCC_MEAN) / NCC_STD
+NCC_NO_PAIR = 255  # encoded NCC 1.0 ("no evidence of motion") for a frame with no partner
+
+
+def encode_ncc(ncc: np.ndarray) -> np.ndarray:
+    """NCC in [-1, 1] -> uint8 0..255 (steps of 1/127.5)."""
+    return np.clip(np.rint((np.asarray(ncc, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def normalise_ncc(encoded):
+    """uint8 encoded NCC (numpy or torch) -> float32 network input (NCC - NCC_MEAN) / NCC_STD."""
+    x = encoded.astype(np.float32) if isinstance(encoded, np.ndarray) else encoded.float()
+    return (x / 127.5 - 1.0 - NCC_MEAN) / NCC_STD
+
+
+def block_moments(crop: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block mean and variance (h, w) float32 of an image crop (H', W') float32 over
+    the blocks that area-resizing to ``size`` = (h, w) averages (INTER_AREA moments)."""
+    h, w = size
+    mean = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+    return mean, cv2.resize(crop * crop, (w, h), interpolation=cv2.INTER_AREA) - mean * mean
+
+
+def block_ncc(a: np.ndarray, b: np.ndarray, size: tuple[int, int], moments=None) -> np.ndarray:
+    """NCC of two images a, b (H', W') float32 over the blocks that area-resizing to
+    ``size`` = (h, w) averages: cov / sqrt(var_a var_b), each moment a block mean.
+    ``moments``: (block_moments(a), block_moments(b)) when already known. Returns (h, w)
+    float32 in [-1, 1], 0 where a block is flat (variance below NCC_MIN_VARIANCE)."""
+    h, w = size
+    (ea, va), (eb, vb) = moments or (block_moments(a, size), block_moments(b, size))
+    cov = cv2.resize(a * b, (w, h), interpolation=cv2.INTER_AREA) - ea * eb
+    ok = (va > NCC_MIN_VARIANCE) & (vb > NCC_MIN_VARIANCE)
+    out = np.zeros((h, w), np.float32)
+    out[ok] = cov[ok] / np.sqrt(va[ok] * vb[ok])
+    return np.clip(out, -1.0, 1.0)
+
+
+def decorrelation_u8(
+    frames: np.ndarray,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    steps: tuple[int, ...] = (1,),
+    before: np.ndarray | None = None,
+) -> dict[int, np.ndarray]:
+    """Encoded block NCC of each frame with the frame k before it, for each k in ``steps``.
+
+    frames (n, H, W) uint8, consecutive frames of a scan; before: the (up to max(steps))
+    frames that precede them in the scan, None at the scan's start. Returns k -> (n, h, w)
+    uint8; a frame with no partner k frames back gets NCC_NO_PAIR (the caller of a whole
+    scan replaces those, see fill_scan_start). Each frame's block moments are computed
+    once and shared by all its pairs.
     """
     top, bottom, left, right = box
     h, w = size
-    out = np.empty((len(frames), h, w), np.float32)
-    for i, frame in enumerate(frames):
-        out[i] = cv2.resize(frame[top:bottom, left:right], (w, h), interpolation=cv2.INTER_AREA)
-    out -= INTENSITY_MEAN
-    out /= INTENSITY_STD
+    prev = [] if before is None or not steps else list(before[-max(steps) :])
+    crops = [f[top:bottom, left:right].astype(np.float32) for f in [*prev, *frames]]
+    moments = [block_moments(c, size) for c in crops]
+    out = {k: np.full((len(frames), h, w), NCC_NO_PAIR, np.uint8) for k in steps}
+    for j in range(len(frames)):
+        i = len(prev) + j
+        for k in steps:
+            if i >= k:
+                ncc = block_ncc(crops[i - k], crops[i], size, (moments[i - k], moments[i]))
+                out[k][j] = encode_ncc(ncc)
     return out
+
+
+def fill_scan_start(maps: np.ndarray, step: int) -> np.ndarray:
+    """Frames 0..step-1 of a scan have no frame ``step`` before them: give them the NCC of
+    the pair (j, j+step) instead (NCC is symmetric: that is maps[j + step]). In place."""
+    n = len(maps)
+    for j in range(min(step, n)):
+        if j + step < n:
+            maps[j] = maps[j + step]
+    return maps
+
+
+FOV_FRAMES = 32  # frames the field of view is found from
+
+
+@dataclass
+class ScanInput:
+    """A scan as the networks see it, before normalisation.
+
+    frames (N, h, w) uint8: cropped to the field of view ``box`` (top, bottom, left,
+    right; original 0-based pixels, end exclusive) and resized; decorrelation: step k ->
+    (N, h, w) uint8 encoded block NCC of frame j with frame j-k (frames j < k: with j+k).
+    """
+
+    frames: np.ndarray
+    decorrelation: dict[int, np.ndarray]
+    box: tuple[int, int, int, int]
+
+    def network_input(self, step: int = 1) -> np.ndarray:
+        """(N, C, h, w) float32: normalised frames, plus the step-``step`` decorrelation
+        channel when it was computed."""
+        channels = [normalise_frames(self.frames)]
+        if step in self.decorrelation:
+            channels.append(normalise_ncc(self.decorrelation[step]))
+        return np.stack(channels, axis=1)
+
+
+def read_scan_input(scan, size: tuple[int, int], steps: tuple[int, ...] = (1,), chunk: int = 64) -> ScanInput:
+    """Read a scan (data.Scan) chunk by chunk into a ScanInput of input size ``size`` (h, w),
+    with decorrelation maps for each frame step in ``steps`` (none when empty). Only one
+    chunk of full-resolution frames is in memory at a time."""
+    box = field_of_view_box(scan.read_frames(0, min(scan.n_frames, FOV_FRAMES)))
+    frames, maps = [], {k: [] for k in steps}
+    keep = max(steps, default=0)
+    tail = None
+    for _, part in scan.iter_frames(chunk):
+        frames.append(preprocess_u8(part, box, size))
+        for k, m in decorrelation_u8(part, box, size, steps, tail).items():
+            maps[k].append(m)
+        if keep:
+            tail = part[-keep:] if tail is None else np.concatenate([tail, part])[-keep:]
+    decorrelation = {k: fill_scan_start(np.concatenate(v), k) for k, v in maps.items()}
+    return ScanInput(np.concatenate(frames), decorrelation, box)
 
 
 def global_indices(n_frames: int, count: int) -> np.ndarray:
@@ -171,17 +313,17 @@ def windows(n_transitions: int, window: int, overlap: int) -> list[tuple[int, in
 @torch.no_grad()
 def member_local_transforms(
     member: Member,
-    frames: np.ndarray,
+    inputs: np.ndarray,
     device: str | torch.device = "cpu",
     deadline: float | None = None,
     autocast: bool = False,
 ) -> np.ndarray:
-    """One member's T(i->i-1) for a preprocessed scan: frames (N, h, w) -> (N-1, 4, 4) float64.
+    """One member's T(i->i-1) for a preprocessed scan: inputs (N, [C,] h, w) -> (N-1, 4, 4) float64.
 
     Checks ``deadline`` (time.perf_counter() value) between windows and raises
     OutOfTimeError past it, so a slow member never overruns by more than one window.
     """
-    return members_local_transforms([member], frames, device, deadline, autocast)[0]
+    return members_local_transforms([member], inputs, device, deadline, autocast)[0]
 
 
 class _Single:
@@ -210,6 +352,9 @@ class _Batched:
     def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap
 
+        if not hasattr(self.base, "global_"):  # no global encoder (PairNet): nothing to batch
+            tokens = self.base.encode_global(frames, positions)
+            return tokens[None].expand(len(next(iter(self.params.values()))), *tokens.shape)
         params, buffers = _sub(self.params, "global_."), _sub(self.buffers, "global_.")
         return vmap(lambda p, b: functional_call(self.base.global_, (p, b), (frames, positions)))(
             params, buffers
@@ -228,10 +373,15 @@ def _sub(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def as_channels(inputs: np.ndarray) -> np.ndarray:
+    """Network input (N, h, w) or (N, C, h, w) -> (N, C, h, w)."""
+    return inputs[:, None] if inputs.ndim == 3 else inputs
+
+
 @torch.no_grad()
 def members_local_transforms(
     members: list[Member],
-    frames: np.ndarray,
+    inputs: np.ndarray,
     device: str | torch.device = "cpu",
     deadline: float | None = None,
     autocast: bool = False,
@@ -239,17 +389,26 @@ def members_local_transforms(
     """Several members' T(i->i-1) for a preprocessed scan, as one batched pass when they
     share a configuration (torch.func.vmap over their stacked weights), else one by one.
 
-    frames: (N, h, w). Returns one (N-1, 4, 4) float64 array per member. Checks
-    ``deadline`` between windows and raises OutOfTimeError past it.
+    inputs: (N, C, h, w) (ScanInput.network_input; channel 0 the frames, channel 1 the
+    decorrelation) or (N, h, w) frames only; a member uses its first cfg.in_channels.
+    Returns one (N-1, 4, 4) float64 array per member. Checks ``deadline`` between windows
+    and raises OutOfTimeError past it.
     """
+    inputs = as_channels(inputs)
     cfgs = [m.cfg.to_dict() for m in members]
     if len(members) > 1 and any(c != cfgs[0] for c in cfgs):
-        return [r for m in members for r in members_local_transforms([m], frames, device, deadline, autocast)]
+        return [r for m in members for r in members_local_transforms([m], inputs, device, deadline, autocast)]
     cfg = members[0].cfg
-    n = len(frames)
+    if inputs.shape[1] < cfg.in_channels:
+        raise ValueError(
+            f"member {members[0].name!r} needs {cfg.in_channels} input channels "
+            f"(frames{' + decorrelation' if cfg.decorrelation else ''}), got {inputs.shape[1]}"
+        )
+    inputs = inputs[:, : cfg.in_channels]
+    n = len(inputs)
     runner = _Single(members[0]) if len(members) == 1 else _Batched(members)
     idx = global_indices(n, cfg.global_frames)
-    g = torch.from_numpy(frames[idx]).to(device)[None]
+    g = torch.from_numpy(np.ascontiguousarray(inputs[idx, 0])).to(device)[None]
     gpos = torch.from_numpy(scan_positions(idx, n)).to(device)[None]
     amp = torch.autocast(device_type=torch.device(device).type, enabled=autocast)
     with amp, warnings.catch_warnings():
@@ -261,7 +420,9 @@ def members_local_transforms(
             if deadline is not None and time.perf_counter() > deadline:
                 names = ", ".join(m.name for m in members)
                 raise OutOfTimeError(f"member(s) {names} stopped at transition {core} of {n - 1}")
-            video = torch.from_numpy(frames[lo : hi + 1]).to(device)[None, None]  # frames lo..hi
+            # frames lo..hi as a video (1, C, T, h, w)
+            video = torch.from_numpy(np.ascontiguousarray(inputs[lo : hi + 1].transpose(1, 0, 2, 3)))
+            video = video.to(device)[None]
             pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
             out = runner.forward(video, pos, global_tokens)  # (M, 1, hi-lo, 9)
             raw[:, core:stop] = out[:, 0, core - lo : stop - lo].float().cpu().numpy()

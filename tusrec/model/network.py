@@ -26,12 +26,18 @@ import roma
 import torch
 from torch import nn
 
+ARCHITECTURES = ("dual-encoder", "pair")
+
 
 @dataclass
 class ModelConfig:
     """Everything that shapes a member's network and its input. Saved beside weights."""
 
+    architecture: str = "dual-encoder"  # or "pair": the frame-pair baseline (PairNet)
     input_size: tuple[int, int] = (64, 80)  # (h, w) after cropping to the field of view
+    # A second input channel: speckle decorrelation with the previous frame, measured at
+    # native resolution (ensemble.decorrelation_u8). Only the local encoder sees it.
+    decorrelation: bool = True
     channels: tuple[int, ...] = (16, 32, 48, 64)  # local 3D CNN stages (stride 2 each)
     global_channels: tuple[int, ...] = (16, 32, 48, 64)  # global 2D CNN stages
     dim: int = 96  # token width
@@ -53,10 +59,18 @@ class ModelConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {cfg.architecture!r}: expected one of {ARCHITECTURES}")
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the local input: frames, plus decorrelation when on."""
+        return 2 if self.decorrelation else 1
 
 
 def _position_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,12 +102,12 @@ def _self_attention(cfg: ModelConfig, layers: int) -> nn.TransformerEncoder:
 
 
 class LocalEncoder(nn.Module):
-    """Video (B, 1, T, h, w) -> transition tokens (B, T-1, dim)."""
+    """Video (B, C, T, h, w) -> transition tokens (B, T-1, dim); C = cfg.in_channels."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = 1
+        c_in = cfg.in_channels
         for c in cfg.channels:
             # Temporal kernel 3, 'same' padding: each layer widens the temporal context by
             # one frame each side; spatial stride 2 halves the image.
@@ -109,7 +123,7 @@ class LocalEncoder(nn.Module):
         self.temporal = _self_attention(cfg, cfg.local_layers)
 
     def forward(self, video: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """video (B, 1, T, h, w); positions (B, T-1) in [0, 1] -> (B, T-1, dim)."""
+        """video (B, C, T, h, w); positions (B, T-1) in [0, 1] -> (B, T-1, dim)."""
         f = self.cnn(video)  # (B, C, T, h', w')
         prev, cur = f[:, :, :-1], f[:, :, 1:]
         pair = torch.cat([prev, cur, cur - prev], dim=1)  # (B, 3C, T-1, h', w')
@@ -194,6 +208,57 @@ class TrackerlessNet(nn.Module):
     def forward(
         self, video: torch.Tensor, positions: torch.Tensor, global_tokens: torch.Tensor
     ) -> torch.Tensor:
-        """video (B, 1, T, h, w) normalised frames; positions (B, T-1) scan positions of
+        """video (B, C, T, h, w) normalised frames (+ decorrelation); positions (B, T-1) scan positions of
         the transitions in [0, 1]; global_tokens (B, G, dim). Returns raw (B, T-1, 9)."""
         return self.fusion(self.local(video, positions), global_tokens)
+
+
+class PairNet(nn.Module):
+    """The frame-pair baseline, in the style of the organisers' baseline: frames i-1 and i
+    (and frame i's decorrelation map when cfg.decorrelation) stacked as channels, a 2D CNN,
+    global average pooling and an MLP -> T(i->i-1). No temporal context, no global
+    encoder: every transition is estimated on its own. Same call signature as
+    TrackerlessNet, so training, windowed inference and the ensemble code serve both.
+
+    cfg.channels sets the CNN stages (each: a stride-2 and a stride-1 3x3 convolution).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        c_in = 2 + (1 if cfg.decorrelation else 0)
+        for c in cfg.channels:
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=2, padding=1),
+                nn.GroupNorm(4, c),
+                nn.GELU(),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GroupNorm(4, c),
+                nn.GELU(),
+            ]
+            c_in = c
+        self.cnn = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(c_in, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 9))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """No global context: an empty token set (B, 0, dim)."""
+        return frames.new_zeros(frames.shape[0], 0, self.cfg.dim)
+
+    def forward(
+        self, video: torch.Tensor, positions: torch.Tensor, global_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """video (B, C, T, h, w) -> raw (B, T-1, 9); positions and global_tokens unused."""
+        b, _, t, h, w = video.shape
+        prev, cur = video[:, :1, :-1], video[:, :1, 1:]  # frames only: (B, 1, T-1, h, w)
+        parts = [prev, cur] + ([video[:, 1:2, 1:]] if self.cfg.decorrelation else [])
+        pairs = torch.cat(parts, dim=1).transpose(1, 2).reshape(b * (t - 1), len(parts), h, w)
+        features = self.cnn(pairs).mean(dim=(-2, -1))
+        return self.head(features).view(b, t - 1, 9)
+
+
+def build_network(cfg: ModelConfig) -> nn.Module:
+    """The network cfg.architecture names, freshly initialised."""
+    return PairNet(cfg) if cfg.architecture == "pair" else TrackerlessNet(cfg)

@@ -35,9 +35,8 @@ from tusrec.model.ensemble import (
     Member,
     OutOfTimeError,
     combine,
-    field_of_view_box,
     members_local_transforms,
-    preprocess,
+    read_scan_input,
 )
 
 DEFAULT_TIME_LIMIT_S = 120.0
@@ -102,17 +101,15 @@ class Predictor:
         return f"tusrec ensemble ({', '.join(m.name for m in self.members)})"
 
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
-        """The scan's frames, cropped, resized and normalised: (N, h, w) float32."""
-        size = self.members[0].cfg.input_size
-        first = scan.read_frames(0, min(scan.n_frames, 32))
-        box = field_of_view_box(first)
-        parts = [preprocess(frames, box, size) for _, frames in scan.iter_frames(self.chunk)]
-        return np.concatenate(parts)
+        """The scan as the members' input: (N, C, h, w) float32 (ScanInput.network_input)."""
+        cfg = self.members[0].cfg
+        steps = (1,) if any(m.cfg.decorrelation for m in self.members) else ()
+        return read_scan_input(scan, cfg.input_size, steps, self.chunk).network_input()
 
     def predict_local(self, frames: np.ndarray, deadline: float) -> ScanPrediction:
         """Run members until the next would not finish by ``deadline`` (perf_counter time).
 
-        frames: (N, h, w) preprocessed. The first member runs alone: its time on this
+        frames: (N, C, h, w) preprocessed (read_preprocessed). The first member runs alone: its time on this
         scan is the pace, and its result is kept whatever happens next. The rest run one
         by one, or (``batched``) as many as fit as one vmapped pass.
         """

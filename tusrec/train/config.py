@@ -121,9 +121,20 @@ class TrainConfig:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
+    def load(cls, path: str | Path, member: str | None = None) -> TrainConfig:
+        """A TrainConfig JSON file, or a weights manifest.json: then the config member
+        ``member`` was trained with (its entry's trained.config)."""
         path = Path(path)
         try:
-            return cls.from_json(path.read_text())
+            d = json.loads(path.read_text())
+            if isinstance(d, dict) and "members" in d:
+                entries = {m.get("name"): m for m in d["members"]}
+                if member not in entries:
+                    raise ValueError(f"no member {member!r} in this manifest (it has {sorted(entries)})")
+                trained = entries[member].get("trained")
+                if not isinstance(trained, dict) or "config" not in trained:
+                    raise ValueError(f"member {member!r} has no training config in this manifest")
+                d = trained["config"]
+            return cls.from_dict(d)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None

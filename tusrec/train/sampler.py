@@ -88,7 +88,10 @@ class ClipSampler:
     drawn with probability proportional to its length. ``sample()`` returns one clip as
     numpy arrays, ``batch(B)`` stacks B of them:
 
-        frames (T, h, w) float32, uint8 range (normalise with cache.normalise)
+        frames (T, h, w) float32, uint8 range (normalise with ensemble.normalise_frames)
+        decorrelation (T, h, w) uint8 encoded NCC of each clip frame with its predecessor in
+            the (augmented) view, the first frame of a view with its successor, as
+            ensemble.read_scan_input gives the predictor (only with ``decorrelation``)
         positions (T-1,) float32, scan positions of the clip's transitions
         global_frames (G, h, w) float32, uint8 range
         global_positions (G,) float32
@@ -105,10 +108,19 @@ class ClipSampler:
         augment: AugmentConfig,
         T_scale: np.ndarray,
         rng: np.random.Generator,
+        decorrelation: bool = False,
     ):
         self.scans = [s for s in scans if s.n_frames >= clip_frames]
         if not self.scans:
             raise ValueError(f"no training scan has at least clip_frames={clip_frames} frames")
+        self.decorrelation = decorrelation
+        if decorrelation:
+            steps = set(range(1, augment.frame_skip + 1))
+            lacking = [s.key for s in self.scans if not steps <= set(s.decorrelation)]
+            if lacking:
+                raise ValueError(
+                    f"scans {lacking[:3]} lack decorrelation maps for frame steps {sorted(steps)}"
+                )
         weights = np.array([s.n_frames for s in self.scans], np.float64)
         self.p = weights / weights.sum()
         self.T = clip_frames
@@ -145,13 +157,20 @@ class ClipSampler:
         gidx = np.sort(np.clip(np.round(gidx), 0, n_view - 1).astype(int))
         frames = scan.frames[clip]
         gframes = scan.frames[view[gidx]]
+        ncc = None
+        if self.decorrelation:
+            # Frame view[p] pairs with view[p-1] (view[1] for p = 0); the step-k map of the
+            # later frame of a pair holds the pair's NCC.
+            pos = np.arange(start, start + T)
+            ncc = scan.decorrelation[k][np.maximum(view[pos], view[np.where(pos >= 1, pos - 1, 1)])]
         if aug.mirror and rng.random() < 0.5:
             frames, gframes = frames[:, :, ::-1], gframes[:, :, ::-1]
+            ncc = None if ncc is None else ncc[:, :, ::-1]
             local = mirror_transforms(local, mirror_matrix(scan.box, self.sx))
         if aug.intensity and rng.random() < 0.5:
             both = remap_intensity(np.concatenate([frames, gframes]), rng)
             frames, gframes = both[:T], both[T:]
-        return {
+        out = {
             "frames": np.ascontiguousarray(frames, np.float32),
             "positions": scan_positions(np.arange(start, start + T - 1), n_view - 1),
             "global_frames": np.ascontiguousarray(gframes, np.float32),
@@ -160,6 +179,9 @@ class ClipSampler:
             "points": loss_points(scan.image_size, self.sx, self.sy),
             "indices": clip.astype(np.int64),
         }
+        if ncc is not None:
+            out["decorrelation"] = np.ascontiguousarray(ncc)
+        return out
 
     def batch(self, size: int) -> dict[str, np.ndarray]:
         """``size`` clips stacked along a new leading axis (B, ...)."""

@@ -21,10 +21,16 @@ import torch
 
 from tusrec.evaluate.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.geometry import compose_local
-from tusrec.model.ensemble import Member, members_local_transforms, save_member
-from tusrec.model.network import TrackerlessNet, pose9_to_matrix
+from tusrec.model.ensemble import (
+    Member,
+    members_local_transforms,
+    normalise_frames,
+    normalise_ncc,
+    save_member,
+)
+from tusrec.model.network import build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
-from tusrec.train.cache import CachedScan, load_cache, normalise, split_subjects
+from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
 from tusrec.train.config import TrainConfig
 from tusrec.train.loss import clip_loss
 from tusrec.train.sampler import ClipSampler
@@ -41,7 +47,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def validate(net: TrackerlessNet, scans: list[CachedScan], T_scale: np.ndarray, device) -> dict[str, float]:
+def validate(net: torch.nn.Module, scans: list[CachedScan], T_scale: np.ndarray, device) -> dict[str, float]:
     """Run the member on whole scans as the predictor does; mean per-scan GPE and LPE (mm)."""
     was_training = net.training
     net.eval()
@@ -57,18 +63,28 @@ def validate(net: TrackerlessNet, scans: list[CachedScan], T_scale: np.ndarray, 
 
 
 def _to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    """A sampler batch as network inputs: video (B, C, T, h, w) normalised (frames, plus the
+    decorrelation channel when the batch has one), global_frames normalised, the rest as is."""
     out = {k: torch.from_numpy(v).to(device) for k, v in batch.items() if k != "indices"}
-    out["frames"] = normalise(out["frames"])
-    out["global_frames"] = normalise(out["global_frames"])
+    channels = [normalise_frames(out.pop("frames"))]
+    if "decorrelation" in out:
+        channels.append(normalise_ncc(out.pop("decorrelation")))
+    out["video"] = torch.stack(channels, dim=1)
+    out["global_frames"] = normalise_frames(out["global_frames"])
     return out
 
 
-def training_step(net: TrackerlessNet, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict:
-    """Forward a batch (see ClipSampler) and return the loss terms (mm)."""
+def training_step(net: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict:
+    """Forward a batch (see ClipSampler, _to_torch) and return the loss terms (mm)."""
     tokens = net.encode_global(batch["global_frames"], batch["global_positions"])
-    raw = net(batch["frames"][:, None], batch["positions"], tokens)  # (B, T-1, 9)
+    raw = net(batch["video"], batch["positions"], tokens)  # (B, T-1, 9)
     pred = pose9_to_matrix(raw, net.cfg)
     return clip_loss(pred, batch["local"], batch["points"], cfg.loss)
+
+
+def cache_steps(cfg: TrainConfig) -> tuple[int, ...]:
+    """Frame steps whose decorrelation maps a run needs: 1..frame_skip, none without the channel."""
+    return tuple(range(1, cfg.augment.frame_skip + 1)) if cfg.model_config.decorrelation else ()
 
 
 def _rng_states(sampler_rng: np.random.Generator) -> dict:
@@ -115,8 +131,14 @@ def train_member(
     resume: bool = False,
     device: str | None = None,
     weights_dir: str | Path | None = None,
+    data: TrainData | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Train one member on a TRAIN-layout folder; returns its weights manifest entry.
+
+    ``data``: the folder already cached (load_cache with cache_steps(config)), to share
+    one cache between members. ``cache_dir``: keep the preprocessed scans on disk there
+    (cache.cached_scan_input), for reruns and members trained in parallel processes.
 
     Resumes from out_dir/last.pt with ``resume`` (the step, optimiser and rng states
     continue; ``config.steps`` may be raised); without it an existing last.pt is an error.
@@ -143,14 +165,23 @@ def train_member(
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    data = load_cache(data_root, mcfg.input_size, progress=progress)
+    if data is None:
+        data = load_cache(data_root, mcfg.input_size, None, progress, cache_steps(cfg), cache_dir)
     train_subjects, val_subjects = split_subjects(data.subjects, cfg.val_subjects, cfg.seed)
     train_scans, val_scans = data.of_subjects(train_subjects), data.of_subjects(val_subjects)
     T_scale = data.calib.T_scale
     sampler_rng = np.random.default_rng(cfg.seed)
-    sampler = ClipSampler(train_scans, cfg.clip_frames, mcfg.global_frames, cfg.augment, T_scale, sampler_rng)
+    sampler = ClipSampler(
+        train_scans,
+        cfg.clip_frames,
+        mcfg.global_frames,
+        cfg.augment,
+        T_scale,
+        sampler_rng,
+        mcfg.decorrelation,
+    )
 
-    net = TrackerlessNet(mcfg).to(device)
+    net = build_network(mcfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best, seconds = 0, math.inf, 0.0
     if checkpoint is not None:
@@ -225,3 +256,45 @@ def train_member(
         "metrics": metrics,
     }
     return save_member(weights_dir, name, net.cpu(), info)
+
+
+def train_ensemble(
+    data_root: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    members: int = 1,
+    name: str = "member0",
+    progress: bool = True,
+    resume: bool = False,
+    device: str | None = None,
+    weights_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[dict]:
+    """Train ``members`` members on one shared cache; returns their manifest entries.
+
+    One member: run folder ``out_dir``, member ``name`` (train_member). Several: member
+    i is ``<name>i`` with seed config.seed + i, run folder out_dir/<name>i; all are saved
+    in ``weights_dir`` (default out_dir/weights).
+    """
+    import dataclasses
+
+    out_dir = Path(out_dir)
+    weights_dir = Path(weights_dir) if weights_dir else out_dir / "weights"
+    if members == 1:
+        return [
+            train_member(
+                data_root, out_dir, config, name, progress, resume, device, weights_dir, None, cache_dir
+            )
+        ]
+    cfg = config.model_config
+    data = load_cache(data_root, cfg.input_size, None, progress, cache_steps(config), cache_dir)
+    entries = []
+    for i in range(members):
+        member_cfg = dataclasses.replace(config, seed=config.seed + i)
+        member = f"{name}{i}"
+        entries.append(
+            train_member(
+                data_root, out_dir / member, member_cfg, member, progress, resume, device, weights_dir, data
+            )
+        )
+    return entries
