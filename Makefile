@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-containers lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The images and the organisers' runner in podman (installs it and makes a base image once).
+test-containers: setup
+	CONTAINERS_CONF="$$(bash .ci/containers.sh | tail -n 1)" $(PY) -m pytest -q tests/test_containers.py
 
 lint: setup
 	$(VENV)/bin/ruff check tusrec tests benchmarks
