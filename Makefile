@@ -15,21 +15,29 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# Simulate a small synthetic validation set, extract its SIFT landmarks, compute the
-# ground-truth displacement fields, validate and score them (0 mm) and the identity
-# prediction, and rank the two as teams in a report. Reruns keep finished work.
+# The whole story on built-in synthetic data: simulate a small validation set (subject
+# 50, never trained on), extract its SIFT landmarks, predict it with the shipped ensemble
+# and with its best single member, validate and score both and the identity prediction,
+# and rank the three as teams in a report. Reruns keep finished work.
 demo: setup
-	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --scans 4 --frames 60 --no-landmarks
+	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --frames 150 --no-landmarks \
+		--scans LH_Par_C_DtP,RH_Per_L_PtD,LH_Per_S_DtP,RH_Par_L_PtD
+	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --frames 150 --no-landmarks --protocol 2025
 	./landmarks $(DEMO)/data
 	$(PY) -m tusrec info $(DEMO)/data
-	$(PY) -m tusrec reference ground-truth $(DEMO)/data --out $(DEMO)/ground_truth
-	./evaluate check $(DEMO)/ground_truth --data $(DEMO)/data
-	./evaluate score $(DEMO)/ground_truth --data $(DEMO)/data --out $(DEMO)/scores/ground_truth
+	$(PY) -m tusrec weights
+	./predict --input $(DEMO)/data --output $(DEMO)/ensemble
+	./predict --input $(DEMO)/data --output $(DEMO)/best-member --members $$($(PY) -m tusrec weights --best)
 	$(PY) -m tusrec reference identity $(DEMO)/data --out $(DEMO)/identity
+	./evaluate check $(DEMO)/ensemble --data $(DEMO)/data
+	./evaluate score $(DEMO)/ensemble --data $(DEMO)/data --out $(DEMO)/scores/ensemble
+	./evaluate score $(DEMO)/best-member --data $(DEMO)/data --out $(DEMO)/scores/best-member
 	./evaluate score $(DEMO)/identity --data $(DEMO)/data --out $(DEMO)/scores/identity
-	./evaluate rank --team ground-truth=$(DEMO)/scores/ground_truth --team identity=$(DEMO)/scores/identity \
-		--out $(DEMO)/ranking --synthetic --title "tusrec demo: reference predictions on synthetic scans"
-	@echo "demo: synthetic data in $(DEMO)/data, per-scan metrics in $(DEMO)/scores/*/metrics.csv,"
+	./evaluate rank --team ensemble=$(DEMO)/scores/ensemble --team best-member=$(DEMO)/scores/best-member \
+		--team identity=$(DEMO)/scores/identity --out $(DEMO)/ranking --synthetic \
+		--title "tusrec demo: the shipped ensemble, its best member and the identity on synthetic scans"
+	@echo "demo: synthetic data in $(DEMO)/data, predictions in $(DEMO)/{ensemble,best-member,identity},"
+	@echo "      per-scan metrics in $(DEMO)/scores/*/metrics.csv,"
 	@echo "      ranking report in $(DEMO)/ranking/report.html"
 
 test: setup
@@ -45,6 +53,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results.json
+
+# Accuracy of the shipped ensemble against the identity, the frame-pair baseline and each
+# member, on simulated held-out subjects (about 30 min on 2 cores; data kept in bench-data/).
+bench-accuracy: setup
+	$(PY) -m benchmarks.accuracy --out benchmarks/accuracy.json
 
 clean:
 	rm -rf $(DEMO) bench-data .pytest_cache .ruff_cache

@@ -188,6 +188,9 @@ def test_combine_projected_mean_and_translations():
 def test_weights_errors(weights, tmp_path):
     with pytest.raises(WeightsError, match="no weights manifest"):
         load_members(tmp_path / "nowhere")
+    assert [m.name for m in load_members(weights, names=["member1"])] == ["member1"]
+    with pytest.raises(WeightsError, match=r"no member\(s\) \['member7'\]"):
+        load_members(weights, names=["member7"])
     (weights / "member1.pt").write_bytes((weights / "member1.pt").read_bytes()[:-10])
     with pytest.raises(WeightsError, match=r"member1\.pt: sha256 .* does not match"):
         load_members(weights)

@@ -189,6 +189,15 @@ def test_rerun_keeps_complete_scans(tmp_path):
     assert (tmp_path / "transfs" / "050" / "RH_Per_S_PtD.h5").exists()
 
 
+def test_a_second_protocol_joins_the_folder_and_its_keys(tmp_path):
+    simulate_dataset(tmp_path, [50], frames=5, names=["LH_Par_L_DtP"], image_size=SMALL, landmarks=False)
+    simulate_dataset(tmp_path, [50], "2025", frames=5, image_size=SMALL, landmarks=False)
+    expected = ["sub050__LH_Par_L_DtP", "sub050__LH_rotation", "sub050__RH_rotation"]
+    assert sorted(open_data(tmp_path).keys) == expected
+    with h5py.File(tmp_path / "dataset_keys.h5") as f:
+        assert sorted(f) == expected
+
+
 def test_world_pose_is_only_a_placement():
     """The identity of a scan's ground truth does not depend on where the camera is:
     relative transforms come from the arm-frame poses alone."""

@@ -217,6 +217,9 @@ def add_predict(sub) -> None:
         "--translation", choices=["mean", "median"], default="mean", help="combine translations by"
     )
     p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    p.add_argument(
+        "--members", nargs="+", default=None, help="only these members of the weights manifest (default all)"
+    )
     p.set_defaults(run=run_predict)
 
 
@@ -233,6 +236,7 @@ def run_predict(args) -> int:
             args.time_limit,
             args.keys,
             args.translation,
+            members=args.members,
         )
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -316,6 +320,48 @@ def run_train(args) -> int:
     weights = args.weights or args.out / "weights"
     for entry in entries:
         print(f"train: member {entry['name']} saved in {weights} ({entry.get('metrics', {})})")
+    return 0
+
+
+def add_weights(sub) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="list the members of a weights folder with their training and held-out metrics",
+        description="List the members of a weights folder (manifest.json, checksums verified): "
+        "architecture, seed, training steps and time, and validation GPE/LPE. With --best, "
+        "print only the name of the member with the lowest validation GPE.",
+    )
+    p.add_argument("folder", type=Path, nargs="?", default=None, help="weights folder (default: shipped)")
+    p.add_argument("--best", action="store_true", help="print the best member's name only")
+    p.set_defaults(run=run_weights)
+
+
+def run_weights(args) -> int:
+    from tusrec.model.ensemble import WeightsError, load_members
+    from tusrec.predict import DEFAULT_WEIGHTS
+
+    folder = args.folder or DEFAULT_WEIGHTS
+    try:
+        members = load_members(folder)
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    gpe = {m.name: m.info.get("metrics", {}).get("val_GPE", float("inf")) for m in members}
+    if args.best:
+        print(min(gpe, key=gpe.get))
+        return 0
+    print(f"{folder}: {len(members)} member(s), checksums verified")
+    for m in members:
+        trained = m.info.get("trained", {})
+        trained = trained if isinstance(trained, dict) else {}
+        metrics = m.info.get("metrics", {})
+        seed = trained.get("config", {}).get("seed", "?")
+        minutes = trained.get("seconds", float("nan")) / 60
+        scores = ", ".join(f"{k} {v:.3f} mm" for k, v in metrics.items()) or "no validation metrics"
+        print(
+            f"  {m.name}: {m.cfg.architecture}, seed {seed}, {trained.get('steps', '?')} steps "
+            f"in {minutes:.0f} min, {scores}"
+        )
     return 0
 
 
@@ -512,6 +558,7 @@ COMMANDS = {
     "evaluate": add_evaluate,
     "info": add_info,
     "train": add_train,
+    "weights": add_weights,
     "simulate": add_simulate,
     "landmarks": add_landmarks,
     "reference": add_reference,

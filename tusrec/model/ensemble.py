@@ -84,8 +84,11 @@ def save_member(weights_dir: str | Path, name: str, net: torch.nn.Module, info: 
     return entry
 
 
-def load_members(weights_dir: str | Path, device: str | torch.device = "cpu") -> list[Member]:
-    """Load every member of weights/manifest.json, verifying each file's sha256."""
+def load_members(
+    weights_dir: str | Path, device: str | torch.device = "cpu", names: list[str] | None = None
+) -> list[Member]:
+    """Load every member of weights/manifest.json (or only those ``names``), verifying each
+    file's sha256."""
     weights_dir = Path(weights_dir)
     manifest_path = weights_dir / MANIFEST
     if not manifest_path.is_file():
@@ -95,6 +98,12 @@ def load_members(weights_dir: str | Path, device: str | torch.device = "cpu") ->
         entries = manifest["members"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise WeightsError(f"{manifest_path}: not a weights manifest ({err})") from None
+    if names is not None:
+        unknown = sorted(set(names) - {e["name"] for e in entries})
+        if unknown:
+            listed = sorted(e["name"] for e in entries)
+            raise WeightsError(f"{manifest_path}: no member(s) {unknown} (it lists {listed})")
+        entries = [e for e in entries if e["name"] in set(names)]
     if not entries:
         raise WeightsError(f"{manifest_path}: lists no members")
     members = []

@@ -42,12 +42,14 @@ def predict_folder(
     keys: list[str] | None = None,
     translation: str = "mean",
     log=print,
+    members: list[str] | None = None,
 ) -> list[dict]:
     """Predict every scan of a validation/test folder into ``output_dir``.
 
     Scans already predicted completely are kept (a rerun finishes what is missing);
     temporary files of an interrupted run are removed, never trusted. One bad scan is
-    recorded as failed in predictions.csv and the others go on. Returns the manifest rows.
+    recorded as failed in predictions.csv and the others go on. ``members``: only these
+    members of the weights manifest (default all). Returns the manifest rows.
     """
     output = Path(output_dir)
     check_writable(output)
@@ -56,7 +58,9 @@ def predict_folder(
     if not scans:
         raise TusrecDataError(f"{input_dir}: no scans found")
     calib = data.calibration
-    predictor = Predictor(load_members(weights, pick_device(device)), device, time_limit_s, translation)
+    predictor = Predictor(
+        load_members(weights, pick_device(device), members), device, time_limit_s, translation
+    )
     removed = remove_partial_files(output)
     if removed:
         log(f"removed {len(removed)} partial file(s) of an interrupted run")

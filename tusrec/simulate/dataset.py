@@ -11,8 +11,10 @@ from tqdm import tqdm
 
 from tusrec.data import (
     EVAL,
+    KEYS_FILE,
     TRAIN,
     open_data,
+    open_h5,
     scan_key,
     write_data_calibration,
     write_dataset_keys,
@@ -95,7 +97,12 @@ def simulate_dataset(
             chunks = (_counted(c, bar) for c in sim.frame_chunks())
             write_scan(root, layout, subject, name, chunks, sim.tforms)
     if layout == EVAL:
-        write_dataset_keys(root, keys)
+        # Scans simulated into this folder earlier (another protocol, say) stay listed.
+        earlier = []
+        if (Path(root) / KEYS_FILE).is_file():
+            with open_h5(Path(root) / KEYS_FILE) as f:
+                earlier = list(f.keys())
+        write_dataset_keys(root, [*earlier, *keys])
     if landmarks:
         write_data_landmarks(open_data(root), k=k, keys=keys)
     return keys

@@ -1,0 +1,214 @@
+"""``make bench-accuracy``: how accurate the shipped ensemble is, on held-out SYNTHETIC scans.
+
+Simulates subjects the shipped members never saw (default 100 and 101: all 24 sweeps of
+the 2024 protocol and both 2025 rotation scans, 300 frames each, SIFT landmarks), then
+scores on every scan:
+
+1. the identity prediction (no motion),
+2. the frame-pair baseline (baseline/: PairNet, same data and budget),
+3. each ensemble member alone,
+4. the ensemble (projected-mean rotations, mean translations),
+
+with the challenge's four errors (GPE, GLE, LPE, LLE, mm) and FS under identity
+normalisation (TUSREC.md section 6, the 2025 rule: X* = 1 - X / X_identity).
+
+GPE/LPE come from the transforms with the evaluator's own exact formula
+(metrics.transform_pixel_error, equal to scoring the dense DDFs; tested), GLE/LLE with
+metrics.landmark_errors, and FS with the ranking code (rank.scan_scores): the same
+numbers `./predict` + `./evaluate score` + `./evaluate rank` give, without writing 30 GB of
+DDFs. Per-model metrics.csv tables are kept, so `./evaluate rank --team ...` can read them.
+
+Writes benchmarks/accuracy.json and benchmarks/accuracy.md (the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def simulate(data: Path, subjects: list[int], frames: int, workers: int) -> None:
+    """Held-out validation data, one child process per subject and protocol (SIFT included)."""
+    jobs = []
+    for s in subjects:
+        for protocol in ("2024", "2025"):
+            out = str(data / f"{protocol}-{s}")
+            args = ["--subjects", str(s), "--protocol", protocol, "--frames", str(frames), "--layout", "val"]
+            jobs.append([sys.executable, "-m", "tusrec", "simulate", out, *args])
+    running: list[subprocess.Popen] = []
+    for job in jobs:
+        while len(running) >= workers:
+            running.pop(0).wait()
+        running.append(subprocess.Popen(job, stdout=subprocess.DEVNULL))
+    for p in running:
+        if p.wait():
+            raise SystemExit(f"simulation failed: {p.args}")
+
+
+def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
+    """Every model's errors on every scan of one data folder: rows of (model, key, ...)."""
+    import torch
+
+    from tusrec.data import open_data
+    from tusrec.ddf import landmark_ddfs
+    from tusrec.evaluate.metrics import landmark_errors, transform_pixel_error
+    from tusrec.evaluate.score import scan_row
+    from tusrec.geometry import compose_local, frame_transforms
+    from tusrec.model.ensemble import combine, load_members, members_local_transforms, read_scan_input
+
+    torch.set_num_threads(1)
+    members = load_members(weights)
+    pair = load_members(baseline)
+    data = open_data(folder)
+    ts = data.calibration.T_scale
+    rows = []
+    for scan in data.scans:
+        true_global, true_local = frame_transforms(scan.read_tforms(), data.calibration)
+        landmarks = scan.read_landmarks()
+        t0 = time.perf_counter()
+        steps = (1,) if any(m.cfg.decorrelation for m in members + pair) else ()
+        inputs = read_scan_input(scan, members[0].cfg.input_size, steps).network_input()
+        read_s = time.perf_counter() - t0
+        preds: dict[str, tuple[np.ndarray, float]] = {}
+        identity = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
+        preds["identity"] = (identity, 0.0)
+        for m in pair + members:
+            t0 = time.perf_counter()
+            local = members_local_transforms([m], inputs)[0]
+            preds[m.name] = (local, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ensemble = combine([preds[m.name][0] for m in members]).local
+        preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
+        base = {**scan_row(scan), "status": "ok", "read_s": read_s}
+        ident = {}
+        for model, (local, seconds) in preds.items():
+            glob = compose_local(local)
+            err = {
+                "GPE": transform_pixel_error(glob, true_global, ts, scan.image_size, chunk=32),
+                "GLE": landmark_errors(landmark_ddfs(glob, ts, landmarks), true_global, ts, landmarks).error,
+                "LPE": transform_pixel_error(local, true_local, ts, scan.image_size, chunk=32),
+                "LLE": landmark_errors(landmark_ddfs(local, ts, landmarks), true_local, ts, landmarks).error,
+            }
+            if model == "identity":
+                ident = {f"{k}_identity": v for k, v in err.items()}
+            rows.append({"model": model, **base, **err, **ident, "network_s": seconds})
+    return rows
+
+
+def fs_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Mean errors and identity-normalised scores per model, through the ranking code."""
+    from tusrec.evaluate.rank import combine_teams, scan_scores
+
+    data = combine_teams(tables)
+    scores = scan_scores(data, "identity")
+    rows = []
+    for t, team in enumerate(data.teams):
+        row = {"model": team, "scans": int(data.scored[t].sum())}
+        for i, e in enumerate(("GPE", "GLE", "LPE", "LLE")):
+            row[e] = float(np.nanmean(data.errors[t, :, i]))
+        for name in ("FS", "GS", "LS"):
+            row[name] = float(np.nanmean(scores.scores[name][t]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: dict[str, pd.DataFrame], meta: dict) -> str:
+    lines = [
+        "SYNTHETIC data: simulated held-out subjects "
+        f"{', '.join(meta['subjects'])} ({meta['scans_2024']} sweeps of the 2024 protocol and "
+        f"{meta['scans_2025']} rotation scans of 2025, {meta['frames']} frames each). "
+        "Errors in mm (mean over scans), FS/GS/LS under identity normalisation (higher is better).",
+        "",
+    ]
+    for subset, table in summary.items():
+        lines += [
+            f"**{subset}**",
+            "",
+            "| model | GPE | GLE | LPE | LLE | FS | GS | LS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for _, r in table.iterrows():
+            lines.append(
+                f"| {r['model']} | {r['GPE']:.2f} | {r['GLE']:.2f} | {r['LPE']:.3f} | {r['LLE']:.3f} "
+                f"| {r['FS']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+ORDER = ("identity", "pair", "ensemble")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT / "bench-data" / "accuracy")
+    p.add_argument("--weights", type=Path, default=ROOT / "weights")
+    p.add_argument("--baseline", type=Path, default=ROOT / "baseline")
+    p.add_argument("--subjects", default="100,101")
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.json")
+    args = p.parse_args(argv)
+    subjects = [int(s) for s in args.subjects.split(",")]
+
+    t0 = time.perf_counter()
+    folders = [args.data / f"{protocol}-{s}" for s in subjects for protocol in ("2024", "2025")]
+    if not all((f / "dataset_keys.h5").is_file() for f in folders):
+        simulate(args.data, subjects, args.frames, args.workers)
+    simulate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        parts = pool.map(score_models, map(str, folders), [str(args.weights)] * 4, [str(args.baseline)] * 4)
+        rows = [r for part in parts for r in part]
+    score_s = time.perf_counter() - t0
+    table = pd.DataFrame(rows)
+    tables = {
+        m: g.drop(columns="model").reset_index(drop=True) for m, g in table.groupby("model", sort=False)
+    }
+    for model, t in tables.items():
+        out = args.data / "scores" / model
+        out.mkdir(parents=True, exist_ok=True)
+        t.to_csv(out / "metrics.csv", index=False)
+    order = [m for m in ORDER if m in tables][:2] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
+    protocol = table.drop_duplicates("key").set_index("key")["protocol"]
+    summary = {}
+    for subset, keep in (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025")):
+        part = {
+            m: t[t["key"].map(protocol) == keep].reset_index(drop=True) if keep else t
+            for m, t in tables.items()
+        }
+        summary[subset] = fs_table({m: part[m] for m in order}).set_index("model").loc[order].reset_index()
+    meta = {
+        "subjects": [f"{s:03d}" for s in subjects],
+        "frames": args.frames,
+        "scans_2024": int((protocol == "2024").sum()),
+        "scans_2025": int((protocol == "2025").sum()),
+        "simulate_s": simulate_s,
+        "score_s": score_s,
+        "network_s_per_scan": table.groupby("model")["network_s"].mean().to_dict(),
+        "synthetic": True,
+    }
+    result = {"meta": meta, **{k: v.to_dict(orient="records") for k, v in summary.items()}}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(summary, meta)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(
+        f"wrote {args.out} and {args.out.with_suffix('.md')} "
+        f"({simulate_s:.0f} s simulating, {score_s:.0f} s scoring)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
