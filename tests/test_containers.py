@@ -129,7 +129,7 @@ def _dockerfile_stage_copies(stage: str) -> set[str]:
 
 
 def test_submission_stage_copies_what_the_predictor_imports_and_no_more():
-    copied = _dockerfile_stage_copies("app")
+    copied = _dockerfile_stage_copies("submission")
     code = (
         "import sys, tusrec.cli, tusrec.predict, tusrec.__main__\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('tusrec'))))"
@@ -477,6 +477,12 @@ def test_compose_loop_predict_then_evaluate(engine, images, val2024, tmp_path):
 def test_runner_judges_every_team_and_goes_on(engine, images, val2024, tmp_path):
     """`./evaluate run` on the real image and five misbehaving ones, through the Docker API."""
     out = tmp_path / "run"
+    # Teams hand in `docker save -o team.tar`; organisers `docker load -i` it (the crasher goes that way).
+    archive = tmp_path / "crasher.tar"
+    podman(engine, "save", "-q", "-o", str(archive), images.bad["crasher"])
+    podman(engine, "rmi", images.bad["crasher"])
+    assert images.bad["crasher"] in podman(engine, "load", "-i", str(archive)).stdout
+    archive.unlink()
     teams = [f"tusrec={SUBMISSION}"] + [f"{team}={image}" for team, image in images.bad.items()]
     command = [
         str(ROOT / "evaluate"),
