@@ -13,7 +13,8 @@ with the challenge's four errors (GPE, GLE, LPE, LLE, mm) and FS under identity
 normalisation (TUSREC.md section 6, the 2025 rule: X* = 1 - X / X_identity).
 
 GPE/LPE come from the transforms with the evaluator's own exact formula
-(metrics.transform_pixel_error, equal to scoring the dense DDFs; tested), GLE/LLE with
+(metrics.transform_pixel_error in float32, equal to scoring the dense float32 DDFs;
+tested), GLE/LLE with
 metrics.landmark_errors, and FS with the ranking code (rank.scan_scores): the same
 numbers `./predict` + `./evaluate score` + `./evaluate rank` give, without writing 30 GB of
 DDFs. Per-model metrics.csv tables are kept, so `./evaluate rank --team ...` can read them.
@@ -94,9 +95,9 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
         for model, (local, seconds) in preds.items():
             glob = compose_local(local)
             err = {
-                "GPE": transform_pixel_error(glob, true_global, ts, scan.image_size, chunk=32),
+                "GPE": transform_pixel_error(glob, true_global, ts, scan.image_size, 32, np.float32),
                 "GLE": landmark_errors(landmark_ddfs(glob, ts, landmarks), true_global, ts, landmarks).error,
-                "LPE": transform_pixel_error(local, true_local, ts, scan.image_size, chunk=32),
+                "LPE": transform_pixel_error(local, true_local, ts, scan.image_size, 32, np.float32),
                 "LLE": landmark_errors(landmark_ddfs(local, ts, landmarks), true_local, ts, landmarks).error,
             }
             if model == "identity":

@@ -223,6 +223,8 @@ def test_mean_pixel_error_equals_the_dense_computation(synth, rng):
     dense = pixel_ddfs(a, calib.T_scale, h, w, np.float64) - pixel_ddfs(b, calib.T_scale, h, w, np.float64)
     expected = np.linalg.norm(dense, axis=1).mean()
     assert mean_pixel_error(a, b, calib.T_scale, (h, w), chunk=4) == pytest.approx(expected, rel=1e-12)
+    fast = mean_pixel_error(a, b, calib.T_scale, (h, w), 4, np.float32)
+    assert fast == pytest.approx(expected, rel=1e-6)
     g_a, g_b = compose_local(a), compose_local(b)
     assert mean_pixel_error(g_a, g_b, calib.T_scale, (h, w)) > 0
 

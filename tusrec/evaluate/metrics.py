@@ -101,17 +101,19 @@ def transform_pixel_error(
     T_scale: np.ndarray,
     image_size: tuple[int, int],
     chunk: int = 8,
+    dtype=np.float64,
 ) -> float:
     """GPE/LPE of predicted transforms, without writing or reading dense arrays (mm).
 
     pred, true: (N-1, 4, 4). The DDF is affine in (T - I), so the difference of the two
-    fields is the field of pred - true + I; produced a chunk of frames at a time in float64.
+    fields is the field of pred - true + I; produced a chunk of frames at a time in
+    ``dtype`` (float32: ~3x faster, and as exact as the float32 DDFs the evaluator reads).
     Equals pixel_errors() of the dense prediction (training validates with it).
     """
     h, w = image_size
     diff = np.asarray(pred, np.float64) - np.asarray(true, np.float64) + np.eye(4)
     total = sum(
-        float(_norm_sums(pixel_ddfs(diff[s : s + chunk], T_scale, h, w, dtype=np.float64)).sum())
+        float(_norm_sums(pixel_ddfs(diff[s : s + chunk], T_scale, h, w, dtype=dtype)).sum())
         for s in range(0, len(diff), chunk)
     )
     return total / (len(diff) * h * w)
