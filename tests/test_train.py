@@ -441,3 +441,18 @@ def test_train_members_share_one_cache_and_one_manifest(sim_root, tmp_path):
     assert [e["trained"]["config"]["seed"] for e in entries] == [cfg.seed, cfg.seed + 1]
     assert [m.name for m in ensemble.load_members(tmp_path / "ens" / "weights")] == ["m0", "m1"]
     assert (tmp_path / "ens" / "m1" / "log.csv").is_file()
+
+
+def test_weights_command_lists_members_and_picks_the_best(sim_root, tmp_path, capsys):
+    from tusrec.cli import main
+    from tusrec.train.trainer import train_ensemble
+
+    train_ensemble(sim_root, tmp_path / "ens", tiny_config(steps=2, val_every=2), 2, "m", progress=False)
+    weights = tmp_path / "ens" / "weights"
+    assert main(["weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "2 member(s), checksums verified" in out and "m0: dual-encoder, seed 0, 2 steps" in out
+    assert main(["weights", str(weights), "--best"]) == 0
+    gpe = {m.name: m.info["metrics"]["val_GPE"] for m in ensemble.load_members(weights)}
+    assert capsys.readouterr().out.strip() == min(gpe, key=gpe.get)
+    assert main(["weights", str(tmp_path / "none")]) == 2
