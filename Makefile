@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup demo test test-containers lint bench clean
+.PHONY: setup demo test test-containers lint bench bench-accuracy clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,7 @@ test-containers: setup
 lint: setup
 	$(VENV)/bin/ruff check tusrec tests benchmarks
 	$(VENV)/bin/ruff format --check tusrec tests benchmarks
+	$(VENV)/bin/hadolint Dockerfile
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results.json
