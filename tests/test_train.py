@@ -261,6 +261,14 @@ def test_tiny_training_run_learns_resumes_and_predicts(sim_root, tmp_path):
         "000",
         "001",
     ]
+    # What the member saw, counted from the data folder itself.
+    by_subject = {
+        sub: [s for s in open_data(sim_root).scans if s.subject == sub] for sub in ("000", "001", "002")
+    }
+    train = by_subject["000"] + by_subject["001"]
+    assert entry["trained"]["train_scans"] == len(train)
+    assert entry["trained"]["train_frames"] == sum(s.n_frames for s in train)
+    assert entry["trained"]["val_frames"] == sum(s.n_frames for s in by_subject["002"])
     assert set(entry["metrics"]) == {"val_GPE", "val_LPE"}
 
     members = ensemble.load_members(out / "weights")

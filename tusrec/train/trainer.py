@@ -82,6 +82,11 @@ def training_step(net: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Tra
     return clip_loss(pred, batch["local"], batch["points"], cfg.loss)
 
 
+def data_counts(scans: list, prefix: str) -> dict:
+    """How much data a member saw, for its manifest entry: scan and frame counts."""
+    return {f"{prefix}_scans": len(scans), f"{prefix}_frames": int(sum(s.n_frames for s in scans))}
+
+
 def cache_steps(cfg: TrainConfig) -> tuple[int, ...]:
     """Frame steps whose decorrelation maps a run needs: 1..frame_skip, none without the channel."""
     return tuple(range(1, cfg.augment.frame_skip + 1)) if cfg.model_config.decorrelation else ()
@@ -248,6 +253,8 @@ def train_member(
             "data_root": str(Path(data_root).resolve()),
             "train_subjects": train_subjects,
             "val_subjects": val_subjects,
+            **data_counts(train_scans, "train"),
+            **data_counts(val_scans, "val"),
             "frames_seen": best_ckpt.get("frames_seen", 0),
             "steps": best_ckpt["step"],
             "seconds": best_ckpt.get("seconds", 0.0),
