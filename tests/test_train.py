@@ -4,6 +4,7 @@ a tiny end-to-end run (resume, saved member runs through the predictor)."""
 
 import csv
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -464,3 +465,22 @@ def test_weights_command_lists_members_and_picks_the_best(sim_root, tmp_path, ca
     gpe = {m.name: m.info["metrics"]["val_GPE"] for m in ensemble.load_members(weights)}
     assert capsys.readouterr().out.strip() == min(gpe, key=gpe.get)
     assert main(["weights", str(tmp_path / "none")]) == 2
+
+    # --export --top N: the N lowest validation GPEs, files and entries unchanged.
+    best = min(gpe, key=gpe.get)
+    shipped = tmp_path / "shipped"
+    assert main(["weights", str(weights), "--export", str(shipped), "--top", "1"]) == 0
+    assert [m.name for m in ensemble.load_members(shipped)] == [best]
+    assert (shipped / f"{best}.pt").read_bytes() == (weights / f"{best}.pt").read_bytes()
+    source = json.loads((weights / "manifest.json").read_text())["members"]
+    assert json.loads((shipped / "manifest.json").read_text())["members"] == [
+        e for e in source if e["name"] == best
+    ]
+    # Bad requests are clear errors that write nothing.
+    before = (shipped / "manifest.json").read_bytes()
+    assert main(["weights", str(weights), "--export", str(shipped)]) == 2
+    assert (shipped / "manifest.json").read_bytes() == before
+    assert main(["weights", str(weights), "--export", str(tmp_path / "three"), "--top", "3"]) == 2
+    assert main(["weights", str(weights), "--top", "1"]) == 2
+    assert not (tmp_path / "three").exists()
+    assert "exists" in capsys.readouterr().err

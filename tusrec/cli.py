@@ -329,26 +329,38 @@ def add_weights(sub) -> None:
         help="list the members of a weights folder with their training and held-out metrics",
         description="List the members of a weights folder (manifest.json, checksums verified): "
         "architecture, seed, training steps and time, and validation GPE/LPE. With --best, "
-        "print only the name of the member with the lowest validation GPE.",
+        "print only the name of the member with the lowest validation GPE. With --export DIR, "
+        "copy the --top N members with the lowest validation GPE (default all) into a new "
+        "weights folder, as the shipped ensemble was picked from its pool of trained seeds.",
     )
     p.add_argument("folder", type=Path, nargs="?", default=None, help="weights folder (default: shipped)")
     p.add_argument("--best", action="store_true", help="print the best member's name only")
+    p.add_argument("--export", type=Path, default=None, metavar="DIR", help="copy members into a new folder")
+    p.add_argument(
+        "--top", type=int, default=None, metavar="N", help="with --export: the N best (default all)"
+    )
     p.set_defaults(run=run_weights)
 
 
 def run_weights(args) -> int:
-    from tusrec.model.ensemble import WeightsError, load_members
+    from tusrec.model.ensemble import WeightsError, export_members, load_members, validation_gpe
     from tusrec.predict import DEFAULT_WEIGHTS
 
     folder = args.folder or DEFAULT_WEIGHTS
+    if args.top is not None and args.export is None:
+        print("error: --top needs --export", file=sys.stderr)
+        return 2
     try:
+        if args.export is not None:
+            names = export_members(folder, args.export, args.top)
+            print(f"exported {', '.join(names)} (lowest validation GPE first) to {args.export}")
+            return 0
         members = load_members(folder)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    gpe = {m.name: m.info.get("metrics", {}).get("val_GPE", float("inf")) for m in members}
     if args.best:
-        print(min(gpe, key=gpe.get))
+        print(min(members, key=validation_gpe).name)
         return 0
     print(f"{folder}: {len(members)} member(s), checksums verified")
     for m in members:

@@ -124,6 +124,38 @@ def load_members(
     return members
 
 
+def validation_gpe(member: Member) -> float:
+    """A member's held-out GPE from its manifest entry (mm; inf when it has none)."""
+    return float(member.info.get("metrics", {}).get("val_GPE", float("inf")))
+
+
+def export_members(src: str | Path, dest: str | Path, top: int | None = None) -> list[str]:
+    """Copy the ``top`` members of weights folder ``src`` with the lowest validation GPE
+    (all when None) into a new weights folder ``dest``: files and manifest entries
+    unchanged, checksums verified on the way. Returns the exported names, best first.
+
+    This is how a shipped ensemble is picked from a larger pool of trained seeds: by the
+    held-out validation subjects, never by the benchmark's. ``dest`` must not hold a
+    manifest yet (nothing is overwritten)."""
+    import shutil
+
+    src, dest = Path(src), Path(dest)
+    if (dest / MANIFEST).exists():
+        raise WeightsError(f"{dest / MANIFEST} exists: export into a new folder")
+    members = sorted(load_members(src), key=validation_gpe)  # verifies every checksum
+    if top is not None and not 1 <= top <= len(members):
+        raise WeightsError(f"{src}: cannot pick {top} of its {len(members)} member(s)")
+    keep = members[: top or len(members)]
+    dest.mkdir(parents=True, exist_ok=True)
+    for m in keep:
+        shutil.copy2(src / m.info["file"], dest / m.info["file"])
+    entries = sorted((m.info for m in keep), key=lambda e: e["name"])
+    tmp = dest / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"members": entries}, indent=2) + "\n")
+    tmp.replace(dest / MANIFEST)
+    return [m.name for m in keep]
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 
