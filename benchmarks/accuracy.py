@@ -70,6 +70,8 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
     torch.set_num_threads(1)
     members = load_members(weights)
     pair = load_members(baseline)
+    # The baseline is "pair" in the tables whatever its member is called.
+    pair_labels = [("pair" if len(pair) == 1 else f"pair-{m.name}", m) for m in pair]
     data = open_data(folder)
     ts = data.calibration.T_scale
     rows = []
@@ -83,10 +85,10 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
         preds: dict[str, tuple[np.ndarray, float]] = {}
         identity = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
         preds["identity"] = (identity, 0.0)
-        for m in pair + members:
+        for label, m in [(label, m) for label, m in pair_labels] + [(m.name, m) for m in members]:
             t0 = time.perf_counter()
             local = members_local_transforms([m], inputs)[0]
-            preds[m.name] = (local, time.perf_counter() - t0)
+            preds[label] = (local, time.perf_counter() - t0)
         t0 = time.perf_counter()
         ensemble = combine([preds[m.name][0] for m in members]).local
         preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
@@ -102,7 +104,9 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
             }
             if model == "identity":
                 ident = {f"{k}_identity": v for k, v in err.items()}
-            rows.append({"model": model, **base, **err, **ident, "network_s": seconds})
+            # runtime_s as the ranking reads it: reading + network (0 for the identity).
+            runtime = read_s + seconds if model != "identity" else 0.0
+            rows.append({"model": model, **base, **err, **ident, "network_s": seconds, "runtime_s": runtime})
     return rows
 
 
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.data / "scores" / model
         out.mkdir(parents=True, exist_ok=True)
         t.to_csv(out / "metrics.csv", index=False)
-    order = [m for m in ORDER if m in tables][:2] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
+    order = [m for m in ORDER[:2] if m in tables] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
     protocol = table.drop_duplicates("key").set_index("key")["protocol"]
     summary = {}
     for subset, keep in (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025")):
