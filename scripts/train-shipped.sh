@@ -1,5 +1,5 @@
 #!/bin/bash
-# How the shipped weights/ and baseline/ were made (2-core CPU, about 75 min in all):
+# How the shipped weights/ and baseline/ were made (2-core CPU, about 90 min in all):
 # 12 simulated subjects; 8 seeds of the dual-encoder member and 3 of the frame-pair
 # baseline trained 1,500 steps in parallel processes (one torch thread each) on one
 # shared cache; the most promising members continued twice with --resume --steps (a
@@ -52,6 +52,9 @@ wait
 for i in 3 6 5 0; do train member$i configs/member.json $i weights 4500 & done
 train member7 configs/member.json 7 weights 3000 &
 wait
+# The best baseline seed (1) given the best member's budget: 3,000 then 4,500 steps (13 min).
+train pair1 configs/pair.json 1 baseline 3000
+train pair1 configs/pair.json 1 baseline 4500
 $T weights "$RUNS/ens/weights"
 $T weights "$RUNS/ens/weights" --export "$RUNS/weights" --top 4
 $T weights "$RUNS/ens/baseline" --export "$RUNS/baseline" --top 1
