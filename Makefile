@@ -56,7 +56,8 @@ bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results.json
 
 # Accuracy of the shipped ensemble against the identity, the frame-pair baseline and each
-# member, on simulated held-out subjects (about 30 min on 2 cores; data kept in bench-data/).
+# member, on simulated held-out subjects (2.5 min of scoring on 2 cores, after simulating the
+# data once; it is kept in bench-data/).
 bench-accuracy: setup
 	$(PY) -m benchmarks.accuracy --out benchmarks/accuracy.json
 
