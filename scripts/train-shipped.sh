@@ -4,7 +4,9 @@
 # baseline trained 1,500 steps in parallel processes (one torch thread each) on one
 # shared cache; the most promising members continued twice with --resume --steps (a
 # warm restart of the cosine schedule); then the 4 members and the 1 baseline with the
-# lowest GPE on the held-out validation subject 011 exported. Training is deterministic
+# lowest GPE on the held-out validation subject 011 exported. (Each manifest entry
+# records its step totals, trained.schedule, so one member can also be retrained alone
+# with `tusrec train --config weights/manifest.json --name member3 --threads 1`.) Training is deterministic
 # on the CPU for a given config and data (the test suite checks it on a small member), so
 # this should give the shipped files bit for bit: the cmp at the end says whether it
 # did. (The shipped files came from these commands run by hand, not from this script

@@ -441,6 +441,38 @@ def test_a_member_is_reproduced_from_the_config_in_its_manifest(sim_root, tmp_pa
         TrainConfig.load(manifest, member="nope")
 
 
+def test_a_continued_member_is_replayed_through_each_schedule(sim_root, tmp_path):
+    """--resume --steps N restarts the cosine schedule: the manifest records each total,
+    and retraining from the manifest replays them, giving the same weights."""
+    from tusrec.cli import main
+
+    cfg = tiny_config(steps=4, val_every=2, seed=3, lr=1e-3, warmup_steps=1)
+    train_member(sim_root, tmp_path / "a", cfg, "m3", progress=False)
+    entry = train_member(
+        sim_root, tmp_path / "a", dataclasses.replace(cfg, steps=8), "m3", False, resume=True
+    )
+    manifest = tmp_path / "a" / "weights" / "manifest.json"
+    # The best checkpoint's schedule: both totals if it came from the continuation.
+    assert entry["trained"]["schedule"] == ([4, 8] if entry["trained"]["steps"] > 4 else [4])
+    assert TrainConfig.schedule(manifest, "m3") == entry["trained"]["schedule"]
+    assert (
+        main(
+            ["train", str(sim_root), "--out", str(tmp_path / "b"), "--config", str(manifest), "--name", "m3"]
+        )
+        == 0
+    )
+    a = torch.load(tmp_path / "a" / "weights" / "m3.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "weights" / "m3.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # One run of 8 steps is another schedule, hence other weights at step 8.
+    once = train_member(sim_root, tmp_path / "c", dataclasses.replace(cfg, steps=8), "m3", progress=False)
+    last_a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    last_c = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["model"]
+    assert not all(torch.equal(last_a[k], last_c[k]) for k in last_a)
+    assert once["trained"]["schedule"] == [8]
+    assert TrainConfig.schedule(tmp_path / "a" / "config.json", "m3") == []
+
+
 def test_train_members_share_one_cache_and_one_manifest(sim_root, tmp_path):
     from tusrec.train.trainer import train_ensemble
 

@@ -258,7 +258,8 @@ def add_train(sub) -> None:
         "holding out validation subjects as the config says. A run folder gets config.json, "
         "last.pt, best.pt and log.csv; the best checkpoint is saved as a member in the "
         "weights folder (manifest.json). --config takes a TrainConfig JSON file or a weights "
-        "manifest, whose member --name is then retrained with the config it was trained with. "
+        "manifest, whose member --name is then retrained with the config it was trained "
+        "with, through each continuation it went through (trained.schedule). "
         "An interrupted run continues from last.pt with --resume.",
     )
     p.add_argument("data", type=Path, help="training data folder (frames_transfs/ layout)")
@@ -269,7 +270,12 @@ def add_train(sub) -> None:
     )
     p.add_argument("--members", type=int, default=1, help="train M members, <name>0..<name>M-1 (default 1)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    p.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override the config's step count (one run; no schedule replay)",
+    )
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default --out/weights)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument(
@@ -302,18 +308,23 @@ def run_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    # A member retrained from a manifest replays every continuation it went through
+    # (each restarts the cosine schedule); --steps replaces that with one run.
+    schedule = [] if args.steps is not None else TrainConfig.schedule(args.config, args.name)
+    schedule = schedule or [config.steps]
     try:
-        entries = train_ensemble(
-            args.data,
-            args.out,
-            config,
-            args.members,
-            args.name,
-            resume=args.resume,
-            device=args.device,
-            weights_dir=args.weights,
-            cache_dir=args.cache,
-        )
+        for i, steps in enumerate(schedule):
+            entries = train_ensemble(
+                args.data,
+                args.out,
+                dataclasses.replace(config, steps=steps),
+                args.members,
+                args.name,
+                resume=args.resume or i > 0,
+                device=args.device,
+                weights_dir=args.weights,
+                cache_dir=args.cache,
+            )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -138,3 +138,16 @@ class TrainConfig:
             return cls.from_dict(d)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+    @staticmethod
+    def schedule(path: str | Path, member: str | None = None) -> list[int]:
+        """The step totals a member's training ran through, in order (trained.schedule of
+        its manifest entry): [steps] for one run, [1500, 3000, ...] when it was continued
+        with --resume --steps, each continuation restarting the cosine schedule. [] for a
+        plain config file or an entry without the record."""
+        d = json.loads(Path(path).read_text())
+        if not (isinstance(d, dict) and "members" in d):
+            return []
+        entry = {m.get("name"): m for m in d["members"]}.get(member, {})
+        schedule = entry.get("trained", {}).get("schedule", [])
+        return [int(v) for v in schedule]

@@ -189,6 +189,11 @@ def train_member(
     net = build_network(mcfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best, seconds = 0, math.inf, 0.0
+    # The step totals this run has gone through: a continuation with a larger
+    # config.steps restarts the cosine schedule, so replaying a member needs them all.
+    schedule = [] if checkpoint is None else list(checkpoint.get("schedule", [checkpoint["config"]["steps"]]))
+    if not schedule or schedule[-1] != cfg.steps:
+        schedule.append(cfg.steps)
     if checkpoint is not None:
         net.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
@@ -234,7 +239,11 @@ def train_member(
                 if val_scans:
                     row.update(validate(net, val_scans, T_scale, device))
                     metric = row["val_GPE"]
-                extra = {"seconds": row["seconds"], "frames_seen": step * cfg.batch_size * cfg.clip_frames}
+                extra = {
+                    "seconds": row["seconds"],
+                    "frames_seen": step * cfg.batch_size * cfg.clip_frames,
+                    "schedule": schedule,
+                }
                 if metric < best or not val_scans:
                     best = metric if val_scans else math.inf
                     _save_checkpoint(best_path, net, opt, step, best, cfg, sampler_rng, {**extra, **row})
@@ -257,6 +266,7 @@ def train_member(
             **data_counts(val_scans, "val"),
             "frames_seen": best_ckpt.get("frames_seen", 0),
             "steps": best_ckpt["step"],
+            "schedule": best_ckpt.get("schedule", [cfg.steps]),
             "seconds": best_ckpt.get("seconds", 0.0),
             "config": cfg.to_dict(),
         },
