@@ -85,7 +85,7 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
         preds: dict[str, tuple[np.ndarray, float]] = {}
         identity = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
         preds["identity"] = (identity, 0.0)
-        for label, m in [(label, m) for label, m in pair_labels] + [(m.name, m) for m in members]:
+        for label, m in pair_labels + [(m.name, m) for m in members]:
             t0 = time.perf_counter()
             local = members_local_transforms([m], inputs)[0]
             preds[label] = (local, time.perf_counter() - t0)

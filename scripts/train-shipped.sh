@@ -2,16 +2,17 @@
 # How the shipped weights/ and baseline/ were made (2-core CPU, about 90 min in all):
 # 12 simulated subjects; 8 seeds of the dual-encoder member and 3 of the frame-pair
 # baseline trained 1,500 steps in parallel processes (one torch thread each) on one
-# shared cache; the most promising members continued twice with --resume --steps (a
-# warm restart of the cosine schedule); then the 4 members and the 1 baseline with the
-# lowest GPE on the held-out validation subject 011 exported. (Each manifest entry
-# records its step totals, trained.schedule, so one member can also be retrained alone
-# with `tusrec train --config weights/manifest.json --name member3 --threads 1`.) Training is deterministic
-# on the CPU for a given config and data (the test suite checks it on a small member), so
-# this should give the shipped files bit for bit: the cmp at the end says whether it
-# did. (The shipped files came from these commands run by hand, not from this script
-# in one go, which has not been rerun end to end.) The benchmark's subjects (100, 101) and the demo's (50) are
-# never trained or validated on.
+# shared cache; the most promising continued twice with --resume --steps (a warm restart
+# of the cosine schedule); then the 4 members and the 1 baseline with the lowest GPE on
+# the held-out validation subject 011 exported. The benchmark's subjects (100, 101) and
+# the demo's (50) are never trained or validated on.
+#
+# Training is deterministic on the CPU for a given config and data, so this should give
+# the shipped files bit for bit: the cmp at the end says whether it did. The shipped
+# files came from these commands run by hand; the script has not been rerun in one go.
+# One member alone is retrained from its manifest entry (config and trained.schedule):
+#   .venv/bin/tusrec train runs/data --out runs/again --config weights/manifest.json \
+#       --name member3 --threads 1
 #
 #   bash scripts/train-shipped.sh [RUNS]      # RUNS defaults to runs/; writes RUNS/weights, RUNS/baseline
 set -euo pipefail

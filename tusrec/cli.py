@@ -310,21 +310,20 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     # A member retrained from a manifest replays every continuation it went through
     # (each restarts the cosine schedule); --steps replaces that with one run.
-    schedule = [] if args.steps is not None else TrainConfig.schedule(args.config, args.name)
-    schedule = schedule or [config.steps]
+    schedule = None if args.steps is not None else TrainConfig.schedule(args.config, args.name)
     try:
-        for i, steps in enumerate(schedule):
-            entries = train_ensemble(
-                args.data,
-                args.out,
-                dataclasses.replace(config, steps=steps),
-                args.members,
-                args.name,
-                resume=args.resume or i > 0,
-                device=args.device,
-                weights_dir=args.weights,
-                cache_dir=args.cache,
-            )
+        entries = train_ensemble(
+            args.data,
+            args.out,
+            config,
+            args.members,
+            args.name,
+            resume=args.resume,
+            device=args.device,
+            weights_dir=args.weights,
+            cache_dir=args.cache,
+            schedule=schedule,
+        )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -78,10 +78,15 @@ def save_member(weights_dir: str | Path, name: str, net: torch.nn.Module, info: 
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"members": []}
         manifest["members"] = [m for m in manifest["members"] if m["name"] != name] + [entry]
         manifest["members"].sort(key=lambda m: m["name"])
-        tmp = manifest_path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(manifest_path)
+        _write_manifest(weights_dir, manifest)
     return entry
+
+
+def _write_manifest(weights_dir: Path, manifest: dict) -> None:
+    """Write weights_dir/manifest.json whole or not at all (temporary name, then rename)."""
+    tmp = weights_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(weights_dir / MANIFEST)
 
 
 def load_members(
@@ -149,10 +154,7 @@ def export_members(src: str | Path, dest: str | Path, top: int | None = None) ->
     dest.mkdir(parents=True, exist_ok=True)
     for m in keep:
         shutil.copy2(src / m.info["file"], dest / m.info["file"])
-    entries = sorted((m.info for m in keep), key=lambda e: e["name"])
-    tmp = dest / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"members": entries}, indent=2) + "\n")
-    tmp.replace(dest / MANIFEST)
+    _write_manifest(dest, {"members": sorted((m.info for m in keep), key=lambda e: e["name"])})
     return [m.name for m in keep]
 
 

@@ -120,6 +120,20 @@ class TrainConfig:
         tmp.write_text(self.to_json())
         tmp.replace(path)
 
+    @staticmethod
+    def _manifest_record(d, member: str | None) -> dict | None:
+        """Member ``member``'s training record (trained) when ``d`` is a parsed weights
+        manifest; None when it is a plain config."""
+        if not (isinstance(d, dict) and "members" in d):
+            return None
+        entries = {m.get("name"): m for m in d["members"]}
+        if member not in entries:
+            raise ValueError(f"no member {member!r} in this manifest (it has {sorted(entries)})")
+        trained = entries[member].get("trained")
+        if not isinstance(trained, dict) or "config" not in trained:
+            raise ValueError(f"member {member!r} has no training config in this manifest")
+        return trained
+
     @classmethod
     def load(cls, path: str | Path, member: str | None = None) -> TrainConfig:
         """A TrainConfig JSON file, or a weights manifest.json: then the config member
@@ -127,27 +141,16 @@ class TrainConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-            if isinstance(d, dict) and "members" in d:
-                entries = {m.get("name"): m for m in d["members"]}
-                if member not in entries:
-                    raise ValueError(f"no member {member!r} in this manifest (it has {sorted(entries)})")
-                trained = entries[member].get("trained")
-                if not isinstance(trained, dict) or "config" not in trained:
-                    raise ValueError(f"member {member!r} has no training config in this manifest")
-                d = trained["config"]
-            return cls.from_dict(d)
+            trained = cls._manifest_record(d, member)
+            return cls.from_dict(d if trained is None else trained["config"])
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
 
-    @staticmethod
-    def schedule(path: str | Path, member: str | None = None) -> list[int]:
+    @classmethod
+    def schedule(cls, path: str | Path, member: str | None = None) -> list[int]:
         """The step totals a member's training ran through, in order (trained.schedule of
         its manifest entry): [steps] for one run, [1500, 3000, ...] when it was continued
         with --resume --steps, each continuation restarting the cosine schedule. [] for a
         plain config file or an entry without the record."""
-        d = json.loads(Path(path).read_text())
-        if not (isinstance(d, dict) and "members" in d):
-            return []
-        entry = {m.get("name"): m for m in d["members"]}.get(member, {})
-        schedule = entry.get("trained", {}).get("schedule", [])
-        return [int(v) for v in schedule]
+        trained = cls._manifest_record(json.loads(Path(path).read_text()), member)
+        return [int(v) for v in (trained or {}).get("schedule", [])]

@@ -82,6 +82,13 @@ def training_step(net: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Tra
     return clip_loss(pred, batch["local"], batch["points"], cfg.loss)
 
 
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A run folder with a checkpoint is continued only on request, never overwritten."""
+    last_path = Path(run_dir) / "last.pt"
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{last_path} exists: resume it (--resume) or choose another output folder")
+
+
 def data_counts(scans: list, prefix: str) -> dict:
     """How much data a member saw, for its manifest entry: scan and frame counts."""
     return {f"{prefix}_scans": len(scans), f"{prefix}_frames": int(sum(s.n_frames for s in scans))}
@@ -161,9 +168,8 @@ def train_member(
     mcfg = cfg.model_config
 
     checkpoint = None
+    _check_run_dir(out_dir, resume)
     if last_path.exists():
-        if not resume:
-            raise FileExistsError(f"{last_path} exists: resume it (--resume) or choose another output folder")
         checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
         if checkpoint["config"]["model"] != cfg.to_dict()["model"]:
             raise ValueError(f"{last_path}: the model configuration differs from the checkpoint's")
@@ -286,32 +292,42 @@ def train_ensemble(
     device: str | None = None,
     weights_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    schedule: list[int] | None = None,
 ) -> list[dict]:
     """Train ``members`` members on one shared cache; returns their manifest entries.
 
     One member: run folder ``out_dir``, member ``name`` (train_member). Several: member
     i is ``<name>i`` with seed config.seed + i, run folder out_dir/<name>i; all are saved
-    in ``weights_dir`` (default out_dir/weights).
+    in ``weights_dir`` (default out_dir/weights). ``schedule``: step totals to run through
+    in turn, each continuing the last (as --resume --steps N did; trained.schedule of a
+    manifest entry), for replaying a member; default [config.steps]. The data are read once.
     """
     import dataclasses
 
     out_dir = Path(out_dir)
     weights_dir = Path(weights_dir) if weights_dir else out_dir / "weights"
-    if members == 1:
-        return [
-            train_member(
-                data_root, out_dir, config, name, progress, resume, device, weights_dir, None, cache_dir
-            )
-        ]
-    cfg = config.model_config
-    data = load_cache(data_root, cfg.input_size, None, progress, cache_steps(config), cache_dir)
+    names = [name] if members == 1 else [f"{name}{i}" for i in range(members)]
+    run_dirs = [out_dir] if members == 1 else [out_dir / n for n in names]
+    for run_dir in run_dirs:  # before reading the data, which can take long
+        _check_run_dir(run_dir, resume)
+    data = load_cache(
+        data_root, config.model_config.input_size, None, progress, cache_steps(config), cache_dir
+    )
     entries = []
     for i in range(members):
-        member_cfg = dataclasses.replace(config, seed=config.seed + i)
-        member = f"{name}{i}"
-        entries.append(
-            train_member(
-                data_root, out_dir / member, member_cfg, member, progress, resume, device, weights_dir, data
+        member_cfg = config if members == 1 else dataclasses.replace(config, seed=config.seed + i)
+        member, run_dir = names[i], run_dirs[i]
+        for k, steps in enumerate(schedule or [config.steps]):
+            entry = train_member(
+                data_root,
+                run_dir,
+                dataclasses.replace(member_cfg, steps=steps),
+                member,
+                progress,
+                resume or k > 0,
+                device,
+                weights_dir,
+                data,
             )
-        )
+        entries.append(entry)
     return entries
