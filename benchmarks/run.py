@@ -115,7 +115,8 @@ def landmarks(frames: int = 500) -> dict:
 
 
 BENCH_DATA = Path("bench-data/speed")  # deleted after the run; bench-data/accuracy is kept
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_WEIGHTS = ROOT / "weights"
 
 
 def _noisy(transforms: np.ndarray, seed: int) -> np.ndarray:
@@ -224,9 +225,11 @@ def predict_setup(frames: int) -> dict:
 
 
 @bench
-def predict(frames: int) -> dict:
-    """End-to-end `predict` of one scan, split into reading, network, DDF generation and
-    writing; and the same number of bytes written raw to the same disk."""
+def predict(frames: int, form: str = "ddf") -> dict:
+    """End-to-end `predict` of one scan, split into reading, network and writing. Dense
+    (form 'ddf'): the writing split further into DDF generation and writing, and the same
+    number of bytes written raw to the same disk. Compact (form 'transforms'): also the
+    whole `./predict` command as a user runs it (interpreter start, imports, weights)."""
     from tusrec.data import open_data
     from tusrec.ddf import GroundTruth
     from tusrec.predict import predict_folder
@@ -235,8 +238,27 @@ def predict(frames: int) -> dict:
     out = root / "pred"
     shutil.rmtree(out, ignore_errors=True)
     weights = root / "weights" if (root / "weights").is_dir() else SHIPPED_WEIGHTS
-    row = predict_folder(root / "data", out, weights, "cpu", log=lambda *a: None)[0]
+    row = predict_folder(root / "data", out, weights, "cpu", log=lambda *a: None, form=form)[0]
     size = next(out.glob("*.h5")).stat().st_size
+    result = {
+        "frames": frames,
+        "form": form,
+        "members": int(row["members"]),
+        "total_s": float(row["seconds"]),
+        "read_s": float(row["read_s"]),
+        "network_s": float(row["network_s"]),
+        "write_s": float(row["write_s"]),
+        "output_bytes": size,
+    }
+    if form != "ddf":
+        command = root / "pred-command"
+        shutil.rmtree(command, ignore_errors=True)
+        argv = [str(ROOT / "predict"), "--input", str(root / "data"), "--output", str(command)]
+        argv += ["--weights", str(weights), "--device", "cpu", "--format", form]
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        result["command_s"] = time.perf_counter() - t0
+        return result
     # DDF generation alone (no writing), on the same number of frames.
     scan = open_data(root / "data").scans[0]
     gt = GroundTruth.from_scan(scan, open_data(root / "data").calibration)
@@ -255,11 +277,7 @@ def predict(frames: int) -> dict:
             written += len(block)
     raw = time.perf_counter() - t0
     return {
-        "frames": frames,
-        "members": int(row["members"]),
-        "total_s": float(row["seconds"]),
-        "read_s": float(row["read_s"]),
-        "network_s": float(row["network_s"]),
+        **result,
         "ddf_generation_s": generation,
         "ddf_writing_s": float(row["write_s"]) - generation,
         "ddf_generate_and_write_s": float(row["write_s"]),
@@ -337,10 +355,13 @@ PLAN = [
     ("score_setup", {"frames": 1600}),
     ("score", {"frames": 1600}),
     ("predict_setup", {"frames": 500}),
+    ("predict", {"frames": 500, "form": "transforms"}),
     ("predict", {"frames": 500}),
     ("predict_setup", {"frames": 200}),
+    ("predict", {"frames": 200, "form": "transforms"}),
     ("predict", {"frames": 200}),
     ("predict_setup", {"frames": 1600}),
+    ("predict", {"frames": 1600, "form": "transforms"}),
     ("predict", {"frames": 1600}),
     ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
@@ -104,7 +105,7 @@ def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, mo
         return real(members, *args, **kwargs)
 
     monkeypatch.setattr(core, "members_local_transforms", slow)
-    monkeypatch.setattr(core, "ddf_reserve_s", lambda n, size: 0.0)
+    monkeypatch.setattr(core, "ddf_reserve_s", lambda *args: 0.0)
     # The first member takes >= 2 s, so a second would end past the 3 s limit (a second
     # of slack for reading and the real compute on a loaded machine): one by one, and as
     # a batched pass alike.
@@ -228,15 +229,74 @@ def test_other_image_size_is_resized_not_refused(dataset_factory, weights, tmp_p
     assert check_predictions(tmp_path / "pred", open_data(root)) == []
 
 
-def test_missing_landmarks_still_give_gp_and_lp(data_root, weights, tmp_path):
+@pytest.mark.parametrize("form", ["ddf", "transforms"])
+def test_missing_landmarks_still_give_the_frame_predictions(data_root, weights, tmp_path, form):
     data = open_data(data_root)
     lm_file = data.scans[0].landmark_path
     with h5py.File(lm_file, "r+") as f:
         del f[data.scans[0].name]
-    rows = predict_folder(data_root, tmp_path / "pred", weights, "cpu", log=lambda *a: None)
+    rows = predict_folder(data_root, tmp_path / "pred", weights, "cpu", log=lambda *a: None, form=form)
     assert rows[0]["status"] == "ok" and "GL/LL not written" in rows[0]["message"]
     with h5py.File(tmp_path / "pred" / f"{data.keys[0]}.h5") as f:
-        assert "GP" in f and "LP" in f and "GL" not in f
+        assert ("GP" in f and "LP" in f) == (form == "ddf") and "GL" not in f
+        assert f["transforms_local"].shape == (data.scans[0].n_frames - 1, 4, 4)
+
+
+def test_compact_and_dense_forms_hold_the_same_prediction(data_root, weights, tmp_path):
+    data = open_data(data_root)
+    for form in ("ddf", "transforms"):
+        rows = predict_folder(data_root, tmp_path / form, weights, "cpu", log=lambda *a: None, form=form)
+        assert [r["status"] for r in rows] == ["ok"] * 3
+    for scan in data.scans:
+        dense, compact = (tmp_path / form / f"{scan.key}.h5" for form in ("ddf", "transforms"))
+        with h5py.File(dense) as d, h5py.File(compact) as c:
+            assert d.attrs["form"] == "ddf" and c.attrs["form"] == "transforms"
+            assert "GP" not in c and "LP" not in c
+            for name in ("transforms_global", "transforms_local", "GL", "LL", "uncertainty"):
+                assert c[name].dtype == d[name].dtype
+                np.testing.assert_array_equal(c[name][()], d[name][()], err_msg=name)
+            # Stored in float64: the DDFs are generated from exactly these matrices.
+            assert c["transforms_local"].dtype == np.float64
+            # The dense GP is the field of the stored global transforms (independent
+            # per-pixel computation at three pixels of the last frame).
+            n, h, w = scan.shape
+            T = c["transforms_global"][-1]
+            ts = data.calibration.T_scale
+            for x, y in ((1, 1), (w, 1), (3, h)):
+                p = ts @ np.array([x, y, 0.0, 1.0])
+                np.testing.assert_allclose(d["GP"][n - 2, :, (y - 1) * w + x - 1], (T @ p - p)[:3], atol=1e-4)
+        assert compact.stat().st_size < 64_000 < dense.stat().st_size
+
+
+def test_rerun_in_the_other_form_redoes_the_files(data_root, weights, tmp_path):
+    out = tmp_path / "pred"
+    data = open_data(data_root)
+    predict_folder(data_root, out, weights, "cpu", keys=data.keys[:1], log=lambda *a: None, form="ddf")
+    predict_folder(data_root, out, weights, "cpu", log=lambda *a: None, form="transforms")
+    for key in data.keys:
+        with h5py.File(out / f"{key}.h5") as f:
+            assert f.attrs["form"] == "transforms" and "GP" not in f
+    assert core.prediction_complete(out / f"{data.keys[0]}.h5", data.scans[0], "transforms")
+    assert not core.prediction_complete(out / f"{data.keys[0]}.h5", data.scans[0], "ddf")
+
+
+def test_an_overrun_is_marked_in_the_manifest(data_root, weights, tmp_path, monkeypatch):
+    real = core.Predictor.read_preprocessed
+
+    def slow_read(self, scan):
+        time.sleep(0.3)  # past the limit before the network could even start
+        return real(self, scan)
+
+    monkeypatch.setattr(core.Predictor, "read_preprocessed", slow_read)
+    rows = predict_folder(
+        data_root, tmp_path / "pred", weights, "cpu", time_limit_s=0.2, keys=open_data(data_root).keys[:1]
+    )
+    assert rows[0]["status"] == "ok" and rows[0]["overrun_s"] > 0.1
+    assert "over the time limit" in rows[0]["message"]
+    table = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert table.loc[0, "overrun_s"] > 0.1 and "over the time limit" in table.loc[0, "message"]
+    ok = predict_folder(data_root, tmp_path / "fast", weights, "cpu", keys=open_data(data_root).keys[:1])
+    assert ok[0]["overrun_s"] == 0 and "over the time limit" not in ok[0]["message"]
 
 
 def test_unwritable_output_folder(data_root, weights, tmp_path):
@@ -283,6 +343,9 @@ def test_predict_command(data_root, weights, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "3 of 3 scans predicted" in run.stdout
+    # The command line's default is the compact form.
+    with h5py.File(next((tmp_path / "p").glob("*.h5"))) as f:
+        assert f.attrs["form"] == "transforms" and "GP" not in f
     no_weights = subprocess.run(
         [
             str(ROOT / "predict"),

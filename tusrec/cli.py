@@ -147,6 +147,7 @@ def add_reference(sub) -> None:
     p.add_argument("kind", choices=["ground-truth", "identity"])
     p.add_argument("data", type=Path, help="TUS-REC data folder (ground-truth needs its tforms)")
     p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
+    _add_format(p)
     _add_keys_and_chunk(p)
     p.set_defaults(run=run_reference)
 
@@ -176,7 +177,17 @@ def run_reference(args) -> int:
                 glob = local = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
             landmarks = scan.read_landmarks() if scan.has_landmarks else None
             attrs = {"model": args.kind, "runtime_seconds": time.perf_counter() - t0}
-            write_predictions(path, glob, local, calib, scan.image_size, landmarks, attrs, chunk=args.chunk)
+            write_predictions(
+                path,
+                glob,
+                local,
+                calib,
+                scan.image_size,
+                landmarks,
+                attrs,
+                chunk=args.chunk,
+                form=args.format,
+            )
         total_bytes += path.stat().st_size
         message = "" if scan.has_landmarks else "no landmarks: GL/LL not written"
         rows.append(
@@ -220,7 +231,19 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--members", nargs="+", default=None, help="only these members of the weights manifest (default all)"
     )
+    _add_format(p)
     p.set_defaults(run=run_predict)
+
+
+def _add_format(p) -> None:
+    p.add_argument(
+        "--format",
+        choices=["transforms", "ddf"],
+        default="transforms",
+        help="'transforms' (default): the compact form, per scan the (N-1, 4, 4) transforms and "
+        "GL/LL, kilobytes, scored exactly as the dense DDFs they stand for; 'ddf': dense GP/LP "
+        "as well, the challenge's official form (1.1 GB a 150-frame scan, 12 GB at 1,600)",
+    )
 
 
 def run_predict(args) -> int:
@@ -237,6 +260,7 @@ def run_predict(args) -> int:
             args.keys,
             args.translation,
             members=args.members,
+            form=args.format,
         )
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -532,13 +532,19 @@ def write_data_calibration(root: str | Path, calib: Calibration) -> None:
 
 
 # --------------------------------------------------------------------------- predictions
-# A predictions folder holds, per scan, <key>.h5 with float32 datasets GP (N-1, 3, H*W)
-# and LP (N-1, 3, H*W) chunked by frame, GL (3, K) and LL (3, K), optionally
-# transforms_global / transforms_local (N-1, 4, 4) and uncertainty (N-1); attributes
-# 'runtime_seconds' and 'model'. Plus the manifest predictions.csv.
+# A predictions folder holds, per scan, <key>.h5 in one of two forms, and the manifest
+# predictions.csv. Dense (attribute form = 'ddf'; the challenge's official form): float32
+# GP (N-1, 3, H*W) and LP (N-1, 3, H*W) chunked by frame, GL (3, K), LL (3, K), plus the
+# transforms below when the predictor had them. Compact (form = 'transforms'): no GP/LP;
+# transforms_global T(i->0) and transforms_local T(i->i-1), (N-1, 4, 4) float64 in image
+# mm, GL and LL. Either may hold uncertainty (N-1,); attributes 'runtime_seconds', 'model'.
 
 PREDICTION_PIXEL_SETS = ("GP", "LP")
 PREDICTION_LANDMARK_SETS = ("GL", "LL")
+PREDICTION_TRANSFORM_SETS = ("transforms_global", "transforms_local")
+DDF_FORM = "ddf"
+TRANSFORMS_FORM = "transforms"
+PREDICTION_FORMS = (DDF_FORM, TRANSFORMS_FORM)
 MANIFEST_FILE = "predictions.csv"
 MANIFEST_COLUMNS = ("key", "frames", "status", "seconds", "device", "message")
 
@@ -547,9 +553,10 @@ class PredictionWriter:
     """Write one scan's predictions file, frame chunk by frame chunk.
 
     Use as a context manager: the file appears under its final name only when the
-    block ends without error and every frame of GP and LP was written. With
-    ``started_at`` (a time.perf_counter() value), the attribute runtime_seconds is the
-    time from then until the file is complete.
+    block ends without error and it is complete: in the dense form (``form='ddf'``) every
+    frame of GP and LP was written; in the compact form (``form='transforms'``) both
+    transform sets were. With ``started_at`` (a time.perf_counter() value), the attribute
+    runtime_seconds is the time from then until the file is complete.
     """
 
     def __init__(
@@ -559,25 +566,34 @@ class PredictionWriter:
         image_size: tuple[int, int],
         attrs: dict | None = None,
         started_at: float | None = None,
+        form: str = DDF_FORM,
     ):
+        if form not in PREDICTION_FORMS:
+            raise ValueError(f"prediction form {form!r}; expected one of {PREDICTION_FORMS}")
         self.path = Path(path)
         self.started_at = started_at
         self.n_frames = n_frames
         self.hw = image_size[0] * image_size[1]
-        self.attrs = dict(attrs or {})
-        self._written = {name: np.zeros(n_frames - 1, bool) for name in PREDICTION_PIXEL_SETS}
+        self.form = form
+        self.attrs = {**(attrs or {}), "form": form}
+        self._written = {name: np.zeros(n_frames - 1, bool) for name in self._required}
+
+    @property
+    def _required(self) -> tuple[str, ...]:
+        return PREDICTION_PIXEL_SETS if self.form == DDF_FORM else PREDICTION_TRANSFORM_SETS
 
     def __enter__(self) -> PredictionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._file = h5py.File(self._tmp, "w")
-        shape = (self.n_frames - 1, 3, self.hw)
-        for name in PREDICTION_PIXEL_SETS:
-            self._file.create_dataset(name, shape, np.float32, chunks=(1, 3, self.hw))
+        if self.form == DDF_FORM:
+            shape = (self.n_frames - 1, 3, self.hw)
+            for name in PREDICTION_PIXEL_SETS:
+                self._file.create_dataset(name, shape, np.float32, chunks=(1, 3, self.hw))
         return self
 
     def write_pixels(self, start: int, gp: np.ndarray, lp: np.ndarray) -> None:
-        """GP and LP of frames start+1 .. start+n: each (n, 3, H*W) mm."""
+        """GP and LP of frames start+1 .. start+n: each (n, 3, H*W) mm (dense form only)."""
         for name, arr in (("GP", gp), ("LP", lp)):
             stop = start + len(arr)
             self._file[name][start:stop] = arr
@@ -588,8 +604,22 @@ class PredictionWriter:
         for name, arr in (("GL", gl), ("LL", ll)):
             self._file.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
 
+    def write_transforms(self, global_: np.ndarray, local: np.ndarray) -> None:
+        """transforms_global T(i->0) and transforms_local T(i->i-1): each (N-1, 4, 4) in image mm.
+
+        Kept in float64: the DDFs are generated from float64 transforms, and a float32
+        copy would move a pixel 100 mm from the origin by up to ~1e-5 mm.
+        """
+        for name, arr in (("transforms_global", global_), ("transforms_local", local)):
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.shape != (self.n_frames - 1, 4, 4):
+                raise ValueError(f"{name} has shape {arr.shape}, expected {(self.n_frames - 1, 4, 4)}")
+            self._file.create_dataset(name, data=arr)
+            if name in self._written:
+                self._written[name][:] = True
+
     def write_array(self, name: str, arr: np.ndarray) -> None:
-        """An optional extra: transforms_global, transforms_local or uncertainty."""
+        """An optional float32 extra, e.g. uncertainty (N-1,)."""
         self._file.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tusrec.data import PredictionWriter
+from tusrec.data import DDF_FORM, PredictionWriter
 from tusrec.geometry import Calibration, frame_transforms
 
 DEFAULT_CHUNK = 16  # frames per chunk: 16 x 3 x 307,200 float32 = 59 MB
@@ -152,27 +152,40 @@ def write_predictions(
     extras: dict[str, np.ndarray] | None = None,
     chunk: int = DEFAULT_CHUNK,
     started_at: float | None = None,
+    form: str = DDF_FORM,
 ) -> None:
     """Write a predictions file (tusrec.data.PredictionWriter) from frame transforms.
 
-    global_, local: (N-1, 4, 4) T(i->0) and T(i->i-1) in image mm. GP/LP are streamed in
-    chunks of frames (peak memory one chunk); GL/LL are written when ``landmarks``
-    ((K, 3) rows frame, x, y) are given. The transforms are stored beside the DDFs;
-    ``extras`` (e.g. uncertainty (N-1,)) likewise. ``started_at``: see PredictionWriter.
+    global_, local: (N-1, 4, 4) T(i->0) and T(i->i-1) in image mm, stored (float64) in
+    both forms. ``form='ddf'`` (dense) also streams GP/LP in chunks of frames (peak memory
+    one chunk); ``form='transforms'`` (compact) writes no GP/LP: the evaluator generates
+    them from the transforms with this module's pixel_ddfs. GL/LL are written when
+    ``landmarks`` ((K, 3) rows frame, x, y) are given; ``extras`` (e.g. uncertainty
+    (N-1,)) likewise. ``started_at``: see PredictionWriter.
     """
     h, w = image_size
     n_frames = len(global_) + 1
     ts = calib.T_scale
+    with PredictionWriter(path, n_frames, image_size, attrs, started_at, form) as out:
+        if form == DDF_FORM:
+            _write_pixel_ddfs(out, global_, local, ts, (h, w), chunk)
+        if landmarks is not None:
+            out.write_landmarks(landmark_ddfs(global_, ts, landmarks), landmark_ddfs(local, ts, landmarks))
+        out.write_transforms(global_, local)
+        for name, arr in (extras or {}).items():
+            out.write_array(name, arr)
+
+
+def _write_pixel_ddfs(out, global_, local, ts, image_size, chunk: int) -> None:
+    h, w = image_size
+    n = len(global_)
     # Generation of chunk k+1 overlaps the writing of chunk k (numpy and HDF5 release the
     # GIL), with two buffer pairs so a chunk is never overwritten while being written.
-    buffers = [np.empty((2, min(chunk, n_frames - 1), 3, h * w), np.float32) for _ in range(2)]
-    with (
-        PredictionWriter(path, n_frames, image_size, attrs, started_at) as out,
-        ThreadPoolExecutor(1) as pool,
-    ):
+    buffers = [np.empty((2, min(chunk, n), 3, h * w), np.float32) for _ in range(2)]
+    with ThreadPoolExecutor(1) as pool:
         pending = None
-        for k, start in enumerate(range(0, n_frames - 1, chunk)):
-            stop = min(start + chunk, n_frames - 1)
+        for k, start in enumerate(range(0, n, chunk)):
+            stop = min(start + chunk, n)
             g, loc = buffers[k % 2][:, : stop - start]
             pixel_ddfs(global_[start:stop], ts, h, w, out=g)
             pixel_ddfs(local[start:stop], ts, h, w, out=loc)
@@ -181,16 +194,12 @@ def write_predictions(
             pending = pool.submit(out.write_pixels, start, g, loc)
         if pending is not None:
             pending.result()
-        if landmarks is not None:
-            out.write_landmarks(landmark_ddfs(global_, ts, landmarks), landmark_ddfs(local, ts, landmarks))
-        out.write_array("transforms_global", global_)
-        out.write_array("transforms_local", local)
-        for name, arr in (extras or {}).items():
-            out.write_array(name, arr)
 
 
-def write_ground_truth(scan, calib: Calibration, path, chunk: int = DEFAULT_CHUNK) -> None:
-    """Write a scan's ground truth in the predictions format.
+def write_ground_truth(
+    scan, calib: Calibration, path, chunk: int = DEFAULT_CHUNK, form: str = DDF_FORM
+) -> None:
+    """Write a scan's ground truth in the predictions format (either form).
 
     Scoring this file against the same data must give 0 for every error. GL/LL are
     written when the scan has landmarks.
@@ -205,4 +214,5 @@ def write_ground_truth(scan, calib: Calibration, path, chunk: int = DEFAULT_CHUN
         scan.read_landmarks() if scan.has_landmarks else None,
         attrs={"model": "ground truth", "runtime_seconds": 0.0},
         chunk=chunk,
+        form=form,
     )

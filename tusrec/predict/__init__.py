@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tusrec.data import EVAL, TusrecDataError, open_data, write_data_calibration, write_landmarks, write_scan
+from tusrec.data import (
+    EVAL,
+    TRANSFORMS_FORM,
+    TusrecDataError,
+    open_data,
+    write_data_calibration,
+    write_landmarks,
+    write_scan,
+)
 from tusrec.geometry import default_calibration, read_calibration
 from tusrec.model.ensemble import load_members
 from tusrec.predict.core import (
@@ -43,8 +51,12 @@ def predict_folder(
     translation: str = "mean",
     log=print,
     members: list[str] | None = None,
+    form: str = TRANSFORMS_FORM,
 ) -> list[dict]:
     """Predict every scan of a validation/test folder into ``output_dir``.
+
+    ``form``: 'transforms' (compact: the transforms and GL/LL, kilobytes a scan) or 'ddf'
+    (dense GP/LP as well, the challenge's official form, gigabytes a scan).
 
     Scans already predicted completely are kept (a rerun finishes what is missing);
     temporary files of an interrupted run are removed, never trusted. One bad scan is
@@ -59,7 +71,7 @@ def predict_folder(
         raise TusrecDataError(f"{input_dir}: no scans found")
     calib = data.calibration
     predictor = Predictor(
-        load_members(weights, pick_device(device), members), device, time_limit_s, translation
+        load_members(weights, pick_device(device), members), device, time_limit_s, translation, form=form
     )
     removed = remove_partial_files(output)
     if removed:
@@ -68,7 +80,7 @@ def predict_folder(
     with tqdm(scans, desc="predict", unit="scan", disable=None) as bar:
         for scan in bar:
             path = output / f"{scan.key}.h5"
-            if prediction_complete(path, scan) and rows.get(scan.key, {}).get("status", "ok") == "ok":
+            if prediction_complete(path, scan, form) and rows.get(scan.key, {}).get("status", "ok") == "ok":
                 rows.setdefault(scan.key, {"key": scan.key, "frames": scan.n_frames, "status": "ok"})
                 continue
             row = predictor.predict_scan(scan, calib, path)

@@ -2,13 +2,17 @@
 
 Per scan: read the frames in chunks and preprocess them (small: 64 x 80 by default),
 run as many ensemble members as fit in the time left, combine them, chain the
-combined local transforms into global ones, and stream GP/GL/LP/LL to the predictions
-file (tusrec.ddf.write_predictions), which appears under its name only when complete.
+combined local transforms into global ones, and write the predictions file
+(tusrec.ddf.write_predictions), which appears under its name only when complete: in the
+compact form the transforms and GL/LL (kilobytes), in the dense form also GP/LP,
+streamed in frame chunks (gigabytes).
 
-The time limit is a guarantee: the deadline for the network is the scan's limit minus
-the time the DDFs will take to write (estimated from the frame count), every member is
-checked against it between windows, and when not even one member can finish, the
-identity motion (a valid, scorable prediction) is written instead and the manifest says so.
+The time limit is a guarantee as far as the predictor controls it: the deadline for the
+network is the scan's limit minus the time the output will take to write (estimated from
+the frame count and the form), every member is checked against it between windows, and
+when not even one member can finish, the identity motion (a valid, scorable prediction)
+is written instead and the manifest says so. A scan that still ends past its limit (slow
+reading, a slow disk) is marked in the manifest (column overrun_s).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import numpy as np
 import torch
 
 from tusrec.data import (
+    DDF_FORM,
+    PREDICTION_FORMS,
+    PREDICTION_PIXEL_SETS,
+    PREDICTION_TRANSFORM_SETS,
     Scan,
     TusrecDataError,
     h5_has_dataset,
@@ -54,8 +62,14 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def ddf_reserve_s(n_frames: int, image_size: tuple[int, int]) -> float:
-    """Seconds to keep for writing the DDFs of a scan (generous estimate)."""
+def ddf_reserve_s(n_frames: int, image_size: tuple[int, int], form: str = DDF_FORM) -> float:
+    """Seconds to keep for writing a scan's predictions file (generous estimate).
+
+    Dense DDFs take seconds per hundred frames; the compact form is a few kilobytes, so
+    only the margin is kept.
+    """
+    if form != DDF_FORM:
+        return RESERVE_MARGIN_S
     pixels = image_size[0] * image_size[1] / (480 * 640)
     return RESERVE_FACTOR * n_frames * pixels / DDF_WRITE_FRAMES_PER_S + RESERVE_MARGIN_S
 
@@ -82,9 +96,13 @@ class Predictor:
         translation: str = "mean",
         chunk: int = 64,
         batched: bool | None = None,
+        form: str = DDF_FORM,
     ):
         if not members:
             raise ValueError("a predictor needs at least one ensemble member")
+        if form not in PREDICTION_FORMS:
+            raise ValueError(f"prediction form {form!r}; expected one of {PREDICTION_FORMS}")
+        self.form = form
         self.device = pick_device(device)
         self.members = [Member(m.name, m.net.to(self.device).eval(), m.info) for m in members]
         self.time_limit_s = time_limit_s
@@ -169,7 +187,7 @@ class Predictor:
             n, h, w = scan.shape
             row["frames"] = n
             landmarks = scan.read_landmarks() if scan.has_landmarks else None
-            deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w))
+            deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
             frames = self.read_preprocessed(scan)
             t_read = time.perf_counter()
             pred = self.predict_local(frames, deadline)
@@ -195,6 +213,7 @@ class Predictor:
                 attrs=attrs,
                 extras=extras,
                 started_at=t0,
+                form=self.form,
             )
             row["write_s"] = time.perf_counter() - t_network
             row["message"] = "; ".join(notes)
@@ -202,21 +221,36 @@ class Predictor:
         except (TusrecDataError, OSError, ValueError) as err:
             row.update(status="failed", message=str(err))
         row["seconds"] = time.perf_counter() - t0
+        # The file is valid and kept, but a runner that enforces the limit from outside
+        # would have stopped this scan: say so rather than report a plain 'ok'.
+        row["overrun_s"] = max(0.0, row["seconds"] - self.time_limit_s)
+        if row["overrun_s"] > 0:
+            note = f"over the time limit: {row['seconds']:.1f} s of {self.time_limit_s:g} s"
+            row["message"] = "; ".join(m for m in (row["message"], note) if m)
         return row
 
 
-def prediction_complete(path: Path, scan: Scan) -> bool:
-    """Whether ``path`` is a finished prediction of ``scan`` (a rerun keeps it).
+def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM) -> bool:
+    """Whether ``path`` is a finished prediction of ``scan`` in ``form`` (a rerun keeps it).
 
     Files only ever appear under their final name when complete, but a file from another
-    run or version is checked anyway: it must open and have GP/LP of this scan's shape.
+    run or version is checked anyway: it must open and have the datasets of the form
+    (GP/LP, or both transform sets) at this scan's shape. A file of the other form is
+    redone, so that a folder is never a mix of what two commands asked for.
     """
+    n, h, w = scan.shape
+    shapes = (
+        {k: (n - 1, 3, h * w) for k in PREDICTION_PIXEL_SETS}
+        if form == DDF_FORM
+        else {k: (n - 1, 4, 4) for k in PREDICTION_TRANSFORM_SETS}
+    )
     try:
-        n, h, w = scan.shape
-        if not (h5_has_dataset(path, "GP") and h5_has_dataset(path, "LP")):
+        if not all(h5_has_dataset(path, k) for k in shapes):
             return False
         with open_h5(path) as f:
-            return all(f[k].shape == (n - 1, 3, h * w) for k in ("GP", "LP"))
+            declared = f.attrs.get("form", DDF_FORM)
+            declared = declared.decode() if isinstance(declared, bytes) else str(declared)
+            return declared == form and all(f[k].shape == shape for k, shape in shapes.items())
     except (TusrecDataError, OSError):
         return False
 
