@@ -238,13 +238,13 @@ def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM) -> bool:
     (GP/LP, or both transform sets) at this scan's shape. A file of the other form is
     redone, so that a folder is never a mix of what two commands asked for.
     """
-    n, h, w = scan.shape
-    shapes = (
-        {k: (n - 1, 3, h * w) for k in PREDICTION_PIXEL_SETS}
-        if form == DDF_FORM
-        else {k: (n - 1, 4, 4) for k in PREDICTION_TRANSFORM_SETS}
-    )
     try:
+        n, h, w = scan.shape  # an unreadable scan has no complete prediction
+        shapes = (
+            {k: (n - 1, 3, h * w) for k in PREDICTION_PIXEL_SETS}
+            if form == DDF_FORM
+            else {k: (n - 1, 4, 4) for k in PREDICTION_TRANSFORM_SETS}
+        )
         if not all(h5_has_dataset(path, k) for k in shapes):
             return False
         with open_h5(path) as f:
