@@ -569,3 +569,17 @@ def test_bad_compact_file_is_invalid(kind, data_root, tmp_path):
     ), problems
     row = score_predictions(tmp_path / "p", data, tmp_path / "s", keys=[scan.key]).iloc[0]
     assert row["status"] == "invalid" and expected in row["message"]
+
+
+def test_comparison_kernel_makes_exactly_the_fields_pixel_ddfs_makes():
+    """The scorer generates true (and compact predicted) rows from field_terms; the
+    bit-identity of compact and dense scoring rests on their matching pixel_ddfs."""
+    from tusrec.ddf import pixel_ddfs
+    from tusrec.evaluate.metrics import TILE_ROWS, field_terms
+
+    rng = np.random.default_rng(5)
+    transforms = pose6_to_matrix(rng.normal(0, [0.3] * 3 + [40.0] * 3, (4, 6)))
+    for h, w in ((13, 17), (TILE_ROWS + 5, 40)):
+        a, b = field_terms(transforms, CALIB.T_scale, h, w)
+        rows = (a[:, :, None, :] + b[:, :, :, None]).reshape(4, 3, h * w)
+        assert np.array_equal(rows, pixel_ddfs(transforms, CALIB.T_scale, h, w))

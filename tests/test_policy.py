@@ -246,3 +246,34 @@ def test_malformed_attributes_are_notes(data_root, tmp_path):
     assert "attribute 'runtime_seconds' is 24000 bytes (at most 4096)" in table.loc[data.keys[1], "message"]
     assert "attribute 'model' has shape (4,)" in table.loc[data.keys[2], "message"]
     assert table.loc[data.keys[3], "runtime_s"] == 0.0  # write_ground_truth's runtime_seconds
+
+
+@pytest.mark.parametrize("kind", ["symlink", "huge", "binary", "duplicate keys"])
+def test_unreadable_manifest_is_the_teams_problem_only(kind, data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    manifest = gt_dir / "predictions.csv"
+    expected = {
+        "symlink": "a symbolic link, not a regular file",
+        "huge": "a manifest may have at most",
+        "binary": "not a readable CSV",
+        "duplicate keys": "duplicate key(s)",
+    }[kind]
+    if kind == "symlink":
+        target = tmp_path / "elsewhere.csv"
+        manifest.replace(target)
+        manifest.symlink_to(target)
+    elif kind == "huge":
+        with manifest.open("a") as f:
+            f.truncate(9 * 2**20)  # sparse: a 9 MiB manifest without writing 9 MiB
+    elif kind == "binary":
+        manifest.write_bytes(b'key,status\n\x00\xff"unterminated\n' * 3)
+    else:
+        text = manifest.read_text().splitlines()
+        manifest.write_text("\n".join([*text, text[1]]) + "\n")
+    problems = check_predictions(gt_dir, data)
+    assert [p.key for p in problems] == [None] and expected in problems[0].message
+    table = score_predictions(gt_dir, data, tmp_path / "scores")
+    assert (table["status"] == "ok").all()  # every file is still scored
+    assert table["message"].str.contains("manifest ignored: ").all()
+    assert table["message"].str.contains(expected, regex=False).all()

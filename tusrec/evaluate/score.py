@@ -163,12 +163,12 @@ def check_finite(path: Path) -> list[str]:
     problems = []
     with open_prediction(path) as f:
         for name in (*PREDICTION_PIXEL_SETS, *PREDICTION_LANDMARK_SETS, *TRANSFORM_SETS):
-            if link_kind(f, name) != "hard":
+            if link_kind(f, name) != "hard" or not isinstance(f[name], h5py.Dataset):
                 continue
             try:
                 ds = open_dataset(f, name, f[name].shape)
             except PolicyError:
-                continue
+                continue  # check_structure reports it
             step = DEFAULT_CHUNK if ds.ndim == 3 else max(len(ds), 1)
             for start in range(0, len(ds), step):
                 block = ds[start : start + step]
@@ -284,8 +284,10 @@ class ScoreLimits:
 
     memory_mb: int = 2048
     time_s: float | None = None
-    base_s: float = 60.0
-    s_per_gigapixel: float = 120.0
+    # Generous: the dense benchmark scores N = 1,600 at 480x640 in 19 s on an idle 2-core
+    # machine; these give 148 s at N = 150 and 415 s at N = 1,600, room for a loaded host.
+    base_s: float = 120.0
+    s_per_gigapixel: float = 600.0
     chunk: int = DEFAULT_CHUNK
     isolate: bool = True
 
