@@ -435,7 +435,9 @@ def add_evaluate(sub) -> None:
         "evaluate",
         help="validate and score predictions against ground truth",
         description="The organisers' evaluation: `check` validates a predictions folder "
-        "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime.",
+        "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime; "
+        "`rank` ranks teams from their scores and analyses the ranking; `run` runs team images "
+        "in containers, scores and ranks them; `show` draws trajectories and reconstructions.",
     )
     ev = p.add_subparsers(dest="evaluate_command", required=True, metavar="command")
     check = ev.add_parser(
@@ -495,6 +497,99 @@ def add_evaluate(sub) -> None:
     )
     rank.set_defaults(run=run_evaluate_rank)
     add_evaluate_run(ev)
+    add_evaluate_show(ev)
+
+
+def add_evaluate_show(ev) -> None:
+    from tusrec.show.command import DEFAULT_MAX_SCANS
+    from tusrec.show.volume import DEFAULT_MAX_VOXELS, DEFAULT_PIXEL_STEP, DEFAULT_VOXEL_MM
+
+    show = ev.add_parser(
+        "show",
+        help="trajectories and reconstructed volumes per scan (PNGs and show.html)",
+        description="For each chosen scan of DATA (with ground truth): the trajectory (the four "
+        "image corners of every frame in 3D, true against predicted, in the first frame's image "
+        "mm; per-frame GPE and LPE; the file's per-frame uncertainty) and the reconstruction (the "
+        "frames compounded into one voxel volume with the true and with the predicted poses, as "
+        "maximum-intensity projections side by side). Dense files are shown through a rigid fit "
+        "of each frame's DDF (residual reported), compact files through their matrices. Writes "
+        "<key>_trajectory.png, <key>_reconstruction.png, show.csv and a self-contained show.html "
+        "into --out. Conventions: docs/conventions.md.",
+    )
+    show.add_argument("predictions", type=Path, help="predictions folder (<key>.h5, dense or compact)")
+    show.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
+    show.add_argument("--out", type=Path, required=True, help="folder for the figures and show.html")
+    show.add_argument("--scans", nargs="+", default=None, metavar="KEY", help="only these scan keys")
+    show.add_argument(
+        "--max-scans",
+        type=int,
+        default=DEFAULT_MAX_SCANS,
+        help=f"without --scans: all scans if at most this many, else the ones with the largest GPE "
+        f"(default {DEFAULT_MAX_SCANS})",
+    )
+    show.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="metrics.csv of `evaluate score` to pick the worst scans by (default: measure every file)",
+    )
+    show.add_argument(
+        "--voxel-mm",
+        type=float,
+        default=DEFAULT_VOXEL_MM,
+        help=f"voxel edge (default {DEFAULT_VOXEL_MM} mm; grown when the grid would exceed --max-voxels)",
+    )
+    show.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        help=f"voxel budget (default {DEFAULT_MAX_VOXELS:,})",
+    )
+    show.add_argument(
+        "--pixel-step",
+        type=int,
+        default=DEFAULT_PIXEL_STEP,
+        help=f"compound every n-th row and column of pixels (default {DEFAULT_PIXEL_STEP})",
+    )
+    show.add_argument("--title", default=None, help="page title")
+    show.add_argument(
+        "--synthetic", action="store_true", help="label every figure and the page SYNTHETIC DATA"
+    )
+    show.set_defaults(run=run_evaluate_show)
+
+
+def run_evaluate_show(args) -> int:
+    from tusrec.data import open_data
+    from tusrec.show.command import show_predictions
+
+    if args.max_scans < 1 or args.pixel_step < 1 or args.voxel_mm <= 0 or args.max_voxels < 1:
+        print(
+            "error: --max-scans, --pixel-step, --voxel-mm and --max-voxels must be positive", file=sys.stderr
+        )
+        return 2
+    data = open_data(args.data)
+    shown = show_predictions(
+        args.predictions,
+        data,
+        args.out,
+        args.scans,
+        args.max_scans,
+        args.metrics,
+        args.synthetic,
+        args.title,
+        args.voxel_mm,
+        args.max_voxels,
+        args.pixel_step,
+    )
+    bad = [s for s in shown if s.trajectory is None]
+    for s in shown:
+        r = s.row
+        if s.trajectory is None:
+            print(f"{s.key}: not shown: {r['message']}", file=sys.stderr)
+        else:
+            print(f"{s.key}: {r['form']}, GPE {r['GPE']:.3f} mm, LPE {r['LPE']:.3f} mm, {r['seconds']:.1f} s")
+    print(f"wrote {len(shown) - len(bad)} scan(s) to {args.out / 'show.html'}")
+    return 1 if bad else 0
 
 
 def add_evaluate_run(ev) -> None:
