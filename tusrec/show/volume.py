@@ -77,10 +77,14 @@ def make_grid(
     hi = np.minimum(every.max(axis=0), t_hi + grow)
     size = np.maximum(hi - lo, 1e-6)
     voxel = float(voxel_mm)
-    while np.prod(np.floor(size / voxel) + 1) > max_voxels:
-        # (s/v + 1)^3 <= budget is solved exactly only for a cube: grow 2 % and retry
+
+    def cells(v: float) -> np.ndarray:  # nearest-voxel indices run 0..floor(size/v + 0.5)
+        return np.floor(size / v + 0.5) + 1
+
+    while np.prod(cells(voxel)) > max_voxels:
+        # the budget is met exactly only for a cube: grow 2 % and retry
         voxel = max(voxel * 1.02, float((np.prod(size) / max_voxels) ** (1 / 3)))
-    shape = tuple(int(v) for v in np.floor(size / voxel) + 1)
+    shape = tuple(int(v) for v in cells(voxel))
     return Grid(lo, voxel, shape)
 
 
