@@ -15,7 +15,7 @@ from tusrec.cli import main
 from tusrec.data import open_data
 from tusrec.ddf import GroundTruth, write_predictions
 from tusrec.geometry import compose_local, local_from_global, pose6_to_matrix
-from tusrec.show.command import choose_scans, show_predictions
+from tusrec.show.command import choose_scans
 from tusrec.show.figures import ordinal, projection
 from tusrec.show.poses import COMPACT, DENSE, ShowError, read_poses, rigid_fit
 from tusrec.show.volume import Compounder, Volume, compound, frame_corners_mm, make_grid
@@ -118,7 +118,7 @@ def test_both_forms_give_the_same_poses_and_the_scored_per_frame_errors(scan_and
 
 
 def test_compact_files_with_one_set_of_matrices_derive_the_other(scan_and_files):
-    data, scan, gt, glob, local, pred, tmp = scan_and_files
+    _data, scan, gt, glob, local, _pred, tmp = scan_and_files
     _write_compact(tmp / "g.h5", glob=glob.astype(np.float32))
     _write_compact(tmp / "l.h5", local=local)
     only_g = read_poses(tmp / "g.h5", scan, gt)
@@ -129,7 +129,7 @@ def test_compact_files_with_one_set_of_matrices_derive_the_other(scan_and_files)
 
 
 def test_hostile_files_are_refused_with_a_reason(scan_and_files):
-    data, scan, gt, glob, local, pred, tmp = scan_and_files
+    _data, scan, gt, glob, _local, pred, tmp = scan_and_files
     cases = {}
     os.symlink(pred / f"{scan.key}.h5", tmp / "link.h5")
     cases["link.h5"] = "symbolic link"
@@ -195,7 +195,7 @@ def test_compounding_puts_each_pixel_in_its_voxel(rng):
 
 
 def test_the_grid_is_bounded_and_wild_predictions_are_counted_outside(scan_and_files):
-    data, scan, gt, glob, local, pred, tmp = scan_and_files
+    data, scan, gt, glob, _local, _pred, _tmp = scan_and_files
     wild = glob.copy()
     wild[3:, :3, 3] += 1e7  # a prediction that leaves for another galaxy
     true_v, wild_v = compound(
@@ -221,7 +221,7 @@ def test_worst_scans_are_chosen_by_gpe(eval_root):
 
 
 def test_show_command_writes_a_self_contained_page(scan_and_files, capsys):
-    data, scan, gt, glob, local, pred, tmp = scan_and_files
+    data, _scan, _gt, _glob, _local, pred, tmp = scan_and_files
     other = data.scans[1]
     _write_compact(
         pred / f"{other.key}.h5", compose_local(GroundTruth.from_scan(other, data.calibration).local)
