@@ -1,6 +1,6 @@
 """How far to trust a ranking: bootstrap stability, sampling distributions, pairwise tests,
-breakdowns by scan pattern and scan length (TUSREC.md section 6, "Analysis published with
-the 2024 ranking", and what the paper says it lacks).
+breakdowns by scan pattern and scan length (docs/conventions.md section 4.5, and what
+the 2024 paper says the published analysis lacks).
 
 All of it works on arrays of ``rank``: per-scan scores (T teams, n scans) and errors
 (T, n, 4) in mm. The bootstrap is vectorised: one (B, n) matrix of resampling weights
