@@ -250,3 +250,15 @@ def test_ordinals():
     assert [ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 102)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "102nd"
     ]  # fmt: skip
+
+
+def test_cli_defaults_are_the_modules_defaults():
+    from tusrec import cli
+    from tusrec.show import command, volume
+
+    assert cli.SHOW_MAX_SCANS == command.DEFAULT_MAX_SCANS
+    assert (cli.SHOW_VOXEL_MM, cli.SHOW_MAX_VOXELS, cli.SHOW_PIXEL_STEP) == (
+        volume.DEFAULT_VOXEL_MM,
+        volume.DEFAULT_MAX_VOXELS,
+        volume.DEFAULT_PIXEL_STEP,
+    )

@@ -140,7 +140,7 @@ def add_reference(sub) -> None:
         help="write reference predictions (ground truth or identity) in the predictions format",
         description="Write a predictions folder (<key>.h5 + predictions.csv) of a reference "
         "method: 'ground-truth' computes each scan's true GP/GL/LP/LL from its tforms and the "
-        "calibration (TUSREC.md section 2; scoring it gives 0), 'identity' predicts no motion "
+        "calibration (docs/conventions.md section 2; scoring it gives 0), 'identity' predicts no motion "
         "(all-zero DDFs; the 2025 normalisation's reference, and needs no ground truth). "
         "Streamed in frame chunks; complete files are kept on a rerun.",
     )
@@ -467,8 +467,8 @@ def add_evaluate(sub) -> None:
     rank = ev.add_parser(
         "rank",
         help="rank teams from their metrics.csv and analyse how stable the ranking is",
-        description="Rank teams from the per-scan tables of `score` (TUSREC.md section 6): per-scan "
-        "normalisation, FS/GS/LS/PS/LMS, aggregate then rank (ties by runtime); scan- and "
+        description="Rank teams from the per-scan tables of `score` (docs/conventions.md section 4): "
+        "per-scan normalisation, FS/GS/LS/PS/LMS, aggregate then rank (ties by runtime); scan- and "
         "subject-level bootstrap (blob plot, Kendall's tau), sampling distributions, one-sided "
         "Wilcoxon tests (Holm), breakdowns by scan pattern and scan length, and the ranking under "
         "other methods. Writes leaderboard.csv/.md, CSV tables, PNG figures and a self-contained "
@@ -500,10 +500,14 @@ def add_evaluate(sub) -> None:
     add_evaluate_show(ev)
 
 
-def add_evaluate_show(ev) -> None:
-    from tusrec.show.command import DEFAULT_MAX_SCANS
-    from tusrec.show.volume import DEFAULT_MAX_VOXELS, DEFAULT_PIXEL_STEP, DEFAULT_VOXEL_MM
+# The defaults of tusrec.show (command.DEFAULT_MAX_SCANS and volume.DEFAULT_*), written out
+# because the submission image has no tusrec.show to import (tests check they agree).
+SHOW_MAX_SCANS, SHOW_VOXEL_MM, SHOW_MAX_VOXELS, SHOW_PIXEL_STEP = 6, 0.5, 2**24, 2
 
+
+def add_evaluate_show(ev) -> None:
+    DEFAULT_MAX_SCANS, DEFAULT_VOXEL_MM = SHOW_MAX_SCANS, SHOW_VOXEL_MM
+    DEFAULT_MAX_VOXELS, DEFAULT_PIXEL_STEP = SHOW_MAX_VOXELS, SHOW_PIXEL_STEP
     show = ev.add_parser(
         "show",
         help="trajectories and reconstructed volumes per scan (PNGs and show.html)",
@@ -700,3 +704,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except TusrecDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A folder that cannot be written (read-only, no permission, disk full) or read:
+        # one line naming the path, as ./predict says it, for every command.
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """'PATH: reason' of an OSError (h5py's carry no filename: their own message)."""
+    if err.filename is not None and err.strerror:
+        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        return f"{where}: {err.strerror} (check that the folder exists and can be written)"
+    return " ".join(str(err).split()) or type(err).__name__
