@@ -495,6 +495,24 @@ def add_evaluate(sub) -> None:
     rank.add_argument(
         "--synthetic", action="store_true", help="label every figure and the report SYNTHETIC DATA"
     )
+    rank.add_argument(
+        "--continuity-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Wilcoxon tests: normal approximation with the continuity correction (default, as "
+        "challengeR: R's wilcox.test(exact = FALSE, correct = TRUE)), or without it",
+    )
+    rank.add_argument(
+        "--predictions",
+        action="append",
+        default=None,
+        metavar="TEAM=DIR",
+        help="a ranked team's predictions folder, for a qualitative section drawing its best, median "
+        "and worst scan (needs --data); repeat per team",
+    )
+    rank.add_argument(
+        "--data", type=Path, default=None, help="data folder with ground truth (for --predictions)"
+    )
     rank.set_defaults(run=run_evaluate_rank)
     add_evaluate_run(ev)
     add_evaluate_show(ev)
@@ -644,7 +662,19 @@ def run_evaluate_rank(args) -> int:
     from tusrec.evaluate.report import rank_command
 
     a = args
-    return rank_command(a.team, a.out, a.normalisation, a.bootstrap, a.seed, a.alpha, a.title, a.synthetic)
+    return rank_command(
+        a.team,
+        a.out,
+        a.normalisation,
+        a.bootstrap,
+        a.seed,
+        a.alpha,
+        a.title,
+        a.synthetic,
+        continuity_correction=a.continuity_correction,
+        predictions=a.predictions,
+        data_root=a.data,
+    )
 
 
 def run_evaluate_check(args) -> int:
