@@ -387,7 +387,8 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
     a = analysis
     prefix = f"{title} - " if title else ""
     yield "blob_plot", fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic)
-    yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
+    if _tau_defined(a):  # with one team there is no order to compare: no empty figure
+        yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
     if a.pairwise:
         yield (
             "significance_map",
@@ -432,7 +433,11 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
         ),
     )
     if len(a.patterns):
-        yield "patterns", fg.pattern_plot(a.patterns, a.ranking, prefix + FIGURES["patterns"], synthetic)
+        from tusrec.evaluate.stats import factors_present, metric_values, pattern_labels
+
+        panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
+        labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
+        yield "patterns", fg.pattern_plot(panels, labels, a.ranking, prefix + FIGURES["patterns"], synthetic)
     yield (
         "scan_length",
         fg.length_plot(
@@ -447,6 +452,10 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
     yield "sensitivity", fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic)
 
 
+def _tau_defined(analysis: Analysis) -> bool:
+    return any(np.isfinite(b.tau).any() for b in analysis.bootstrap.values())
+
+
 def write_figures(
     analysis: Analysis, out: Path, title: str = DEFAULT_TITLE, synthetic: bool = False, dpi: int = 100
 ) -> dict[str, Path]:
@@ -457,7 +466,12 @@ def write_figures(
     # Figures of an earlier run (e.g. with more teams) must not linger beside these.
     shutil.rmtree(out / "figures", ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    n = len(FIGURES) - (0 if analysis.pairwise else 2) - (0 if len(analysis.patterns) else 1)
+    n = (
+        len(FIGURES)
+        - (0 if analysis.pairwise else 2)
+        - (0 if len(analysis.patterns) else 1)
+        - (0 if _tau_defined(analysis) else 1)
+    )
     for name, fig in tqdm(make_figures(analysis, synthetic, title), total=n, desc="figures", disable=None):
         path = out / "figures" / f"{name}.png"
         with atomic_path(path) as tmp:
@@ -666,6 +680,8 @@ def report_html(
         boot[c] = boot[c].map(lambda v: f"{v:.1f}")
     parts.append(_table_html(boot, "bootstrap", digits=3))
     figure("kendall_tau")
+    if "kendall_tau" not in figures and not _tau_defined(a):
+        parts.append("<p>Kendall's tau compares orders of teams: it needs two teams or more.</p>")
     taus = []
     for level, b in a.bootstrap.items():
         t = b.tau[np.isfinite(b.tau)]

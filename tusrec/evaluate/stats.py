@@ -371,6 +371,16 @@ def factors_present(data: TeamData) -> list[str]:
     return out
 
 
+def pattern_labels(data: TeamData, factor: str) -> np.ndarray:
+    """(n,) str: each scan's level of a pattern factor ('' where the scan has none); 2025
+    rotation scans are '<arm> rotation' under arm."""
+    labels = data.scans[factor].to_numpy(dtype=str)
+    rotation = data.scans["protocol"].to_numpy() == "2025"
+    if factor == "arm" and rotation.any():
+        labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
+    return labels
+
+
 def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
     """Mean, sd and count of FS and each error per team and level of each pattern factor.
 
@@ -379,11 +389,8 @@ def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
     '<arm> rotation'.
     """
     rows = []
-    rotation = data.scans["protocol"].to_numpy() == "2025"
     for factor in factors_present(data):
-        labels = data.scans[factor].to_numpy(dtype=str)
-        if factor == "arm" and rotation.any():
-            labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
+        labels = pattern_labels(data, factor)
         for level in sorted(set(labels) - {""}):
             mask = labels == level
             for t, team in enumerate(data.teams):
