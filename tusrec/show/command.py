@@ -39,8 +39,19 @@ class ShownScan:
 
 
 def _save(fig, path: Path, dpi: int) -> Path:
+    """PNG with a 256-colour palette (median cut: the octree method bands the greys into ~16
+    levels): greyscale volumes and a few line colours lose nothing visible, and the file is
+    about half the size (the pages inline every image)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    buffer.seek(0)
+    image = Image.open(buffer).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        image.save(tmp, format="PNG", optimize=True)
     return path
 
 
@@ -56,7 +67,7 @@ def show_scan(
     pixel_step: int = DEFAULT_PIXEL_STEP,
     poses: PredictedPoses | None = None,
     prefix: str = "",
-    dpi: int = 80,
+    dpi: int = 75,
 ) -> ShownScan:
     """Both figures of one scan into ``out`` (<prefix><key>_trajectory.png,
     <prefix><key>_reconstruction.png); a file that cannot be shown gives a row saying why."""
