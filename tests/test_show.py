@@ -154,7 +154,7 @@ def test_hostile_files_are_refused_with_a_reason(scan_and_files):
     with h5py.File(tmp / "ext.h5", "w") as f:
         f.attrs["form"] = "transforms"
         f["transforms_global"] = h5py.ExternalLink(str(tmp / "compact.h5"), "transforms_global")
-    cases["ext.h5"] = "ExternalLink"
+    cases["ext.h5"] = "is a link (ExternalLink"
     (tmp / "text.h5").write_text("not hdf5")
     cases["text.h5"] = "cannot be opened as an HDF5 file"
     with h5py.File(pred / f"{scan.key}.h5") as src, h5py.File(tmp / "nandense.h5", "w") as f:
@@ -162,6 +162,15 @@ def test_hostile_files_are_refused_with_a_reason(scan_and_files):
             f[name] = src[name][()]
         f["GP"][4, 1, 7] = np.inf
     cases["nandense.h5"] = "'GP' has NaN or Inf values (first in frame 5)"
+    with h5py.File(pred / f"{scan.key}.h5") as src, h5py.File(tmp / "extdense.h5", "w") as f:
+        for name in ("GP", "LP"):
+            f[name] = src[name][()]
+        f["uncertainty"] = h5py.ExternalLink(str(tmp / "elsewhere.h5"), "uncertainty")
+    cases["extdense.h5"] = "'uncertainty' is a link (ExternalLink"
+    with h5py.File(pred / f"{scan.key}.h5") as src, h5py.File(tmp / "softdense.h5", "w") as f:
+        f["GP"] = src["GP"][()]
+        f["LP"] = h5py.SoftLink("/GP")
+    cases["softdense.h5"] = "'LP' is a link (SoftLink"
     for name, reason in cases.items():
         with pytest.raises(ShowError, match=re.escape(reason)):
             read_poses(tmp / name, scan, gt)

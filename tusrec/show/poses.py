@@ -35,6 +35,7 @@ from tusrec.geometry import compose_local, local_from_global
 
 DENSE, COMPACT = "ddf", "transforms"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
+OPTIONAL_SETS = ("uncertainty", "uncertainty_translation_mm")
 LAST_ROW_TOLERANCE = 1e-6  # the compact spec's tolerance on (0, 0, 0, 1)
 # matrices a derivation inverts must be well conditioned (1 / condition number above this)
 INVERTIBLE_RCOND = 1e-12
@@ -77,7 +78,7 @@ def _hard_dataset(f: h5py.File, name: str) -> h5py.Dataset | None:
     if link is None:
         return None
     if not isinstance(link, h5py.HardLink):
-        raise ShowError(f"{f.filename}: '{name}' is a {type(link).__name__} (not followed)")
+        raise ShowError(f"{f.filename}: '{name}' is a link ({type(link).__name__}; not followed)")
     ds = f[name]
     if not isinstance(ds, h5py.Dataset):
         raise ShowError(f"{f.filename}: '{name}' is not a dataset")
@@ -123,9 +124,12 @@ def check_prediction_file(path: Path, scan: Scan) -> tuple[str, list[str]]:
     with open_h5(path) as f:
         form = file_form(f)
         if form == DENSE:
-            for name in PREDICTION_PIXEL_SETS:
+            # every dataset the checks or the reading touch, before any of them is opened
+            for name in (*PREDICTION_PIXEL_SETS, "GL", "LL", *TRANSFORM_SETS, *OPTIONAL_SETS):
                 _hard_dataset(f, name)
         else:
+            for name in OPTIONAL_SETS:
+                _hard_dataset(f, name)
             present = [name for name in TRANSFORM_SETS if _hard_dataset(f, name) is not None]
             if not present:
                 return form, [f"{path}: form 'transforms' without transforms_global or transforms_local"]
