@@ -132,7 +132,8 @@ def trajectory_figure(
         ax.plot(frames, values, color=PRED_COLOUR, lw=1.4)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10.5)
-        ax.set_ylim(bottom=0)
+        # room above the largest value: a constant error would otherwise sit on the frame
+        ax.set_ylim(0, max(float(np.max(values)) * 1.08, 1e-6))
         ax.grid(color="0.92")
         axes.append(ax)
     if has_unc:
