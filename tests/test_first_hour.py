@@ -134,3 +134,9 @@ def test_simulate_without_landmarks_leaves_no_landmark_folder(tmp_path):
     assert code == 0
     assert not (out / "landmark").exists() and not (out / "landmarks").exists()
     assert (out / "frames" / "050").is_dir()
+
+
+def test_subcommand_usage_names_the_root_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["show", "--help"], prog="evaluate")
+    assert capsys.readouterr().out.startswith("usage: evaluate show ")

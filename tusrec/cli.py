@@ -726,6 +726,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog in COMMANDS:  # invoked as ./landmarks etc.: that command's own parser
         command_parser = sub.choices[prog]
         command_parser.prog = prog
+        # its own subcommands were named 'tusrec evaluate rank' ...: as run, './evaluate rank'
+        for action in command_parser._subparsers._group_actions if command_parser._subparsers else []:
+            for name, child in getattr(action, "choices", {}).items():
+                child.prog = f"{prog} {name}"
         args = command_parser.parse_args(argv)
     else:
         args = parser.parse_args(argv)
