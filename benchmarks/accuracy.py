@@ -10,7 +10,7 @@ scores on every scan:
 4. the ensemble (projected-mean rotations, mean translations),
 
 with the challenge's four errors (GPE, GLE, LPE, LLE, mm) and FS under identity
-normalisation (TUSREC.md section 6, the 2025 rule: X* = 1 - X / X_identity).
+normalisation (docs/conventions.md section 4, the 2025 rule: X* = 1 - X / X_identity).
 
 GPE/LPE come from the transforms with the evaluator's own exact formula
 (metrics.transform_pixel_error in float32, equal to scoring the dense float32 DDFs;

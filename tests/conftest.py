@@ -1,4 +1,4 @@
-"""Shared builders for the tests: small synthetic TUS-REC data folders (TUSREC.md section 4).
+"""Shared builders for the tests: small synthetic TUS-REC data folders (docs/conventions.md section 1).
 
 Everything is written with the project's own writers (tusrec.data.write_*), so a folder made
 here is what the project itself would produce. Test files get the builders through fixtures

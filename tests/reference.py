@@ -1,5 +1,5 @@
 """Independent reference computations for the tests: literal, slow, float64 loops
-straight from the formulas of TUSREC.md sections 2 and 3. Nothing here imports tusrec."""
+straight from the formulas of docs/conventions.md sections 2 and 3. Nothing here imports tusrec."""
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """The images and the organisers' runner, in a real container engine.
 
 Podman (Debian's package) stands in for Docker: it runs real OCI containers and serves the
-Docker API, so the runner's docker SDK drives it unchanged (../shared/CONTAINERS.md). No
+Docker API, so the runner's docker SDK drives it unchanged. No
 registry can be reached here, so a local Debian image made by .ci/containers.sh stands in
 for the CUDA base image, and pip takes the local CPU wheel of torch; everything else is the
 project's own Dockerfile and docker-compose.yml. Without podman the engine tests skip,
@@ -207,7 +207,7 @@ def engine(tmp_path_factory):
         unavailable("podman is not installed (bash .ci/containers.sh installs it)")
     tmp = tmp_path_factory.mktemp("engine")
     conf = os.environ.get("CONTAINERS_CONF")
-    if not conf:  # the settings podman needs on these machines (../shared/CONTAINERS.md)
+    if not conf:  # the settings podman needs on these machines (as .ci/containers.sh writes them)
         conf = str(tmp / "containers.conf")
         Path(conf).write_text(
             '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'

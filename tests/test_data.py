@@ -1,4 +1,4 @@
-"""The data layer: layouts, names, round trips and bad input (TUSREC.md section 4).
+"""The data layer: layouts, names, round trips and bad input (docs/conventions.md section 1).
 
 Bad input must raise TusrecDataError (CalibrationError from geometry.read_calibration)
 naming the file, the dataset where there is one, and what was expected, and must leave
@@ -47,7 +47,7 @@ NAMES_2024 = [
 NAMES_2025 = ["LH_rotation", "RH_rotation"]
 EDITION_NAMES = {"2024": ("LH_Par_C_DtP", "RH_Per_S_PtD"), "2025": tuple(NAMES_2025)}
 
-# TUSREC.md 4.5, as printed there.
+# docs/conventions.md 1.4, as printed there.
 SCALE_LABEL = "scaling_from_pixel_to_mm"
 ROTATION_LABEL = "spatial_calibration_from_image_coordinate_system_to_tracking_tool_coordinate_system"
 TUSREC_T_SCALE_DIAG = ("0.229389190673828", "0.220979690551758", "1", "1")
@@ -128,7 +128,7 @@ def expect_read_error(root: Path, fn, *parts, error=TusrecDataError) -> str:
 
 
 def calib_text(calib: Calibration) -> list[str]:
-    """The 10 lines of calib_matrix.csv (TUSREC.md 4.5), without validating."""
+    """The 10 lines of calib_matrix.csv (docs/conventions.md 1.4), without validating."""
     rows = [",".join(repr(float(v)) for v in r) for r in (*calib.T_scale, *calib.T_rotation)]
     return [SCALE_LABEL, *rows[:4], ROTATION_LABEL, *rows[4:]]
 
@@ -484,7 +484,7 @@ def test_default_calibration_matches_tusrec_digits(tmp_path):
 
 
 def test_calibration_reads_organiser_style_file(tmp_path):
-    """The TUSREC.md numbers, printed as in that text, read back to those numbers."""
+    """The numbers of docs/conventions.md 1.4, printed as there, read back to those numbers."""
     scale_rows = [",".join(d if j == i else "0" for j in range(4)) for i, d in enumerate(TUSREC_T_SCALE_DIAG)]
     rotation_rows = [",".join(r) for r in TUSREC_T_ROTATION]
     (tmp_path / "calib_matrix.csv").write_text(

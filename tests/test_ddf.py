@@ -1,4 +1,4 @@
-"""Ground-truth DDFs against brute force and hand-checked cases (TUSREC.md section 2)."""
+"""Ground-truth DDFs against brute force and hand-checked cases (docs/conventions.md section 2)."""
 
 import tracemalloc
 

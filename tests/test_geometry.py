@@ -1,5 +1,5 @@
 """Geometry conventions, each checked against an independent computation (scipy, numpy
-SVD, literal formulas of TUSREC.md section 2)."""
+SVD, literal formulas of docs/conventions.md section 2)."""
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ def test_pixel_grid_is_one_based_row_major():
     np.testing.assert_array_equal(grid[0], (cols + 1).reshape(-1))
     np.testing.assert_array_equal(grid[1], (rows + 1).reshape(-1))
     np.testing.assert_array_equal(grid[2:], [[0] * (H * W), [1] * (H * W)])
-    # The fixed points named in TUSREC.md: index 0 is (1,1), W-1 is (W,1), W is (1,2).
+    # The fixed points named in docs/conventions.md section 2: index 0 is (1,1), W-1 is (W,1), W is (1,2).
     assert tuple(grid[:2, 0]) == (1, 1)
     assert tuple(grid[:2, W - 1]) == (W, 1)
     assert tuple(grid[:2, W]) == (1, 2)

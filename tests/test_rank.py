@@ -3,6 +3,8 @@ small hand-made tables whose answers are worked out here or by scipy independent
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -347,16 +349,16 @@ def test_pairwise_wilcoxon_and_holm_match_scipy(rng):
         for j in range(3):
             if i != j:
                 d = values[i] - values[j]
-                raw[i, j] = scipy.stats.wilcoxon(d[np.isfinite(d)], alternative="greater").pvalue
+                raw[i, j] = r_wilcox_greater(d[np.isfinite(d)], correct=True)
     np.testing.assert_allclose(pw.p, raw, equal_nan=True)
     mask = ~np.eye(3, dtype=bool)
     np.testing.assert_allclose(pw.p_holm[mask], multipletests(raw[mask], method="holm")[1])
     assert pw.n[0, 2] == 11
     # errors: lower is better, so i better than j is errors_j - errors_i > 0
     err = st.pairwise_tests(values, higher_is_better=False)
-    np.testing.assert_allclose(
-        err.p[0, 1], scipy.stats.wilcoxon(values[1] - values[0], alternative="greater").pvalue
-    )
+    assert err.p[0, 1] == pytest.approx(r_wilcox_greater(values[1] - values[0], correct=True))
+    plain = st.pairwise_tests(values, higher_is_better=True, correction=False)
+    assert plain.p[0, 1] == pytest.approx(r_wilcox_greater(values[0] - values[1], correct=False))
 
 
 def test_holm_matches_statsmodels(rng):
@@ -368,26 +370,72 @@ def test_holm_matches_statsmodels(rng):
     np.testing.assert_allclose(st.holm(p), [[np.nan, 0.02], [0.04, np.nan]])
 
 
-def test_wilcoxon_batches_agree_with_scipy_row_by_row(rng):
+def r_wilcox_greater(x: np.ndarray, correct: bool) -> float:
+    """R's wilcox.test(x, alternative = "greater", exact = FALSE, correct = correct), written
+    out from R's source (stats:::wilcox.test.default) with plain loops: zeros dropped,
+    average ranks of |x|, tie-corrected variance, 0.5 continuity correction."""
+    x = [float(v) for v in x if v != 0]
+    n = len(x)
+    order = sorted(range(n), key=lambda i: abs(x[i]))
+    ranks = [0.0] * n
+    i = 0
+    ties = []
+    while i < n:
+        j = i
+        while j + 1 < n and abs(x[order[j + 1]]) == abs(x[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # average of ranks i+1 .. j+1
+        ties.append(j - i + 1)
+        i = j + 1
+    v = sum(r for r, value in zip(ranks, x, strict=True) if value > 0)
+    z = v - n * (n + 1) / 4
+    sigma = math.sqrt(n * (n + 1) * (2 * n + 1) / 24 - sum(t**3 - t for t in ties) / 48)
+    z = (z - (0.5 if correct else 0.0)) / sigma
+    return 0.5 * math.erfc(z / math.sqrt(2))  # upper tail of the standard normal
+
+
+def test_r_reference_on_rs_own_example():
+    # wilcox.test's help page: depression scores before and after (paired), one-sided
+    x = np.array([1.83, 0.50, 1.62, 2.48, 1.68, 1.88, 1.55, 3.06, 1.30])
+    y = np.array([0.878, 0.647, 0.598, 2.05, 1.06, 1.29, 1.06, 3.14, 1.29])
+    # V = 40, n = 9: z = (40 - 22.5 - 0.5) / sqrt(71.25) with the correction, (40 - 22.5) / ... without
+    assert r_wilcox_greater(x - y, True) == pytest.approx(
+        0.5 * math.erfc(17 / math.sqrt(71.25) / math.sqrt(2))
+    )
+    assert r_wilcox_greater(x - y, False) == pytest.approx(
+        0.5 * math.erfc(17.5 / math.sqrt(71.25) / math.sqrt(2))
+    )
+    got = st.wilcoxon_greater((x - y)[None], correction=True)[0]
+    assert got == pytest.approx(r_wilcox_greater(x - y, True), rel=1e-12)
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_wilcoxon_matches_r_normal_approximation_with_ties_and_zeros(rng, correct):
     rows = []
-    for n in (5, 13, 30, 60, 120):
-        for kind in range(4):
+    for n in (3, 5, 13, 30, 60, 120):
+        for kind in range(5):
             x = rng.normal(0.2, 1.0, n)
             if kind == 1:
-                x[rng.random(n) < 0.3] = np.nan
+                x[rng.random(n) < 0.3] = np.nan  # pairs missing: the rest are used
             if kind == 2:
-                x[:3] = 0.0
+                x[:2] = 0.0  # zero differences: R drops them
             if kind == 3:
                 x = np.round(x, 1)  # ties
+            if kind == 4:
+                x = np.round(x, 0)  # ties and zeros together
             rows.append(np.pad(x, (0, 120 - n), constant_values=np.nan))
     d = np.array(rows)
-    got = st.wilcoxon_greater(d)
+    got = st.wilcoxon_greater(d, correction=correct)
     for i, row in enumerate(d):
         f = row[np.isfinite(row)]
-        want = scipy.stats.wilcoxon(f, alternative="greater").pvalue if (f != 0).any() else 1.0
-        assert got[i] == pytest.approx(want, rel=1e-9, abs=1e-15), i
-    assert st.wilcoxon_greater(np.zeros((1, 5)))[0] == 1.0
-    assert np.isnan(st.wilcoxon_greater(np.full((1, 5), np.nan))[0])
+        want = r_wilcox_greater(f, correct) if (f != 0).any() else 1.0
+        assert got[i] == pytest.approx(want, rel=1e-10, abs=1e-15), i
+    # the correction matters most for small samples, and always raises p for 'greater'
+    other = st.wilcoxon_greater(d, correction=not correct)
+    assert ((got > other) if correct else (got < other))[np.isfinite(got) & (got < 1)].all()
+    assert st.wilcoxon_greater(np.zeros((1, 5)), correct)[0] == 1.0
+    assert np.isnan(st.wilcoxon_greater(np.full((1, 5), np.nan), correct)[0])
 
 
 def test_subject_level_tests_use_subject_means():
@@ -400,7 +448,7 @@ def test_subject_level_tests_use_subject_means():
     means, labels = st.subject_means(data.errors[:, :, 0], data.subjects)
     assert list(labels) == sorted(set(subjects))
     np.testing.assert_allclose(means[0], np.linspace(1, 2, 12).reshape(6, 2).mean(axis=1))
-    want = scipy.stats.wilcoxon(means[1] - means[0], alternative="greater").pvalue
+    want = r_wilcox_greater(means[1] - means[0], correct=True)
     assert results[("subject", "GPE")].p[0, 1] == pytest.approx(want)
     assert results[("subject", "GPE")].n[0, 1] == 6
 

@@ -233,7 +233,75 @@ def test_single_team_report(tmp_path):
     assert any("Only one team" in n for n in analysis.notes)
     written = write_report(analysis, tmp_path / "solo")
     assert "figures/blob_plot.png" in written and "figures/significance_map.png" not in written
-    assert "Needs two teams or more" in (tmp_path / "solo" / "report.html").read_text()
+    assert "figures/kendall_tau.png" not in written  # no empty figure: tau needs two teams
+    page = (tmp_path / "solo" / "report.html").read_text()
+    assert "Needs two teams or more" in page and "it needs two teams or more" in page
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("teams", [12])
+def test_figures_keep_legends_off_titles_and_captions_inside(tmp_path, teams):
+    """Every figure of a ranking: legends clear of the title, every text inside the image,
+    and no line drawn across the categories of the pattern breakdown."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tusrec.evaluate.report import make_figures
+
+    tables = synthetic_tables(teams, subjects=2, seed=4)
+    data = combine_teams({k: read_team_table_frame(v) for k, v in tables.items()})
+    analysis = analyse(data, resamples=30)
+    for name, fig in make_figures(analysis, synthetic=True, title="A rather long title of a ranking report"):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        frame = fig.bbox
+        title = fig._suptitle.get_window_extent(renderer)
+        for legend in fig.legends:
+            assert not _overlaps(legend.get_window_extent(renderer), title), name
+        texts = [*fig.texts, fig._suptitle, fig._supxlabel] if fig._supxlabel else [*fig.texts, fig._suptitle]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1, (name, text.get_text()[:40])
+            assert box.y0 >= frame.y0 - 1 and box.y1 <= frame.y1 + 1, (name, text.get_text()[:40])
+        if name == "patterns":
+            for ax in fig.axes:
+                for line in ax.get_lines():
+                    x = np.asarray(line.get_xdata(), float)
+                    if len(x) > 1 and np.isfinite(x).all():
+                        # every line stays inside one level's group (levels sit at integers)
+                        assert np.ptp(x) < 1.0 and np.floor(x.min() + 0.5) == np.floor(x.max() + 0.5), name
+
+
+def test_continuity_correction_is_chosen_and_stated(tmp_path):
+    tables = {k: read_team_table_frame(v) for k, v in synthetic_tables(3, subjects=2, seed=6).items()}
+    data = combine_teams(tables)
+    on = analyse(data, resamples=20)
+    off = analyse(data, resamples=20, continuity_correction=False)
+    assert on.settings["continuity_correction"] and not off.settings["continuity_correction"]
+    p_on = next(p for p in on.pairwise if p.metric == "FS" and p.level == "scan").p
+    p_off = next(p for p in off.pairwise if p.metric == "FS" and p.level == "scan").p
+    mask = np.isfinite(p_on) & (p_on < 1)
+    assert (p_on[mask] > p_off[mask]).all()  # the correction makes the one-sided p larger
+    write_report(on, tmp_path / "on", figures=False)
+    write_report(off, tmp_path / "off", figures=False)
+    assert "with continuity correction" in (tmp_path / "on" / "report.html").read_text()
+    assert "without continuity correction" in (tmp_path / "off" / "report.html").read_text()
+    for name in ("a", "b"):
+        tables_path = tmp_path / f"{name}.csv"
+        synthetic_tables(2, subjects=1, seed=0)["team A" if name == "a" else "team B"].to_csv(
+            tables_path, index=False
+        )
+    base = ["evaluate", "rank", "--team", f"a={tmp_path / 'a.csv'}", "--team", f"b={tmp_path / 'b.csv'}"]
+    assert (
+        main([*base, "--out", str(tmp_path / "cli"), "--no-continuity-correction", "--bootstrap", "10"]) == 0
+    )
+    assert (
+        json.loads((tmp_path / "cli" / "analysis.json").read_text())["settings"]["continuity_correction"]
+        is False
+    )
 
 
 def read_team_table_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -329,3 +397,26 @@ def test_ranking_scored_predictions_of_four_quality_levels(tmp_path, dataset_fac
     assert list(analysis.sensitivity["rank-then-aggregate rank"]) == [1, 2, 3, 4]
     written = write_report(analysis, tmp_path / "report", figures=False)
     assert list(pd.read_csv(written["leaderboard.csv"])["team"]) == expected
+
+    # the qualitative section: the best, median and worst scan of 'coarse' by its final score
+    from tusrec.evaluate.report import qualitative_choice
+
+    out = tmp_path / "qualitative-report"
+    args = ["evaluate", "rank", "--out", str(out), "--bootstrap", "20", "--normalisation", "identity"]
+    for team, path in paths.items():
+        args += ["--team", f"{team}={path}"]
+    assert main([*args, "--predictions", f"coarse={tmp_path / 'coarse'}"]) == 2  # needs --data
+    assert main([*args, "--predictions", f"coarse={tmp_path / 'coarse'}", "--data", str(root)]) == 0
+    per_scan = pd.read_csv(out / "scores_per_scan.csv")
+    fs = per_scan[per_scan["team"] == "coarse"].set_index("key")["FS"].sort_values(ascending=False)
+    t = analysis.data.teams.index("coarse")
+    picked = qualitative_choice(analysis, t)
+    assert [label for label, _, _ in picked] == ["best", "median", "worst"]
+    assert picked[0][1] == fs.index[0] and picked[-1][1] == fs.index[-1]
+    assert picked[1][1] == fs.index[(len(fs) - 1) // 2]
+    page = (out / "report.html").read_text()
+    assert 'id="qualitative"' in page
+    for _, key, _ in picked:
+        for kind in ("trajectory", "reconstruction"):
+            png = out / "qualitative" / f"coarse__{key}_{kind}.png"
+            assert base64.b64encode(png.read_bytes()).decode() in page

@@ -140,7 +140,7 @@ def add_reference(sub) -> None:
         help="write reference predictions (ground truth or identity) in the predictions format",
         description="Write a predictions folder (<key>.h5 + predictions.csv) of a reference "
         "method: 'ground-truth' computes each scan's true GP/GL/LP/LL from its tforms and the "
-        "calibration (TUSREC.md section 2; scoring it gives 0), 'identity' predicts no motion "
+        "calibration (docs/conventions.md section 2; scoring it gives 0), 'identity' predicts no motion "
         "(all-zero DDFs; the 2025 normalisation's reference, and needs no ground truth). "
         "Streamed in frame chunks; complete files are kept on a rerun.",
     )
@@ -459,7 +459,9 @@ def add_evaluate(sub) -> None:
         "evaluate",
         help="validate and score predictions against ground truth",
         description="The organisers' evaluation: `check` validates a predictions folder "
-        "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime.",
+        "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime; "
+        "`rank` ranks teams from their scores and analyses the ranking; `run` runs team images "
+        "in containers, scores and ranks them; `show` draws trajectories and reconstructions.",
     )
     ev = p.add_subparsers(dest="evaluate_command", required=True, metavar="command")
     check = ev.add_parser(
@@ -489,8 +491,8 @@ def add_evaluate(sub) -> None:
     rank = ev.add_parser(
         "rank",
         help="rank teams from their metrics.csv and analyse how stable the ranking is",
-        description="Rank teams from the per-scan tables of `score` (TUSREC.md section 6): per-scan "
-        "normalisation, FS/GS/LS/PS/LMS, aggregate then rank (ties by runtime); scan- and "
+        description="Rank teams from the per-scan tables of `score` (docs/conventions.md section 4): "
+        "per-scan normalisation, FS/GS/LS/PS/LMS, aggregate then rank (ties by runtime); scan- and "
         "subject-level bootstrap (blob plot, Kendall's tau), sampling distributions, one-sided "
         "Wilcoxon tests (Holm), breakdowns by scan pattern and scan length, and the ranking under "
         "other methods. Writes leaderboard.csv/.md, CSV tables, PNG figures and a self-contained "
@@ -517,8 +519,123 @@ def add_evaluate(sub) -> None:
     rank.add_argument(
         "--synthetic", action="store_true", help="label every figure and the report SYNTHETIC DATA"
     )
+    rank.add_argument(
+        "--continuity-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Wilcoxon tests: normal approximation with the continuity correction (default, as "
+        "challengeR: R's wilcox.test(exact = FALSE, correct = TRUE)), or without it",
+    )
+    rank.add_argument(
+        "--predictions",
+        action="append",
+        default=None,
+        metavar="TEAM=DIR",
+        help="a ranked team's predictions folder, for a qualitative section drawing its best, median "
+        "and worst scan (needs --data); repeat per team",
+    )
+    rank.add_argument(
+        "--data", type=Path, default=None, help="data folder with ground truth (for --predictions)"
+    )
     rank.set_defaults(run=run_evaluate_rank)
     add_evaluate_run(ev)
+    add_evaluate_show(ev)
+
+
+# The defaults of tusrec.show (command.DEFAULT_MAX_SCANS and volume.DEFAULT_*), written out
+# because the submission image has no tusrec.show to import (tests check they agree).
+SHOW_MAX_SCANS, SHOW_VOXEL_MM, SHOW_MAX_VOXELS, SHOW_PIXEL_STEP = 6, 0.5, 2**24, 2
+
+
+def add_evaluate_show(ev) -> None:
+    DEFAULT_MAX_SCANS, DEFAULT_VOXEL_MM = SHOW_MAX_SCANS, SHOW_VOXEL_MM
+    DEFAULT_MAX_VOXELS, DEFAULT_PIXEL_STEP = SHOW_MAX_VOXELS, SHOW_PIXEL_STEP
+    show = ev.add_parser(
+        "show",
+        help="trajectories and reconstructed volumes per scan (PNGs and show.html)",
+        description="For each chosen scan of DATA (with ground truth): the trajectory (the four "
+        "image corners of every frame in 3D, true against predicted, in the first frame's image "
+        "mm; per-frame GPE and LPE; the file's per-frame uncertainty) and the reconstruction (the "
+        "frames compounded into one voxel volume with the true and with the predicted poses, as "
+        "maximum-intensity projections side by side). Dense files are shown through a rigid fit "
+        "of each frame's DDF (residual reported), compact files through their matrices. Writes "
+        "<key>_trajectory.png, <key>_reconstruction.png, show.csv and a self-contained show.html "
+        "into --out. Conventions: docs/conventions.md.",
+    )
+    show.add_argument("predictions", type=Path, help="predictions folder (<key>.h5, dense or compact)")
+    show.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
+    show.add_argument("--out", type=Path, required=True, help="folder for the figures and show.html")
+    show.add_argument("--scans", nargs="+", default=None, metavar="KEY", help="only these scan keys")
+    show.add_argument(
+        "--max-scans",
+        type=int,
+        default=DEFAULT_MAX_SCANS,
+        help=f"without --scans: all scans if at most this many, else the ones with the largest GPE "
+        f"(default {DEFAULT_MAX_SCANS})",
+    )
+    show.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="metrics.csv of `evaluate score` to pick the worst scans by (default: measure every file)",
+    )
+    show.add_argument(
+        "--voxel-mm",
+        type=float,
+        default=DEFAULT_VOXEL_MM,
+        help=f"voxel edge (default {DEFAULT_VOXEL_MM} mm; grown when the grid would exceed --max-voxels)",
+    )
+    show.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        help=f"voxel budget (default {DEFAULT_MAX_VOXELS:,})",
+    )
+    show.add_argument(
+        "--pixel-step",
+        type=int,
+        default=DEFAULT_PIXEL_STEP,
+        help=f"compound every n-th row and column of pixels (default {DEFAULT_PIXEL_STEP})",
+    )
+    show.add_argument("--title", default=None, help="page title")
+    show.add_argument(
+        "--synthetic", action="store_true", help="label every figure and the page SYNTHETIC DATA"
+    )
+    show.set_defaults(run=run_evaluate_show)
+
+
+def run_evaluate_show(args) -> int:
+    from tusrec.data import open_data
+    from tusrec.show.command import show_predictions
+
+    if args.max_scans < 1 or args.pixel_step < 1 or args.voxel_mm <= 0 or args.max_voxels < 1:
+        print(
+            "error: --max-scans, --pixel-step, --voxel-mm and --max-voxels must be positive", file=sys.stderr
+        )
+        return 2
+    data = open_data(args.data)
+    shown = show_predictions(
+        args.predictions,
+        data,
+        args.out,
+        args.scans,
+        args.max_scans,
+        args.metrics,
+        args.synthetic,
+        args.title,
+        args.voxel_mm,
+        args.max_voxels,
+        args.pixel_step,
+    )
+    bad = [s for s in shown if s.trajectory is None]
+    for s in shown:
+        r = s.row
+        if s.trajectory is None:
+            print(f"{s.key}: not shown: {r['message']}", file=sys.stderr)
+        else:
+            print(f"{s.key}: {r['form']}, GPE {r['GPE']:.3f} mm, LPE {r['LPE']:.3f} mm, {r['seconds']:.1f} s")
+    print(f"wrote {len(shown) - len(bad)} scan(s) to {args.out / 'show.html'}")
+    return 1 if bad else 0
 
 
 def add_evaluate_run(ev) -> None:
@@ -569,7 +686,19 @@ def run_evaluate_rank(args) -> int:
     from tusrec.evaluate.report import rank_command
 
     a = args
-    return rank_command(a.team, a.out, a.normalisation, a.bootstrap, a.seed, a.alpha, a.title, a.synthetic)
+    return rank_command(
+        a.team,
+        a.out,
+        a.normalisation,
+        a.bootstrap,
+        a.seed,
+        a.alpha,
+        a.title,
+        a.synthetic,
+        continuity_correction=a.continuity_correction,
+        predictions=a.predictions,
+        data_root=a.data,
+    )
 
 
 def run_evaluate_check(args) -> int:
@@ -621,6 +750,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog in COMMANDS:  # invoked as ./landmarks etc.: that command's own parser
         command_parser = sub.choices[prog]
         command_parser.prog = prog
+        # its own subcommands were named 'tusrec evaluate rank' ...: as run, './evaluate rank'
+        for action in command_parser._subparsers._group_actions if command_parser._subparsers else []:
+            for name, child in getattr(action, "choices", {}).items():
+                child.prog = f"{prog} {name}"
         args = command_parser.parse_args(argv)
     else:
         args = parser.parse_args(argv)
@@ -629,3 +762,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except TusrecDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A folder that cannot be written (read-only, no permission, disk full) or read:
+        # one line naming the path, as ./predict says it, for every command.
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """'PATH: reason' of an OSError (h5py's carry no filename: their own message)."""
+    if err.filename is not None and err.strerror:
+        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        return f"{where}: {err.strerror} (check that the folder exists and can be written)"
+    return " ".join(str(err).split()) or type(err).__name__

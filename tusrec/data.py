@@ -1,4 +1,4 @@
-"""Read, validate and write the TUS-REC data layouts (../shared/TUSREC.md section 4).
+"""Read, validate and write the TUS-REC data layouts (docs/conventions.md section 1).
 
 Training layout (both editions)::
 
@@ -41,7 +41,7 @@ LANDMARK_DIRS = ("landmark", "landmarks")  # 2024 spelling, 2025 spelling
 CALIB_FILE = "calib_matrix.csv"
 KEYS_FILE = "dataset_keys.h5"
 
-# The scan names of each protocol (TUSREC.md 4.3), in the order arm, orientation, shape,
+# The scan names of each protocol (docs/conventions.md 1.2), in the order arm, orientation, shape,
 # direction.
 SCAN_NAMES_2024 = tuple(
     f"{arm}_{orientation}_{shape}_{direction}"
@@ -497,7 +497,7 @@ def write_scan(
 
 
 def write_landmarks(path: str | Path, landmarks: dict[str, np.ndarray]) -> None:
-    """Add or replace scans' landmark datasets in landmark_<sub>.h5 (TUSREC.md 4.4).
+    """Add or replace scans' landmark datasets in landmark_<sub>.h5 (docs/conventions.md 1.3).
 
     landmarks: scan name -> (K, 3) integer rows (frame index, x, y). Datasets already in
     the file for other scans are kept. The file is rewritten atomically.

@@ -1,4 +1,4 @@
-"""Displacement fields (DDFs) from frame transforms: GP, GL, LP, LL (TUSREC.md section 2).
+"""Displacement fields (DDFs) from frame transforms: GP, GL, LP, LL (docs/conventions.md section 2).
 
 For a frame transform T (frame i's image mm -> reference frame's image mm) and a pixel
 p = (x, y, 0, 1) (1-based),

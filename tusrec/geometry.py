@@ -1,6 +1,6 @@
 """Geometry of TUS-REC: calibration, the pixel grid, frame transforms, 6-DoF, rotation means.
 
-Conventions (../shared/TUSREC.md section 2, matched exactly):
+Conventions (docs/conventions.md section 2, matched exactly):
 
 * Pixel coordinates are 1-based: x = column 1..W, y = row 1..H, z = 0. A pixel is
   the homogeneous point p = (x, y, 0, 1). Flattening is row-major:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # roma and torch are imported inside the functions that use them: importing them costs
 # ~4 s, which every command (and --help) would otherwise pay.
 
-# Values of the 2024 data (TUSREC.md 4.5): the default for synthetic data.
+# Values of the 2024 data (docs/conventions.md 1.4): the default for synthetic data.
 DEFAULT_PIXEL_SPACING_MM = (0.229389190673828, 0.220979690551758)
 DEFAULT_T_ROTATION = np.array(
     [
@@ -82,7 +82,7 @@ class Calibration:
 
 
 def default_calibration() -> Calibration:
-    """The calibration of the 2024 TUS-REC data (TUSREC.md 4.5)."""
+    """The calibration of the 2024 TUS-REC data (docs/conventions.md 1.4)."""
     sx, sy = DEFAULT_PIXEL_SPACING_MM
     return Calibration(np.diag([sx, sy, 1.0, 1.0]), DEFAULT_T_ROTATION.copy())
 
@@ -113,7 +113,7 @@ def check_calibration(calib: Calibration, source: str = "calibration") -> None:
 
 def read_calibration(path: str | Path) -> Calibration:
     """Read calib_matrix.csv: a label line, four comma-separated rows of T_scale, a
-    label line, four rows of T_rotation (TUSREC.md 4.5). Validates the result."""
+    label line, four rows of T_rotation (docs/conventions.md 1.4). Validates the result."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found (expected calib_matrix.csv)")

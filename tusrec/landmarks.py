@@ -1,4 +1,4 @@
-"""SIFT landmarks of a scan (TUSREC.md 4.4).
+"""SIFT landmarks of a scan (docs/conventions.md 1.3).
 
 The 2024 challenge paper says the landmarks are, per scan, the keypoints with the
 highest SIFT response. Here: OpenCV SIFT with its default parameters on frames 1..N-1

@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
 from tusrec.evaluate.rank import ERRORS, Ranking
@@ -227,8 +228,13 @@ def sampling_curves(table: pd.DataFrame, title: str, synthetic: bool = False) ->
     if zoom:
         _normal_curves(axes[1], table, colours, close, label=False)
         axes[1].set_title(f"zoom: the {len(close)} teams within 8 standard errors of the leader", fontsize=11)
+    # below the panels: at the right it would reach up into the title
     fig.legend(
-        title="rank. team  mean ± standard error", loc="outside right upper", fontsize=9, frameon=False
+        title="rank. team  mean ± standard error",
+        loc="outside lower center",
+        ncol=min(len(table), 4),
+        fontsize=9,
+        frameon=False,
     )
     stamp(fig, title, synthetic)
     return fig
@@ -292,11 +298,12 @@ def significance_map(
         ax.set_title(
             f"{metric}, {pw.level} level (n = {int(np.nanmax(pw.n)) if pw.n.size else 0})", fontsize=11
         )
-    fig.supxlabel(
+    caption = (
         f"blue: row team significantly better than column team (one-sided Wilcoxon signed-rank, "
-        f"Holm-adjusted p < {alpha}); numbers: adjusted p",
-        fontsize=9,
+        f"Holm-adjusted p < {alpha}); grey: the team itself" + ("; numbers: adjusted p" if t <= 12 else "")
     )
+    # wrapped to the figure's width (about 15 characters an inch at 9 points)
+    fig.supxlabel(textwrap.fill(caption, int(fig.get_size_inches()[0] * 15)), fontsize=9)
     stamp(fig, title, synthetic)
     return fig
 
@@ -404,44 +411,99 @@ def box_plots(
     return fig
 
 
-def pattern_plot(table: pd.DataFrame, ranking: Ranking, title: str, synthetic: bool = False) -> Figure:
-    """Mean FS and mean errors per level of each scan-pattern factor (rows) and metric
-    (columns), one line per team."""
-    factors = list(dict.fromkeys(table["factor"]))
-    metrics = ["FS", *ERRORS]
+SHOW_POINTS = 12  # boxes of at most this many scans also show each scan as a dot
+
+
+def pattern_plot(
+    panels: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    ranking: Ranking,
+    title: str,
+    synthetic: bool = False,
+) -> Figure:
+    """Grouped box plots: per scan-pattern factor (rows) and metric (columns), one group of
+    boxes per level of the factor, one box per team (in rank order, its colour). No line
+    joins the levels: they are categories, not a scale.
+
+    panels: metric -> (T, n) per-scan values (FS: failures 0; errors: NaN where not
+    scored); labels: factor -> (n,) level of each scan ('' = none; stats.pattern_labels).
+    """
+    factors = list(labels)
+    metrics = list(panels)
     order = ranking.order
-    colours = team_colours(len(order))
-    fig = Figure(figsize=(3.3 * len(metrics) + 2.8, 2.9 * max(1, len(factors)) + 0.9), layout="constrained")
+    t = len(order)
+    colours = team_colours(t)
+    most = max((len(set(v) - {""}) for v in labels.values()), default=1)
+    width = min(6.5, max(3.3, 0.055 * t * most + 1.6))
+    fig = Figure(figsize=(width * len(metrics) + 0.6, 2.9 * max(1, len(factors)) + 1.6), layout="constrained")
     axes = fig.subplots(max(1, len(factors)), len(metrics), squeeze=False)
+    box = 0.8 / t  # a group spans 0.8 of the distance between levels
     for a, factor in enumerate(factors):
-        sub = table[table["factor"] == factor]
-        levels = list(dict.fromkeys(sorted(sub["level"])))
+        levels = sorted(set(labels[factor]) - {""})
         for b, metric in enumerate(metrics):
             ax = axes[a, b]
-            m = sub[sub["metric"] == metric]
-            for k, t in enumerate(order):
-                rows = m[m["team"] == ranking.teams[t]].set_index("level").reindex(levels)
-                ax.plot(
-                    range(len(levels)),
-                    rows["mean"].to_numpy(float),
-                    marker="o",
-                    ms=4,
-                    lw=1.3,
-                    color=colours[k],
-                    label=f"{ranking.ranks[t]}. {_wrap(ranking.teams[t], 22)}",
+            values = panels[metric]
+            every = []
+            for k, team in enumerate(order):
+                series, where = [], []
+                for i, level in enumerate(levels):
+                    v = values[team, labels[factor] == level]
+                    v = v[np.isfinite(v)]
+                    if len(v):
+                        series.append(v)
+                        where.append(i - 0.4 + box * (k + 0.5))
+                        every.append(v)
+                if not series:
+                    continue
+                bp = ax.boxplot(
+                    series,
+                    positions=where,
+                    widths=box * 0.85,
+                    patch_artist=True,
+                    manage_ticks=False,
+                    flierprops={"markersize": 2, "alpha": 0.4, "markeredgecolor": colours[k]},
+                    medianprops={"color": "black", "lw": 1.0},
+                    whiskerprops={"color": colours[k]},
+                    capprops={"color": colours[k]},
+                    boxprops={"lw": 0.6},
                 )
+                for patch in bp["boxes"]:
+                    patch.set_facecolor(colours[k])
+                    patch.set_alpha(0.75)
+                for v, x in zip(series, where, strict=True):
+                    if len(v) <= SHOW_POINTS:  # few scans: a box alone hides how few
+                        jitter = np.random.default_rng(len(v)).uniform(-0.25, 0.25, len(v)) * box
+                        ax.scatter(
+                            x + jitter, v, s=14, color=colours[k], edgecolors="black", lw=0.5, zorder=3
+                        )
+            for i in range(1, len(levels)):
+                ax.axvline(i - 0.5, color="0.85", lw=0.8)  # separates the groups
             ax.set_xticks(range(len(levels)), [LEVEL_LABELS.get(v, v) for v in levels], fontsize=8)
-            ax.set_xlim(-0.3, len(levels) - 0.7)
-            if metric != "FS" and _log_useful([m["mean"].to_numpy(float)]):
+            ax.set_xlim(-0.5, len(levels) - 0.5)
+            if metric != "FS" and _log_useful(every):
                 ax.set_yscale("log")
             if a == 0:
                 ax.set_title(SCORE_LABELS.get(metric, ERROR_LABELS.get(metric, metric)), fontsize=11)
             if b == 0:
                 ax.set_ylabel(FACTOR_LABELS.get(factor, factor), fontsize=11, fontweight="bold")
-            ax.grid(color="0.93")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=9, frameon=False, title="team (rank)")
-    fig.supxlabel("means over scans: FS over all scans (failures 0), errors over scored scans", fontsize=9)
+            ax.grid(axis="y", color="0.93")
+    handles = [
+        Patch(
+            facecolor=colours[k], alpha=0.75, label=f"{ranking.ranks[team]}. {_wrap(ranking.teams[team], 22)}"
+        )
+        for k, team in enumerate(order)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(t, 10),
+        fontsize=9,
+        frameon=False,
+        title="team (rank); boxes: quartiles, line: median, whiskers 1.5 IQR; small dots: outliers, "
+        f"outlined dots: every scan of a box of at most {SHOW_POINTS}; FS over all scans (failures 0), "
+        "errors over scored scans",
+        title_fontsize=9,
+    )
     stamp(fig, title, synthetic)
     return fig
 
@@ -462,6 +524,9 @@ def length_plot(
     colours = team_colours(len(order))
     fig = Figure(figsize=(17, 4.8), layout="constrained")
     axes = fig.subplots(1, 4, squeeze=False)[0]
+    n_ok = int(np.isfinite(length).sum())
+    marker = 40 if n_ok < 50 else 22 if n_ok < 300 else 12  # visible, yet a cloud of 768 stays readable
+    lines = 0
     for e, (ax, name) in enumerate(zip(axes, ERRORS, strict=True)):
         values = []
         # worst team first, so the best teams (the interesting ones) are drawn on top
@@ -472,19 +537,23 @@ def length_plot(
             ax.scatter(
                 length[ok],
                 y[ok],
-                s=8,
-                alpha=0.5,
+                s=marker,
+                alpha=0.6,
                 color=colours[k],
                 edgecolors="none",
                 label=f"{ranking.ranks[t]}. {_wrap(ranking.teams[t], 22)}",
             )
-            # the trend through the cloud: the team's median error in 8 bins of scan length
-            if ok.sum() >= 16:
-                edges = np.quantile(length[ok], np.linspace(0, 1, 9))
-                bins = np.clip(np.searchsorted(edges, length[ok], side="right") - 1, 0, 7)
-                mids = [np.median(length[ok][bins == b]) for b in range(8) if (bins == b).any()]
-                meds = [np.median(y[ok][bins == b]) for b in range(8) if (bins == b).any()]
+            # the trend through the cloud: the team's median error in bins of scan length
+            # holding equal numbers of scans (8 bins, fewer when there are under 16 scans;
+            # at least 2 scans a bin, so no line below 4 scans)
+            nbins = min(8, int(ok.sum()) // 2)
+            if nbins >= 2:
+                edges = np.quantile(length[ok], np.linspace(0, 1, nbins + 1))
+                bins = np.clip(np.searchsorted(edges, length[ok], side="right") - 1, 0, nbins - 1)
+                mids = [np.median(length[ok][bins == b]) for b in range(nbins) if (bins == b).any()]
+                meds = [np.median(y[ok][bins == b]) for b in range(nbins) if (bins == b).any()]
                 ax.plot(mids, meds, color=colours[k], lw=2.2, path_effects=_halo)
+                lines += 1
         if any(len(v) for v in values) and min(v.min() for v in values if len(v)) > 0:
             ax.set_yscale("log")  # teams differ by factors: a log axis separates them
         rs = corr[(corr["error"] == name) & (corr["level"] == "scan")]["r"].to_numpy(float)
@@ -498,12 +567,17 @@ def length_plot(
     handles, labels = axes[0].get_legend_handles_labels()
     handles, labels = handles[::-1], labels[::-1]
     handles = [Line2D([], [], ls="", marker="o", color=h.get_facecolor()[0], alpha=0.8) for h in handles]
-    fig.legend(handles, labels, loc="outside right upper", fontsize=9, frameon=False, title="team (rank)")
-    fig.supxlabel(
-        "r: Pearson correlation of scan length with the error, median over the teams; "
-        "lines: each team's median error in eight bins of scan length",
-        fontsize=9,
-    )
+    # centred at the right: in the upper corner a long legend would reach into the title
+    fig.legend(handles, labels, loc="outside right center", fontsize=9, frameon=False, title="team (rank)")
+    caption = "dots: scans; r: Pearson correlation of scan length with the error, median over the teams"
+    if lines:
+        caption += (
+            "; lines: each team's median error in up to eight bins of scan length, each bin "
+            "holding the same number of scans (at least 2)"
+        )
+    else:
+        caption += "; too few scans a team (under 4) for a trend line of binned medians"
+    fig.supxlabel(caption, fontsize=9)
     stamp(fig, title, synthetic)
     return fig
 

@@ -1,4 +1,4 @@
-"""Per-scan errors GPE, GLE, LPE, LLE (TUSREC.md section 3), in bounded memory.
+"""Per-scan errors GPE, GLE, LPE, LLE (docs/conventions.md section 3), in bounded memory.
 
     GPE = mean over frames 1..N-1 and all pixels of || GP_true - GP_pred ||_2   (mm)
     LPE = the same with LP;  GLE, LLE = mean over the K landmarks (mm)

@@ -1,4 +1,4 @@
-"""From per-team per-scan error tables to scores and a ranking (TUSREC.md section 6).
+"""From per-team per-scan error tables to scores and a ranking (docs/conventions.md section 4).
 
 The pipeline is data -> scores -> ranking (the statistics are in ``stats``, the report in
 ``report``):
@@ -15,7 +15,7 @@ Choices the published material leaves open (all written into the report):
 
 - **A scan that is not scored** (status failed, timeout, missing, invalid, or absent from
   the team's table) gets X* = 0 for every error under minmax and identity normalisation,
-  so every score of that scan is 0 for the team (TUSREC.md section 6). Under minmax 0 is
+  so every score of that scan is 0 for the team (docs/conventions.md section 4). Under minmax 0 is
   the score of the worst scored team; under identity a prediction worse than the identity
   scores below 0, so a failure is not always the worst outcome. Under the z-score
   normalisation (sensitivity analysis only) 0 is the mean, so a failure gets the lowest
@@ -53,7 +53,7 @@ import pandas as pd
 from tusrec.data import TusrecDataError, parse_scan_key
 from tusrec.evaluate.score import DESCRIPTIVE, ERRORS, STATUSES
 
-# The five scores of TUSREC.md section 6: weights of the normalised errors (in ERRORS order).
+# The five scores of docs/conventions.md section 4: weights of the normalised errors (in ERRORS order).
 SCORE_WEIGHTS: dict[str, tuple[float, float, float, float]] = {
     "FS": (0.25, 0.25, 0.25, 0.25),
     "GS": (0.5, 0.5, 0.0, 0.0),

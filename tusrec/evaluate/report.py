@@ -99,11 +99,14 @@ def analyse(
     resamples: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
+    continuity_correction: bool = True,
 ) -> Analysis:
     """Scores, ranking and every analysis of the report for one set of team tables.
 
     normalisation: 'minmax' or 'identity'; None chooses by the scans' protocol
     (default_normalisation). resamples: bootstrap size (each level); seed: of the bootstrap.
+    continuity_correction: of the Wilcoxon tests' normal approximation (challengeR's
+    default, R's wilcox.test(exact = FALSE, correct = TRUE)).
     """
     if normalisation is None:
         normalisation, reason = default_normalisation(data)
@@ -117,7 +120,7 @@ def analyse(
     scores = scan_scores(data, normalisation)
     ranking = aggregate_then_rank(data, scores)
     boots = bootstrap(data, scores, ranking, resamples, seed)
-    pairwise = all_pairwise(data, scores) if data.n_teams >= 2 else []
+    pairwise = all_pairwise(data, scores, correction=continuity_correction) if data.n_teams >= 2 else []
     sens, sens_notes = sensitivity(data, normalisation)
     loo = leave_one_out(data, "minmax")
     notes = _notes(data, scores, normalisation, reason)
@@ -127,6 +130,7 @@ def analyse(
         "bootstrap_resamples": resamples,
         "seed": seed,
         "alpha": alpha,
+        "continuity_correction": bool(continuity_correction),
         "teams": data.n_teams,
         "scans": data.n_scans,
         "subjects": len(set(data.subjects)),
@@ -383,7 +387,8 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
     a = analysis
     prefix = f"{title} - " if title else ""
     yield "blob_plot", fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic)
-    yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
+    if _tau_defined(a):  # with one team there is no order to compare: no empty figure
+        yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
     if a.pairwise:
         yield (
             "significance_map",
@@ -428,7 +433,11 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
         ),
     )
     if len(a.patterns):
-        yield "patterns", fg.pattern_plot(a.patterns, a.ranking, prefix + FIGURES["patterns"], synthetic)
+        from tusrec.evaluate.stats import factors_present, metric_values, pattern_labels
+
+        panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
+        labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
+        yield "patterns", fg.pattern_plot(panels, labels, a.ranking, prefix + FIGURES["patterns"], synthetic)
     yield (
         "scan_length",
         fg.length_plot(
@@ -443,6 +452,10 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
     yield "sensitivity", fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic)
 
 
+def _tau_defined(analysis: Analysis) -> bool:
+    return any(np.isfinite(b.tau).any() for b in analysis.bootstrap.values())
+
+
 def write_figures(
     analysis: Analysis, out: Path, title: str = DEFAULT_TITLE, synthetic: bool = False, dpi: int = 100
 ) -> dict[str, Path]:
@@ -453,13 +466,106 @@ def write_figures(
     # Figures of an earlier run (e.g. with more teams) must not linger beside these.
     shutil.rmtree(out / "figures", ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    n = len(FIGURES) - (0 if analysis.pairwise else 2) - (0 if len(analysis.patterns) else 1)
+    n = (
+        len(FIGURES)
+        - (0 if analysis.pairwise else 2)
+        - (0 if len(analysis.patterns) else 1)
+        - (0 if _tau_defined(analysis) else 1)
+    )
     for name, fig in tqdm(make_figures(analysis, synthetic, title), total=n, desc="figures", disable=None):
         path = out / "figures" / f"{name}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
         written[name] = path
     return written
+
+
+# --------------------------------------------------------------------------- qualitative
+
+
+def qualitative_choice(analysis: Analysis, team: int) -> list[tuple[str, str, float]]:
+    """(label, key, FS) of a team's best, median and worst scan by final score, among the
+    scans it was scored on (a scan without output has nothing to draw)."""
+    fs = analysis.scores.scores["FS"][team]
+    scored = np.flatnonzero(analysis.data.scored[team] & np.isfinite(fs))
+    if not len(scored):
+        return []
+    order = scored[np.argsort(-fs[scored], kind="stable")]  # best first
+    keys = analysis.data.scans["key"].to_numpy()
+    picks = [("best", order[0]), ("median", order[(len(order) - 1) // 2]), ("worst", order[-1])]
+    seen: list[tuple[str, str, float]] = []
+    for label, k in picks:
+        if any(key == keys[k] for _, key, _ in seen):  # fewer than 3 scans: no repeats
+            continue
+        seen.append((label, str(keys[k]), float(fs[k])))
+    return seen
+
+
+def qualitative_scans(
+    analysis: Analysis,
+    team_predictions: dict[str, Path],
+    data_root: str | Path,
+    out: Path,
+    synthetic: bool = False,
+) -> dict[str, list]:
+    """Each named team's best, median and worst scan drawn by ``./evaluate show`` into
+    out/qualitative/; returns {team: [ShownScan]} in ranking order."""
+    from tusrec.data import open_data
+    from tusrec.ddf import GroundTruth
+    from tusrec.show.command import show_scan
+
+    unknown = sorted(set(team_predictions) - set(analysis.data.teams))
+    if unknown:
+        raise RankingError(f"--predictions for teams that are not ranked: {', '.join(unknown)}")
+    data = open_data(data_root)
+    calib = data.calibration
+    folder = out / "qualitative"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shown: dict[str, list] = {}
+    truths: dict[str, GroundTruth] = {}
+    for t in analysis.ranking.order:
+        name = analysis.data.teams[t]
+        if name not in team_predictions:
+            continue
+        shown[name] = []
+        for label, key, fs in qualitative_choice(analysis, t):
+            scan = data.scan(key)  # TusrecDataError when the data are not those ranked
+            if key not in truths:
+                truths[key] = GroundTruth.from_scan(scan, calib)
+            item = show_scan(
+                Path(team_predictions[name]) / f"{key}.h5",
+                scan,
+                truths[key],
+                folder,
+                synthetic,
+                team=name,
+                prefix=f"{_slug(name)}__",
+            )
+            item.label = f"{name}, {label} scan (FS {fs:.3f})"
+            shown[name].append(item)
+    return shown
+
+
+def parse_prediction_args(texts: list[str]) -> dict[str, Path]:
+    """--predictions 'TEAM=DIR' arguments -> {team: predictions folder}."""
+    out: dict[str, Path] = {}
+    for text in texts:
+        name, sep, folder = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not folder:
+            raise RankingError(f"--predictions {text!r}: expected TEAM=path/to/predictions")
+        if name in out:
+            raise RankingError(f"--predictions: team {name!r} given twice")
+        if not Path(folder).is_dir():
+            raise RankingError(f"--predictions {text!r}: {folder} is not a folder")
+        out[name] = Path(folder)
+    return out
+
+
+def _slug(name: str) -> str:
+    """A team name as a safe file-name part."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "team"
 
 
 # --------------------------------------------------------------------------- HTML
@@ -505,9 +611,14 @@ def _p_fmt(p: float) -> str:
 
 
 def report_html(
-    analysis: Analysis, figures: dict[str, Path], title: str = DEFAULT_TITLE, synthetic: bool = False
+    analysis: Analysis,
+    figures: dict[str, Path],
+    title: str = DEFAULT_TITLE,
+    synthetic: bool = False,
+    qualitative: dict[str, list] | None = None,
 ) -> str:
-    """The whole report as one HTML page; images inlined as base64 PNG."""
+    """The whole report as one HTML page; images inlined as base64 PNG. ``qualitative``:
+    {team: [ShownScan]} (qualitative_scans) for the section of drawn scans."""
     a = analysis
     data = a.data
     esc = html.escape
@@ -569,6 +680,8 @@ def report_html(
         boot[c] = boot[c].map(lambda v: f"{v:.1f}")
     parts.append(_table_html(boot, "bootstrap", digits=3))
     figure("kendall_tau")
+    if "kendall_tau" not in figures and not _tau_defined(a):
+        parts.append("<p>Kendall's tau compares orders of teams: it needs two teams or more.</p>")
     taus = []
     for level, b in a.bootstrap.items():
         t = b.tau[np.isfinite(b.tau)]
@@ -597,7 +710,17 @@ def report_html(
             "<p>One-sided paired Wilcoxon signed-rank tests between every ordered pair of teams (is the row "
             "team better: higher score, lower error?), Holm-adjusted over all pairs of a metric; on "
             "scan-level values and on subject means. Errors are paired over the scans both teams were "
-            "scored on; scores over all scans (failures 0).</p>"
+            "scored on; scores over all scans (failures 0). "
+            + (
+                "p-values: normal approximation <b>with continuity correction</b>, zero differences "
+                "dropped, as challengeR computes them (R's <code>wilcox.test(exact = FALSE, correct = "
+                "TRUE)</code>)."
+                if s.get("continuity_correction", True)
+                else "p-values: normal approximation <b>without continuity correction</b> (R's "
+                "<code>wilcox.test(exact = FALSE, correct = FALSE)</code>), zero differences dropped; "
+                "challengeR's default applies the correction."
+            )
+            + "</p>"
         )
         figure("significance_map")
         order = a.ranking.order
@@ -663,6 +786,22 @@ def report_html(
         )
         parts.append(_table_html(a.leave_one_out, "leave-one-out"))
 
+    if qualitative:
+        from tusrec.show.command import EXPLANATION, scans_html, summary_table_html
+
+        parts.append('<h2 id="qualitative">Qualitative: best, median and worst scan per team</h2>')
+        parts.append(
+            "<p>Each team's scans with the highest, the median and the lowest final score among those "
+            "it was scored on, drawn by <code>./evaluate show</code>.</p>" + EXPLANATION
+        )
+        for team, shown in qualitative.items():
+            parts.append(f"<h3>{esc(team)}</h3>")
+            if not shown:
+                parts.append("<p>No scored scan to draw.</p>")
+                continue
+            parts.append(summary_table_html(shown))
+            parts.extend(scans_html(shown, heading="h4"))
+
     parts.append(
         "<h2>Files</h2><p>Beside this report: "
         + ", ".join(
@@ -697,8 +836,10 @@ def write_report(
     title: str = DEFAULT_TITLE,
     synthetic: bool = False,
     figures: bool = True,
+    qualitative: dict[str, list] | None = None,
 ) -> dict[str, Path]:
-    """Write every table, figure and report.html into ``out``; returns {name: path}."""
+    """Write every table, figure and report.html into ``out``; returns {name: path}.
+    qualitative: see report_html (its PNGs are already in out/qualitative/)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {
@@ -707,7 +848,8 @@ def write_report(
     }
     figs = write_figures(analysis, out, title, synthetic) if figures else {}
     written.update({f"figures/{k}.png": v for k, v in figs.items()})
-    written["report.html"] = _write_text(report_html(analysis, figs, title, synthetic), out / "report.html")
+    page = report_html(analysis, figs, title, synthetic, qualitative)
+    written["report.html"] = _write_text(page, out / "report.html")
     return written
 
 
@@ -720,12 +862,25 @@ def rank_command(
     alpha: float = 0.05,
     title: str | None = None,
     synthetic: bool = False,
+    continuity_correction: bool = True,
+    predictions: list[str] | None = None,
+    data_root: str | Path | None = None,
 ) -> int:
-    """`./evaluate rank`: read the tables, analyse, write the report, print the leaderboard."""
+    """`./evaluate rank`: read the tables, analyse, write the report, print the leaderboard.
+
+    predictions: 'TEAM=DIR' predictions folders for the qualitative section (each team's
+    best, median and worst scan drawn by ``./evaluate show``), with ``data_root``."""
     title = title or DEFAULT_TITLE
     data = load_teams(parse_team_args(team_args))
-    analysis = analyse(data, normalisation, resamples, seed, alpha)
-    write_report(analysis, out, title, synthetic)
+    analysis = analyse(data, normalisation, resamples, seed, alpha, continuity_correction)
+    qualitative = None
+    if predictions:
+        if data_root is None:
+            raise RankingError("--predictions needs --data (the data folder with ground truth)")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        folders = parse_prediction_args(predictions)
+        qualitative = qualitative_scans(analysis, folders, data_root, Path(out), synthetic)
+    write_report(analysis, out, title, synthetic, qualitative=qualitative)
     shown = leaderboard_display(analysis.leaderboard)[["rank", "team", "FS ± sd", "runtime (s)", "scored"]]
     if synthetic:
         print("SYNTHETIC DATA")

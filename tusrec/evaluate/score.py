@@ -613,18 +613,21 @@ def write_metrics(table: pd.DataFrame, out_dir: Path) -> None:
 
 
 def summary(table: pd.DataFrame) -> str:
-    """Mean +- sd of each error and the runtime over the scored scans, and status counts."""
+    """Mean and sample sd (ddof 1, as the leaderboard and the challenge's tables report it)
+    of each error and the runtime over the scored scans, and status counts."""
     ok = table[table["status"] == OK]
     lines = [f"{len(ok)} of {len(table)} scans scored"]
     counts = table["status"].value_counts()
     others = {k: int(v) for k, v in counts.items() if k != OK}
     if others:
         lines[0] += " (" + ", ".join(f"{v} {k}" for k, v in others.items()) + ")"
+    lines.append("  mean and sd over the scored scans (sd: sample standard deviation, ddof 1)")
     for name in (*ERRORS, "runtime_s"):
         values = ok[name].dropna()
         unit = "s" if name == "runtime_s" else "mm"
         if len(values):
-            lines.append(f"  {name:9} {values.mean():9.4f} +- {values.std(ddof=0):.4f} {unit}")
+            sd = f"{values.std(ddof=1):.4f}" if len(values) > 1 else "n/a (one scan)"
+            lines.append(f"  {name:9} {values.mean():9.4f} {unit:2}  sd {sd}")
         else:
             lines.append(f"  {name:9}       n/a")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """How far to trust a ranking: bootstrap stability, sampling distributions, pairwise tests,
-breakdowns by scan pattern and scan length (TUSREC.md section 6, "Analysis published with
-the 2024 ranking", and what the paper says it lacks).
+breakdowns by scan pattern and scan length (docs/conventions.md section 4.5, and what
+the 2024 paper says the published analysis lacks).
 
 All of it works on arrays of ``rank``: per-scan scores (T teams, n scans) and errors
 (T, n, 4) in mm. The bootstrap is vectorised: one (B, n) matrix of resampling weights
@@ -221,61 +221,33 @@ def subject_means(values: np.ndarray, subjects: np.ndarray) -> tuple[np.ndarray,
         return (np.where(finite, values, 0.0) @ onehot) / (finite.astype(float) @ onehot), labels
 
 
-def _signflip_greater(d: np.ndarray) -> np.ndarray:
-    """Exact sign-flip p-values of the Wilcoxon statistic r+ for rows d (k, n), n <= 13,
-    all finite: every one of the 2^n sign patterns, as scipy's permutation test does for
-    small samples with ties or zeros (zeros stay zero and add nothing; same tolerance)."""
-    from scipy.stats import rankdata
-
-    n = d.shape[1]
-    nonzero = d != 0
-    ranks = np.where(nonzero, rankdata(np.where(nonzero, np.abs(d), np.nan), axis=1, nan_policy="omit"), 0.0)
-    observed = (ranks * (d > 0)).sum(axis=1)  # (k,)
-    bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1  # (2^n, n): 1 = positive
-    null = bits.astype(float) @ ranks.T  # (2^n, k)
-    gamma = np.abs(np.finfo(float).eps * 100 * observed)
-    return (null >= observed - gamma).sum(axis=0) / 2**n
-
-
-def wilcoxon_greater(d: np.ndarray) -> np.ndarray:
+def wilcoxon_greater(d: np.ndarray, correction: bool = True) -> np.ndarray:
     """One-sided Wilcoxon signed-rank p-values that each row of differences d (m, n) is
-    shifted above 0: what scipy.stats.wilcoxon(row, alternative='greater') gives on the
-    row's finite values with its defaults (zero differences dropped; exact for n <= 50
-    without ties or zeros; with ties or zeros an exact sign-flip test for n <= 13, else
-    the normal approximation without continuity correction). A row without any non-zero
-    difference gives p = 1 (no evidence); a row without any finite difference gives NaN.
+    shifted above 0, as challengeR computes them: R's ``wilcox.test(x, alternative =
+    "greater", exact = FALSE, correct = correction)`` (docs/conventions.md section 4.5).
 
-    scipy picks its method once for a whole array, so rows are grouped by the method it
-    would pick for each row alone and each group is computed in one call.
+    Per row, on its finite values: zero differences are dropped (n = the non-zero ones,
+    R's and scipy's zero_method 'wilcox'), tied |d| share their average rank, and p is the
+    normal approximation with the tie-corrected variance, minus 0.5 in the numerator with
+    the continuity correction. scipy.stats.wilcoxon(method='asymptotic',
+    correction=correction) does this, one call for all rows. A row without any non-zero
+    difference gives p = 1 (no evidence; R stops there); a row without any finite
+    difference gives NaN.
     """
     from scipy.stats import wilcoxon
 
     d = np.atleast_2d(np.asarray(d, float))
     p = np.full(len(d), np.nan)
     finite = np.isfinite(d)
-    n = finite.sum(axis=1)
     nonzero = (finite & (d != 0)).any(axis=1)
-    p[(n > 0) & ~nonzero] = 1.0
-    absd = np.sort(np.where(finite & (d != 0), np.abs(d), np.inf), axis=1)
-    ties = ((absd[:, 1:] == absd[:, :-1]) & np.isfinite(absd[:, 1:])).any(axis=1)
-    zeros = (finite & (d == 0)).any(axis=1)
-    plain = ~ties & ~zeros
-    exact = nonzero & (n <= 50) & plain
-    small = nonzero & (n <= 13) & ~plain
-    normal = nonzero & ~exact & ~small  # n > 50, or 14..50 with ties or zeros
-    with quiet():
-        if normal.any():
+    p[finite.any(axis=1) & ~nonzero] = 1.0
+    if nonzero.any():
+        with quiet():
             # a NaN set to 0 is dropped like any zero difference: the row's own n is kept
-            filled = np.where(finite[normal], d[normal], 0.0)
-            p[normal] = wilcoxon(filled, axis=1, alternative="greater", method="asymptotic").pvalue
-        for group, test in ((exact, "exact"), (small, "signflip")):
-            for size in np.unique(n[group]):
-                rows = np.flatnonzero(group & (n == size))
-                values = d[rows][finite[rows]].reshape(len(rows), size)
-                if test == "exact":
-                    p[rows] = wilcoxon(values, axis=1, alternative="greater", method="exact").pvalue
-                else:
-                    p[rows] = _signflip_greater(values)
+            filled = np.where(finite[nonzero], d[nonzero], 0.0)
+            p[nonzero] = wilcoxon(
+                filled, axis=1, alternative="greater", method="asymptotic", correction=correction
+            ).pvalue
     return p
 
 
@@ -317,9 +289,14 @@ class Pairwise:
 
 
 def pairwise_tests(
-    values: np.ndarray, higher_is_better: bool, level: str = "scan", metric: str = ""
+    values: np.ndarray,
+    higher_is_better: bool,
+    level: str = "scan",
+    metric: str = "",
+    correction: bool = True,
 ) -> Pairwise:
-    """Wilcoxon signed-rank tests, one-sided, between every ordered pair of teams.
+    """Wilcoxon signed-rank tests, one-sided, between every ordered pair of teams
+    (wilcoxon_greater; ``correction``: the continuity correction).
 
     values: (T, m) per-scan (or per-subject) values of one metric, NaN where a team has
     none (pairs are formed from the entries both teams have).
@@ -331,7 +308,7 @@ def pairwise_tests(
     p = np.full((t, t), np.nan)
     n = np.zeros((t, t), int)
     if len(i):
-        p[i, j] = wilcoxon_greater(d)
+        p[i, j] = wilcoxon_greater(d, correction)
         n[i, j] = np.isfinite(d).sum(axis=1)
     return Pairwise(level, metric, p, holm(p), n)
 
@@ -345,15 +322,19 @@ def metric_values(data: TeamData, scores: ScanScores, metric: str) -> tuple[np.n
 
 
 def all_pairwise(
-    data: TeamData, scores: ScanScores, metrics: tuple[str, ...] = (*SCORES, *ERRORS)
+    data: TeamData,
+    scores: ScanScores,
+    metrics: tuple[str, ...] = (*SCORES, *ERRORS),
+    correction: bool = True,
 ) -> list[Pairwise]:
-    """Pairwise tests for every metric, on scan-level values and on subject means."""
+    """Pairwise tests for every metric, on scan-level values and on subject means
+    (``correction``: Wilcoxon's continuity correction, challengeR's default)."""
     out = []
     subjects = data.subjects
     for metric in metrics:
         values, higher = metric_values(data, scores, metric)
-        out.append(pairwise_tests(values, higher, "scan", metric))
-        out.append(pairwise_tests(subject_means(values, subjects)[0], higher, "subject", metric))
+        out.append(pairwise_tests(values, higher, "scan", metric, correction))
+        out.append(pairwise_tests(subject_means(values, subjects)[0], higher, "subject", metric, correction))
     return out
 
 
@@ -390,6 +371,16 @@ def factors_present(data: TeamData) -> list[str]:
     return out
 
 
+def pattern_labels(data: TeamData, factor: str) -> np.ndarray:
+    """(n,) str: each scan's level of a pattern factor ('' where the scan has none); 2025
+    rotation scans are '<arm> rotation' under arm."""
+    labels = data.scans[factor].to_numpy(dtype=str)
+    rotation = data.scans["protocol"].to_numpy() == "2025"
+    if factor == "arm" and rotation.any():
+        labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
+    return labels
+
+
 def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
     """Mean, sd and count of FS and each error per team and level of each pattern factor.
 
@@ -398,11 +389,8 @@ def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
     '<arm> rotation'.
     """
     rows = []
-    rotation = data.scans["protocol"].to_numpy() == "2025"
     for factor in factors_present(data):
-        labels = data.scans[factor].to_numpy(dtype=str)
-        if factor == "arm" and rotation.any():
-            labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
+        labels = pattern_labels(data, factor)
         for level in sorted(set(labels) - {""}):
             mask = labels == level
             for t, team in enumerate(data.teams):

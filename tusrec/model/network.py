@@ -1,6 +1,6 @@
 """The dual-encoder network: scan frames -> each frame's rigid transform to the previous one.
 
-Modelled on what won TUS-REC (DualTrack, TUSREC.md section 7), scaled by ModelConfig:
+Modelled on DualTrack, the method that won TUS-REC 2024, scaled by ModelConfig:
 
 * local encoder: a 3D CNN over the scan as a video (B, 1, T, h, w), 'same' padded in
   time, so every frame's features see a few neighbours on each side and a long scan
@@ -13,7 +13,7 @@ Modelled on what won TUS-REC (DualTrack, TUSREC.md section 7), scaled by ModelCo
   tokens; an MLP predicts a rotation (6D representation, Gram-Schmidt to SO(3), zero
   output = identity) and a translation in mm.
 
-Output transforms are T(i->i-1) in TUS-REC image millimetres (TUSREC.md section 2):
+Output transforms are T(i->i-1) in TUS-REC image millimetres (docs/conventions.md section 2):
 the crop and resize of the input do not change the frame the labels live in.
 """
 

@@ -83,7 +83,10 @@ def simulate_dataset(
     frames = frames if isinstance(frames, FrameCount) else FrameCount.parse(frames)
     names = names or scan_names(protocol)
     write_data_calibration(root, calib)
-    (root / landmark_folder(protocol, layout)).mkdir(parents=True, exist_ok=True)
+    if landmarks:
+        # made before the landmark files so that they go under the spelling of the real data
+        # ('landmark' in 2024's val/test layout); without landmarks no empty folder is left
+        (root / landmark_folder(protocol, layout)).mkdir(parents=True, exist_ok=True)
 
     jobs = [(s, n) for s in subjects for n in names]
     keys = [scan_key(s, n) for s, n in jobs]

@@ -7,7 +7,7 @@ sampled there, trilinearly, with cv2.remap on tall atlases. Echoes are shadowed 
 cumulative attenuation along each beam, log-compressed to grey levels and scan-converted to
 the Cartesian (H, W) image with precomputed cv2.remap maps.
 
-Image geometry (TUSREC.md section 2): pixel (x, y), 1-based, sits at image-mm point
+Image geometry (docs/conventions.md section 2): pixel (x, y), 1-based, sits at image-mm point
 (sx * x, sy * y, 0); rows grow with depth. The fan apex is above the image, centred
 horizontally; the probe face (radius ``radius`` mm) is just below the top row.
 
