@@ -13,8 +13,8 @@ import torch
 from tusrec.data import open_data
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import compose_local, default_calibration, frame_transforms
-from tusrec.model import ensemble
-from tusrec.model.ensemble import normalise_frames as normalise
+from tusrec.model import ensemble, inputs
+from tusrec.model.inputs import normalise_frames as normalise
 from tusrec.model.network import ModelConfig
 from tusrec.train.cache import load_cache, split_subjects
 from tusrec.train.config import AugmentConfig, LossConfig, TrainConfig
@@ -106,8 +106,8 @@ def test_cache_matches_predictor_preprocessing_and_ground_truth(dataset_factory,
     data = load_cache(root, (8, 10))
     scan = open_data(root).scans[0]
     frames = scan.read_frames()
-    box = ensemble.field_of_view_box(frames[:32])
-    np.testing.assert_array_equal(normalise(data.scans[0].frames), ensemble.preprocess(frames, box, (8, 10)))
+    box = inputs.field_of_view_box(frames[:32])
+    np.testing.assert_array_equal(normalise(data.scans[0].frames), inputs.preprocess(frames, box, (8, 10)))
     g, loc = frame_transforms(scan.read_tforms(), data.calib)
     np.testing.assert_array_equal(data.scans[0].local, loc)
     np.testing.assert_array_equal(data.scans[0].global_, g)
@@ -194,7 +194,7 @@ def test_sampler_labels_and_positions_match_the_tracker_and_predictor(dataset_fa
     plain = ClipSampler(data.scans, 6, 4, NO_AUGMENT, data.calib.T_scale, np.random.default_rng(1))
     s = plain.sample()
     start = int(s["indices"][0])
-    np.testing.assert_array_equal(s["positions"], ensemble.scan_positions(np.arange(start, start + 5), 29))
+    np.testing.assert_array_equal(s["positions"], inputs.scan_positions(np.arange(start, start + 5), 29))
     batch = plain.batch(3)
     assert batch["frames"].shape == (3, 6, 8, 10) and batch["local"].shape == (3, 5, 4, 4)
 
@@ -311,7 +311,7 @@ def _corrcoef_blocks(a: np.ndarray, b: np.ndarray, by: int, bx: int) -> np.ndarr
         for j in range(w):
             x = a[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
             y = b[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
-            if x.var() > ensemble.NCC_MIN_VARIANCE and y.var() > ensemble.NCC_MIN_VARIANCE:
+            if x.var() > inputs.NCC_MIN_VARIANCE and y.var() > inputs.NCC_MIN_VARIANCE:
                 out[i, j] = np.corrcoef(x, y)[0, 1]
     return out
 
@@ -320,14 +320,14 @@ def test_block_ncc_is_the_correlation_coefficient_of_each_block(rng):
     a = rng.integers(0, 255, (40, 48)).astype(np.float32)
     b = 0.6 * a + 0.4 * rng.integers(0, 255, (40, 48)).astype(np.float32)
     b[:10, :12] = 7.0  # a flat block: no defined correlation -> 0
-    got = ensemble.block_ncc(a, b, (8, 8))  # blocks of 5 x 6 pixels
+    got = inputs.block_ncc(a, b, (8, 8))  # blocks of 5 x 6 pixels
     np.testing.assert_allclose(got, _corrcoef_blocks(a, b, 5, 6), atol=2e-4)
     assert got[0, 0] == 0.0 and 0.5 < np.median(got) < 0.95
-    np.testing.assert_allclose(ensemble.block_ncc(a, a, (8, 8)), 1.0, atol=1e-4)
-    enc = ensemble.encode_ncc(np.array([-1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(inputs.block_ncc(a, a, (8, 8)), 1.0, atol=1e-4)
+    enc = inputs.encode_ncc(np.array([-1.0, 0.0, 1.0]))
     np.testing.assert_array_equal(enc, [0, 128, 255])
     np.testing.assert_allclose(
-        ensemble.normalise_ncc(enc) * ensemble.NCC_STD + ensemble.NCC_MEAN, [-1, 0.0039, 1], atol=1e-3
+        inputs.normalise_ncc(enc) * inputs.NCC_STD + inputs.NCC_MEAN, [-1, 0.0039, 1], atol=1e-3
     )
 
 
@@ -335,19 +335,19 @@ def test_scan_input_maps_are_each_frames_ncc_whatever_the_chunking(dataset_facto
     root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 9, (24, 32))
     scan = open_data(root).scans[0]
     frames = scan.read_frames()
-    whole = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=100)
-    chunked = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=2)
+    whole = inputs.read_scan_input(scan, (8, 10), (1, 2), chunk=100)
+    chunked = inputs.read_scan_input(scan, (8, 10), (1, 2), chunk=2)
     box = whole.box
     crop = frames[:, box[0] : box[1], box[2] : box[3]].astype(np.float32)
     for k in (1, 2):
         np.testing.assert_array_equal(whole.decorrelation[k], chunked.decorrelation[k])
         for j in range(9):
             partner = j - k if j >= k else j + k  # the scan's first frames pair forwards
-            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
             np.testing.assert_array_equal(whole.decorrelation[k][j], expected)
     x = whole.network_input()
     assert x.shape == (9, 2, 8, 10)
-    np.testing.assert_array_equal(x[:, 0], ensemble.preprocess(frames, box, (8, 10)))
+    np.testing.assert_array_equal(x[:, 0], inputs.preprocess(frames, box, (8, 10)))
 
 
 def test_cache_on_disk_is_reused_and_rebuilt_when_the_scan_changes(dataset_factory, tmp_path):
@@ -392,7 +392,7 @@ def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp
             partner = j - step if 0 <= j - step < 20 else j + step
             if p == 0 and not (0 <= j - step < 20):
                 partner = idx[1]
-            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
             np.testing.assert_array_equal(s["decorrelation"][p], expected[:, ::-1] if mirrored else expected)
     assert mirrored_seen
     with pytest.raises(ValueError, match="lack decorrelation maps"):

@@ -1,6 +1,6 @@
 """Every scan of a TRAIN-layout folder in memory, preprocessed as the predictor does.
 
-Each scan is read once with ensemble.read_scan_input, exactly as the predictor reads it:
+Each scan is read once with inputs.read_scan_input, exactly as the predictor reads it:
 frames cropped to the field of view and area-resized to the model's input size, kept as
 uint8, and the native-resolution speckle decorrelation maps (also uint8) for every frame
 step the frame-skip augmentation can draw. 64 x 80 is 5 KB a frame and map.
@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from tusrec.data import TRAIN, TusrecDataError, open_data
 from tusrec.geometry import Calibration, frame_transforms
-from tusrec.model.ensemble import ScanInput, read_scan_input
+from tusrec.model.inputs import ScanInput, read_scan_input
 
 
 @dataclass
 class CachedScan:
     """One scan: frames (N, h, w) uint8 after crop + resize; decorrelation: frame step k ->
-    (N, h, w) uint8 maps (ensemble.ScanInput); ``local`` (N-1, 4, 4) and
+    (N, h, w) uint8 maps (inputs.ScanInput); ``local`` (N-1, 4, 4) and
     ``global_`` (N-1, 4, 4) float64 ground truth T(i->i-1) and T(i->0) in image mm (entry k
     is frame k+1); ``box`` (top, bottom, left, right) the crop in original pixels
     (0-based, end exclusive); ``image_size`` (H, W) of the original frames."""

@@ -2,7 +2,7 @@
 
 A sample is a clip of T consecutive frames of a scan (T-1 transitions, labels
 T(i->i-1) in image mm), G global frames spread (jittered) over the whole scan, and the
-scan positions the predictor would give them (ensemble.scan_positions: transitions over
+scan positions the predictor would give them (inputs.scan_positions: transitions over
 n-1, global frames over n, where n is the length of the scan as augmented).
 
 Augmentations act on the whole scan (the "view"), so positions are those of the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tusrec.model.ensemble import scan_positions
+from tusrec.model.inputs import scan_positions
 from tusrec.train.cache import CachedScan
 from tusrec.train.config import AugmentConfig
 
@@ -88,10 +88,10 @@ class ClipSampler:
     drawn with probability proportional to its length. ``sample()`` returns one clip as
     numpy arrays, ``batch(B)`` stacks B of them:
 
-        frames (T, h, w) float32, uint8 range (normalise with ensemble.normalise_frames)
+        frames (T, h, w) float32, uint8 range (normalise with inputs.normalise_frames)
         decorrelation (T, h, w) uint8 encoded NCC of each clip frame with its predecessor in
             the (augmented) view, the first frame of a view with its successor, as
-            ensemble.read_scan_input gives the predictor (only with ``decorrelation``)
+            inputs.read_scan_input gives the predictor (only with ``decorrelation``)
         positions (T-1,) float32, scan positions of the clip's transitions
         global_frames (G, h, w) float32, uint8 range
         global_positions (G,) float32

@@ -21,13 +21,8 @@ import torch
 
 from tusrec.evaluate.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.geometry import compose_local
-from tusrec.model.ensemble import (
-    Member,
-    members_local_transforms,
-    normalise_frames,
-    normalise_ncc,
-    save_member,
-)
+from tusrec.model.ensemble import Member, members_local_transforms, save_member
+from tusrec.model.inputs import normalise_frames, normalise_ncc
 from tusrec.model.network import build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
 from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
