@@ -353,20 +353,48 @@ def test_scan_input_maps_are_each_frames_ncc_whatever_the_chunking(dataset_facto
 def test_cache_on_disk_is_reused_and_rebuilt_when_the_scan_changes(dataset_factory, tmp_path):
     root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 6, (24, 32))
     first = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    (cached,) = list((tmp_path / "cache").glob("*.npz"))
+    (meta,) = list((tmp_path / "cache").glob("*.json"))
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert [p.name.split(".", 1)[1] for p in cached] == ["frames.npy", "ncc1.npy"]
+    memory = load_cache(root, (8, 10), steps=(1,))
     again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    np.testing.assert_array_equal(first.scans[0].decorrelation[1], again.scans[0].decorrelation[1])
-    np.testing.assert_array_equal(first.scans[0].frames, again.scans[0].frames)
-    stamp = cached.stat().st_mtime_ns
+    for a in (first, again):  # the same arrays as read without a cache, memory-mapped
+        assert isinstance(a.scans[0].frames, np.memmap) and not a.scans[0].frames.flags.writeable
+        np.testing.assert_array_equal(a.scans[0].decorrelation[1], memory.scans[0].decorrelation[1])
+        np.testing.assert_array_equal(a.scans[0].frames, memory.scans[0].frames)
+        assert a.scans[0].box == memory.scans[0].box
+    stamps = [p.stat().st_mtime_ns for p in [meta, *cached]]
     again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    assert cached.stat().st_mtime_ns == stamp  # read back, not rewritten
+    assert [p.stat().st_mtime_ns for p in [meta, *cached]] == stamps  # read back, not rewritten
     scan_file = open_data(root).scans[0].frames_path
     os_time = scan_file.stat().st_mtime_ns + 10**9
     import os
 
     os.utime(scan_file, ns=(os_time, os_time))
     load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    assert cached.stat().st_mtime_ns != stamp  # the source changed: rebuilt
+    assert meta.stat().st_mtime_ns != stamps[0]  # the source changed: rebuilt
+    # A partial entry (its .json missing, as after a crash mid-write) is rebuilt too.
+    meta.unlink()
+    rebuilt = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    assert meta.is_file()
+    np.testing.assert_array_equal(rebuilt.scans[0].frames, memory.scans[0].frames)
+
+
+def test_a_mapped_scan_pickles_as_its_file_not_its_contents(dataset_factory, tmp_path):
+    """What a spawned data-loader worker or DDP process receives: the file name, mapped again."""
+    import pickle
+
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 40, (24, 32))
+    scan = load_cache(root, (16, 20), steps=(1, 2), cache_dir=tmp_path / "cache").scans[0]
+    blob = pickle.dumps(scan)
+    assert len(blob) < scan.frames.nbytes  # not the 40 x 16 x 20 frames
+    back = pickle.loads(blob)
+    assert isinstance(back.frames, np.memmap) and isinstance(back.decorrelation[2], np.memmap)
+    np.testing.assert_array_equal(back.frames, scan.frames)
+    np.testing.assert_array_equal(back.decorrelation[2], scan.decorrelation[2])
+    np.testing.assert_array_equal(back.local, scan.local)
+    plain = load_cache(root, (16, 20), steps=(1,)).scans[0]  # in memory: pickled whole
+    assert len(pickle.dumps(plain)) > plain.frames.nbytes
 
 
 def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp_path):
