@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tusrec.data import TRAIN, TusrecDataError, open_data
 from tusrec.geometry import Calibration, frame_transforms
 from tusrec.model.inputs import ScanInput, read_scan_input
+from tusrec.train.config import TrainError
 
 
 @dataclass
@@ -211,7 +212,12 @@ def split_subjects(
         val = sorted({f"{int(s):03d}" for s in val_subjects})
         missing = set(val) - set(subjects)
         if missing:
-            raise ValueError(f"validation subjects {sorted(missing)} are not in the data {subjects}")
+            have = ", ".join(subjects) if len(subjects) <= 4 else f"{subjects[0]}-{subjects[-1]}"
+            raise TrainError(
+                f"validation subjects {sorted(missing)} are not in the data (it has {len(subjects)} "
+                f"subject(s): {have}): pass --val-subjects with ids it has (e.g. --val-subjects "
+                f"{subjects[-1]}) or a fraction (e.g. --val-subjects 0.1)"
+            )
     else:
         frac = float(val_subjects)
         count = 0 if frac <= 0 else max(1, round(frac * len(subjects)))
@@ -220,5 +226,5 @@ def split_subjects(
         val = sorted(rng.permutation(subjects)[:count].tolist())
     train = [s for s in subjects if s not in set(val)]
     if not train:
-        raise ValueError("no subject left for training")
+        raise TrainError("no subject left for training: hold out fewer validation subjects")
     return train, val

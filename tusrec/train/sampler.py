@@ -129,8 +129,10 @@ class ClipSampler:
         self.sx, self.sy = float(T_scale[0, 0]), float(T_scale[1, 1])
         self.rng = rng
 
-    def sample(self, scan: CachedScan | None = None) -> dict[str, np.ndarray]:
-        rng, aug, T = self.rng, self.augment, self.T
+    def sample(self, scan: CachedScan | None = None, rng: np.random.Generator | None = None) -> dict:
+        """One clip (the arrays above), drawn with ``rng`` (default: the sampler's own)."""
+        rng = self.rng if rng is None else rng
+        aug, T = self.augment, self.T
         if scan is None:
             scan = self.scans[rng.choice(len(self.scans), p=self.p)]
         n = scan.n_frames
@@ -184,6 +186,39 @@ class ClipSampler:
         return out
 
     def batch(self, size: int) -> dict[str, np.ndarray]:
-        """``size`` clips stacked along a new leading axis (B, ...)."""
-        samples = [self.sample() for _ in range(size)]
-        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+        """``size`` clips stacked along a new leading axis (B, ...), drawn one after the
+        other from the sampler's own generator (TrainConfig.sampling "sequential")."""
+        return stack([self.sample() for _ in range(size)])
+
+    def step_batch(self, seed: int, step: int, clips: range) -> dict[str, np.ndarray]:
+        """Clips ``clips`` of the global batch of training step ``step``, each drawn with its
+        own generator clip_rng(seed, step, index) (TrainConfig.sampling "per-clip"): the
+        same clips whichever process or data-loader worker draws them, and in any order."""
+        return stack([self.sample(rng=clip_rng(seed, step, i)) for i in clips])
+
+
+def clip_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The generator of clip ``index`` of training step ``step`` of a run with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence((seed, step, index)))
+
+
+def stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Clips (dicts of arrays) stacked along a new leading axis (B, ...)."""
+    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class StepBatches:
+    """Training step -> that step's batch (the clips ``clips`` of its global batch), as a
+    map-style dataset for torch's DataLoader: workers draw steps ahead of the training
+    loop, and every batch is a function of (seed, step, clip index) alone, so the run does
+    not depend on the number of workers or processes. Memory-mapped scans are shared
+    with the workers, not copied (CachedScan pickles a mapped array as its file)."""
+
+    def __init__(self, sampler: ClipSampler, seed: int, steps: int, clips: range):
+        self.sampler, self.seed, self.steps, self.clips = sampler, seed, steps, clips
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        return self.sampler.step_batch(self.seed, int(step), self.clips)
