@@ -40,6 +40,25 @@ def _rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def _mapped(pid: int, folder: str) -> tuple[int, int]:
+    """(Rss, Pss) kB of the mappings of files under ``folder`` (the cache) in process pid."""
+    rss = pss = 0
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header line
+                    inside = line.rstrip().endswith(".npy") and folder in line
+                elif inside and first == "Rss:":
+                    rss += int(line.split()[1])
+                elif inside and first == "Pss:":
+                    pss += int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
 def _tree(pid: int) -> list[int]:
     """pid and all its descendants."""
     out, todo = [], [pid]
@@ -66,6 +85,8 @@ def measure(data: Path, cache: Path | None, processes: int, steps: int, workers:
     peak_rss = [0] * processes  # kB, per tree (sum over the tree's processes)
     peak_main_rss = [0] * processes
     peak_pss = peak_pss_file = peak_pss_anon = 0
+    peak_cache_rss = [0] * processes  # kB of cache pages mapped, per tree (as RSS counts them)
+    peak_cache_pss = 0  # kB, all trees (each page once)
     t0 = time.perf_counter()
     while any(p.poll() is None for p in procs):
         pss = pss_file = pss_anon = 0
@@ -78,6 +99,13 @@ def measure(data: Path, cache: Path | None, processes: int, steps: int, workers:
             pss_anon += sum(r.get("Pss_Anon", 0) for r in tree)
         if pss > peak_pss:
             peak_pss, peak_pss_file, peak_pss_anon = pss, pss_file, pss_anon
+        if cache:
+            cache_pss = 0
+            for i, p in enumerate(procs):
+                mapped = [_mapped(q, str(cache)) for q in _tree(p.pid)]
+                peak_cache_rss[i] = max(peak_cache_rss[i], sum(m[0] for m in mapped))
+                cache_pss += sum(m[1] for m in mapped)
+            peak_cache_pss = max(peak_cache_pss, cache_pss)
         time.sleep(0.2)
     errors = [p.stderr.read().decode()[-500:] for p in procs if p.returncode != 0]
     return {
@@ -90,6 +118,8 @@ def measure(data: Path, cache: Path | None, processes: int, steps: int, workers:
         "peak_pss_MB_all": round(peak_pss / 1024),
         "pss_file_MB_at_peak": round(peak_pss_file / 1024),
         "pss_anon_MB_at_peak": round(peak_pss_anon / 1024),
+        "cache_rss_MB_per_tree": [round(v / 1024) for v in peak_cache_rss],
+        "cache_pss_MB_all": round(peak_cache_pss / 1024),
         "errors": errors,
     }
 
