@@ -556,8 +556,10 @@ def test_config_without_sampling_is_a_sequential_one():
     assert d["sampling"] == "per-clip" and TrainConfig.from_dict(d).sampling == "per-clip"
     del d["sampling"]
     assert TrainConfig.from_dict(d).sampling == "sequential"
-    assert TrainConfig.load("configs/member.json").sampling == "per-clip"
-    shipped = json.loads(Path("weights/manifest.json").read_text())["members"]
+    root = Path(__file__).resolve().parents[1]
+    assert TrainConfig.load(root / "configs" / "member.json").sampling == "per-clip"
+    assert TrainConfig.load(root / "configs" / "pair.json").sampling == "per-clip"
+    shipped = json.loads((root / "weights" / "manifest.json").read_text())["members"]
     assert {m["trained"]["config"].get("sampling") for m in shipped} == {None}
     with pytest.raises(ValueError, match="sampling"):
         tiny_config(sampling="random")
