@@ -747,12 +747,13 @@ def test_torchrun_starts_ddp_from_the_command_line(sim_root, tmp_path):
     run_ddp(2, sim_root, tmp_path / "forked", cfg, "m", progress=False, workers=0)
     a, b = _weights(tmp_path / "run" / "last.pt"), _weights(tmp_path / "forked" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # A global batch that does not split over the processes is a one-line error.
-    dataclasses.replace(cfg, batch_size=3).save(tmp_path / "odd.json")
-    cmd[cmd.index(str(tmp_path / "tiny.json"))] = str(tmp_path / "odd.json")
-    cmd[cmd.index(str(tmp_path / "run"))] = str(tmp_path / "odd")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "batch_size 3 does not split over 2 processes" in done.stderr
+    # A global batch that does not split over the processes is an error saying what to use.
+    from tusrec.train.config import TrainError
+    from tusrec.train.distributed import Context
+
+    assert Context(1, 2).clips(4) == range(2, 4) and Context(0, 3).clips(6) == range(0, 2)
+    with pytest.raises(TrainError, match="batch_size 3 does not split over 2 processes"):
+        Context(0, 2).clips(3)
 
 
 def test_a_missing_validation_subject_is_a_one_line_error_saying_what_to_pass(sim_root, tmp_path, capsys):
