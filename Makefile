@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup demo test test-containers lint bench bench-accuracy clean
+.PHONY: setup demo test test-containers lint bench bench-accuracy bench-gpu clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ bench: setup
 # data once; it is kept in bench-data/).
 bench-accuracy: setup
 	$(PY) -m benchmarks.accuracy --out benchmarks/accuracy.json
+
+# The CUDA paths on a GPU (about 10 min): ./predict on the GPU against the CPU, a 1,600-frame
+# scan end to end, 2 min of mixed-precision training -> benchmarks/gpu.json. Exits 2 with one
+# line where there is no CUDA. Runs with the .venv when there is one, else with $(PYTHON) (a
+# GPU machine's own torch; it needs requirements.txt's other packages). Try it on the CPU:
+#   .venv/bin/python -m benchmarks.gpu --device cpu --frames 60 --long-frames 300 --train-seconds 20
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu --out benchmarks/gpu.json
 
 clean:
 	rm -rf $(DEMO) bench-data .pytest_cache .ruff_cache

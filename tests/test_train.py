@@ -5,6 +5,7 @@ a tiny end-to-end run (resume, saved member runs through the predictor)."""
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ import torch
 from tusrec.data import open_data
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import compose_local, default_calibration, frame_transforms
-from tusrec.model import ensemble
-from tusrec.model.ensemble import normalise_frames as normalise
+from tusrec.model import ensemble, inputs
+from tusrec.model.inputs import normalise_frames as normalise
 from tusrec.model.network import ModelConfig
 from tusrec.train.cache import load_cache, split_subjects
 from tusrec.train.config import AugmentConfig, LossConfig, TrainConfig
@@ -106,8 +107,8 @@ def test_cache_matches_predictor_preprocessing_and_ground_truth(dataset_factory,
     data = load_cache(root, (8, 10))
     scan = open_data(root).scans[0]
     frames = scan.read_frames()
-    box = ensemble.field_of_view_box(frames[:32])
-    np.testing.assert_array_equal(normalise(data.scans[0].frames), ensemble.preprocess(frames, box, (8, 10)))
+    box = inputs.field_of_view_box(frames[:32])
+    np.testing.assert_array_equal(normalise(data.scans[0].frames), inputs.preprocess(frames, box, (8, 10)))
     g, loc = frame_transforms(scan.read_tforms(), data.calib)
     np.testing.assert_array_equal(data.scans[0].local, loc)
     np.testing.assert_array_equal(data.scans[0].global_, g)
@@ -194,7 +195,7 @@ def test_sampler_labels_and_positions_match_the_tracker_and_predictor(dataset_fa
     plain = ClipSampler(data.scans, 6, 4, NO_AUGMENT, data.calib.T_scale, np.random.default_rng(1))
     s = plain.sample()
     start = int(s["indices"][0])
-    np.testing.assert_array_equal(s["positions"], ensemble.scan_positions(np.arange(start, start + 5), 29))
+    np.testing.assert_array_equal(s["positions"], inputs.scan_positions(np.arange(start, start + 5), 29))
     batch = plain.batch(3)
     assert batch["frames"].shape == (3, 6, 8, 10) and batch["local"].shape == (3, 5, 4, 4)
 
@@ -311,7 +312,7 @@ def _corrcoef_blocks(a: np.ndarray, b: np.ndarray, by: int, bx: int) -> np.ndarr
         for j in range(w):
             x = a[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
             y = b[i * by : (i + 1) * by, j * bx : (j + 1) * bx].ravel().astype(np.float64)
-            if x.var() > ensemble.NCC_MIN_VARIANCE and y.var() > ensemble.NCC_MIN_VARIANCE:
+            if x.var() > inputs.NCC_MIN_VARIANCE and y.var() > inputs.NCC_MIN_VARIANCE:
                 out[i, j] = np.corrcoef(x, y)[0, 1]
     return out
 
@@ -320,14 +321,14 @@ def test_block_ncc_is_the_correlation_coefficient_of_each_block(rng):
     a = rng.integers(0, 255, (40, 48)).astype(np.float32)
     b = 0.6 * a + 0.4 * rng.integers(0, 255, (40, 48)).astype(np.float32)
     b[:10, :12] = 7.0  # a flat block: no defined correlation -> 0
-    got = ensemble.block_ncc(a, b, (8, 8))  # blocks of 5 x 6 pixels
+    got = inputs.block_ncc(a, b, (8, 8))  # blocks of 5 x 6 pixels
     np.testing.assert_allclose(got, _corrcoef_blocks(a, b, 5, 6), atol=2e-4)
     assert got[0, 0] == 0.0 and 0.5 < np.median(got) < 0.95
-    np.testing.assert_allclose(ensemble.block_ncc(a, a, (8, 8)), 1.0, atol=1e-4)
-    enc = ensemble.encode_ncc(np.array([-1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(inputs.block_ncc(a, a, (8, 8)), 1.0, atol=1e-4)
+    enc = inputs.encode_ncc(np.array([-1.0, 0.0, 1.0]))
     np.testing.assert_array_equal(enc, [0, 128, 255])
     np.testing.assert_allclose(
-        ensemble.normalise_ncc(enc) * ensemble.NCC_STD + ensemble.NCC_MEAN, [-1, 0.0039, 1], atol=1e-3
+        inputs.normalise_ncc(enc) * inputs.NCC_STD + inputs.NCC_MEAN, [-1, 0.0039, 1], atol=1e-3
     )
 
 
@@ -335,38 +336,66 @@ def test_scan_input_maps_are_each_frames_ncc_whatever_the_chunking(dataset_facto
     root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 9, (24, 32))
     scan = open_data(root).scans[0]
     frames = scan.read_frames()
-    whole = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=100)
-    chunked = ensemble.read_scan_input(scan, (8, 10), (1, 2), chunk=2)
+    whole = inputs.read_scan_input(scan, (8, 10), (1, 2), chunk=100)
+    chunked = inputs.read_scan_input(scan, (8, 10), (1, 2), chunk=2)
     box = whole.box
     crop = frames[:, box[0] : box[1], box[2] : box[3]].astype(np.float32)
     for k in (1, 2):
         np.testing.assert_array_equal(whole.decorrelation[k], chunked.decorrelation[k])
         for j in range(9):
             partner = j - k if j >= k else j + k  # the scan's first frames pair forwards
-            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
             np.testing.assert_array_equal(whole.decorrelation[k][j], expected)
     x = whole.network_input()
     assert x.shape == (9, 2, 8, 10)
-    np.testing.assert_array_equal(x[:, 0], ensemble.preprocess(frames, box, (8, 10)))
+    np.testing.assert_array_equal(x[:, 0], inputs.preprocess(frames, box, (8, 10)))
 
 
 def test_cache_on_disk_is_reused_and_rebuilt_when_the_scan_changes(dataset_factory, tmp_path):
     root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 6, (24, 32))
     first = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    (cached,) = list((tmp_path / "cache").glob("*.npz"))
+    (meta,) = list((tmp_path / "cache").glob("*.json"))
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert [p.name.split(".", 1)[1] for p in cached] == ["frames.npy", "ncc1.npy"]
+    memory = load_cache(root, (8, 10), steps=(1,))
     again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    np.testing.assert_array_equal(first.scans[0].decorrelation[1], again.scans[0].decorrelation[1])
-    np.testing.assert_array_equal(first.scans[0].frames, again.scans[0].frames)
-    stamp = cached.stat().st_mtime_ns
+    for a in (first, again):  # the same arrays as read without a cache, memory-mapped
+        assert isinstance(a.scans[0].frames, np.memmap) and not a.scans[0].frames.flags.writeable
+        np.testing.assert_array_equal(a.scans[0].decorrelation[1], memory.scans[0].decorrelation[1])
+        np.testing.assert_array_equal(a.scans[0].frames, memory.scans[0].frames)
+        assert a.scans[0].box == memory.scans[0].box
+    stamps = [p.stat().st_mtime_ns for p in [meta, *cached]]
     again = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    assert cached.stat().st_mtime_ns == stamp  # read back, not rewritten
+    assert [p.stat().st_mtime_ns for p in [meta, *cached]] == stamps  # read back, not rewritten
     scan_file = open_data(root).scans[0].frames_path
     os_time = scan_file.stat().st_mtime_ns + 10**9
     import os
 
     os.utime(scan_file, ns=(os_time, os_time))
     load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
-    assert cached.stat().st_mtime_ns != stamp  # the source changed: rebuilt
+    assert meta.stat().st_mtime_ns != stamps[0]  # the source changed: rebuilt
+    # A partial entry (its .json missing, as after a crash mid-write) is rebuilt too.
+    meta.unlink()
+    rebuilt = load_cache(root, (8, 10), steps=(1,), cache_dir=tmp_path / "cache")
+    assert meta.is_file()
+    np.testing.assert_array_equal(rebuilt.scans[0].frames, memory.scans[0].frames)
+
+
+def test_a_mapped_scan_pickles_as_its_file_not_its_contents(dataset_factory, tmp_path):
+    """What a spawned data-loader worker or DDP process receives: the file name, mapped again."""
+    import pickle
+
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 40, (24, 32))
+    scan = load_cache(root, (16, 20), steps=(1, 2), cache_dir=tmp_path / "cache").scans[0]
+    blob = pickle.dumps(scan)
+    assert len(blob) < scan.frames.nbytes  # not the 40 x 16 x 20 frames
+    back = pickle.loads(blob)
+    assert isinstance(back.frames, np.memmap) and isinstance(back.decorrelation[2], np.memmap)
+    np.testing.assert_array_equal(back.frames, scan.frames)
+    np.testing.assert_array_equal(back.decorrelation[2], scan.decorrelation[2])
+    np.testing.assert_array_equal(back.local, scan.local)
+    plain = load_cache(root, (16, 20), steps=(1,)).scans[0]  # in memory: pickled whole
+    assert len(pickle.dumps(plain)) > plain.frames.nbytes
 
 
 def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp_path):
@@ -392,7 +421,7 @@ def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp
             partner = j - step if 0 <= j - step < 20 else j + step
             if p == 0 and not (0 <= j - step < 20):
                 partner = idx[1]
-            expected = ensemble.encode_ncc(ensemble.block_ncc(crop[partner], crop[j], (8, 10)))
+            expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
             np.testing.assert_array_equal(s["decorrelation"][p], expected[:, ::-1] if mirrored else expected)
     assert mirrored_seen
     with pytest.raises(ValueError, match="lack decorrelation maps"):
@@ -516,3 +545,231 @@ def test_weights_command_lists_members_and_picks_the_best(sim_root, tmp_path, ca
     assert main(["weights", str(weights), "--top", "1"]) == 2
     assert not (tmp_path / "three").exists()
     assert "exists" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- data loading, DDP, amp
+
+
+def test_config_without_sampling_is_a_sequential_one():
+    """Configs written before per-clip sampling (the shipped manifests) replay as trained."""
+    d = tiny_config().to_dict()
+    assert d["sampling"] == "per-clip" and TrainConfig.from_dict(d).sampling == "per-clip"
+    del d["sampling"]
+    assert TrainConfig.from_dict(d).sampling == "sequential"
+    root = Path(__file__).resolve().parents[1]
+    assert TrainConfig.load(root / "configs" / "member.json").sampling == "per-clip"
+    assert TrainConfig.load(root / "configs" / "pair.json").sampling == "per-clip"
+    shipped = json.loads((root / "weights" / "manifest.json").read_text())["members"]
+    assert {m["trained"]["config"].get("sampling") for m in shipped} == {None}
+    with pytest.raises(ValueError, match="sampling"):
+        tiny_config(sampling="random")
+
+
+def test_per_clip_batches_are_the_same_from_any_worker_or_process_split(sim_root):
+    from tusrec.train.sampler import StepBatches, clip_rng
+
+    data = load_cache(sim_root, TINY.input_size, steps=(1, 2))
+    aug = AugmentConfig()
+    sampler = ClipSampler(data.scans, 8, 4, aug, data.calib.T_scale, np.random.default_rng(0), True)
+
+    def loaded(workers: int, clips: range) -> list[dict]:
+        loader = torch.utils.data.DataLoader(
+            StepBatches(sampler, 7, 6, clips), batch_size=None, sampler=range(2, 6), num_workers=workers
+        )
+        return [{k: v.numpy() for k, v in b.items()} for b in loader]
+
+    inline, two = loaded(0, range(4)), loaded(2, range(4))
+    halves = [loaded(0, range(0, 2)), loaded(2, range(2, 4))]
+    assert len(inline) == 4
+    for s, batch in enumerate(inline):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], two[s][key])
+            np.testing.assert_array_equal(batch[key], np.concatenate([halves[0][s][key], halves[1][s][key]]))
+        # clip i of step s is the clip clip_rng(7, s, i) draws, whoever draws it
+        one = sampler.sample(rng=clip_rng(7, s + 2, 3))
+        np.testing.assert_array_equal(batch["indices"][3], one["indices"])
+    assert not np.array_equal(inline[0]["indices"], inline[1]["indices"])  # steps differ
+
+
+def test_training_does_not_depend_on_the_number_of_workers(sim_root, tmp_path):
+    cfg = tiny_config(steps=4, val_every=2)
+    data = load_cache(sim_root, TINY.input_size, steps=(1, 2))
+    for workers in (0, 2):
+        train_member(sim_root, tmp_path / f"w{workers}", cfg, "m", progress=False, data=data, workers=workers)
+    a = torch.load(tmp_path / "w0" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "w2" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(tmp_path / "w0") == [
+        {**r, "seconds": read_log(tmp_path / "w0")[i]["seconds"]}
+        for i, r in enumerate(read_log(tmp_path / "w2"))
+    ]
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(sim_root, tmp_path):
+    cfg = tiny_config(steps=5, val_every=5)
+    data = load_cache(sim_root, TINY.input_size, steps=(1, 2))
+    train_member(sim_root, tmp_path / "whole", cfg, "m", progress=False, data=data, workers=0)
+    entry = train_member(sim_root, tmp_path / "cut", cfg, "m", False, data=data, workers=0, max_seconds=0.0)
+    assert entry["trained"]["steps"] == 1  # stopped after one step, validated and saved there
+    assert [r["step"] for r in read_log(tmp_path / "cut")] == ["1"] and read_log(tmp_path / "cut")[0][
+        "val_GPE"
+    ]
+    train_member(sim_root, tmp_path / "cut", cfg, "m", False, resume=True, data=data, workers=0)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_precision_keeps_transforms_and_losses_in_float32(sim_root):
+    """The autocast path (bf16 on a GPU; here on the CPU, which supports bf16 autocast too):
+    the network runs in bf16, its output is turned into transforms and losses in float32,
+    close to the float32 run's."""
+    from tusrec.model.network import TrackerlessNet
+    from tusrec.train.trainer import amp_dtype
+
+    assert amp_dtype(torch.device("cpu")) is None  # the CPU path stays float32
+    data = load_cache(sim_root, TINY.input_size, steps=(1,))
+    sampler = ClipSampler(data.scans, 8, 4, NO_AUGMENT, data.calib.T_scale, np.random.default_rng(0), True)
+    batch = _to_torch(sampler.batch(4), "cpu")
+    torch.manual_seed(0)
+    net = TrackerlessNet(TINY)
+    with torch.no_grad():
+        for p in net.fusion.head[-1].parameters():  # a net that predicts motion, not the identity
+            p.normal_(0, 0.3)
+    full = training_step(net, batch, tiny_config())
+    half = training_step(net, batch, tiny_config(), amp=torch.bfloat16)
+    assert all(v.dtype == torch.float32 for v in half.values())
+    assert half["loss"].item() == pytest.approx(full["loss"].item(), rel=0.05)
+    assert half["loss"].item() != full["loss"].item()  # the network did run in bf16
+    half["loss"].backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_child(rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        train_member(*args, **kw)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os._exit(code)
+
+
+def run_ddp(world: int, *args, **kw) -> None:
+    """train_member(*args, **kw) in ``world`` processes joined by gloo, as torchrun would
+    start them (the same environment variables), forked so that torch is imported once."""
+    import multiprocessing
+
+    port = _free_port()
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_ddp_child, args=(r, world, port, args, kw)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def _weights(path) -> dict:
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_ddp_on_two_processes_matches_one_process_and_resumes_exactly(sim_root, tmp_path):
+    """2 gloo processes, each drawing half of every global batch, against 1 process with the
+    whole batch. Tolerance: the per-step losses (global-batch means) agree to 1e-6 relative,
+    float32 rounding of the sums taken in another order (a mean of 2 half-batch means; DDP's
+    gradient all-reduce). The weights after 6 steps agree to 1e-3 absolute, a tenth of the
+    learning rate: AdamW's normalised update turns those rounding differences, in gradients
+    near zero, into parameter differences of up to a fraction of lr a step (measured 1.3e-4).
+    Resumed mid-run under DDP, the run is the uninterrupted one bit for bit."""
+    cfg = tiny_config(steps=6, val_every=3)
+    run_ddp(2, sim_root, tmp_path / "ddp", cfg, "m", progress=False, workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_member(sim_root, tmp_path / "one", cfg, "m", progress=False, workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    ddp_log, one_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
+    assert [r["step"] for r in ddp_log] == ["3", "6"]  # one log, written once (rank 0)
+    for a, b in zip(ddp_log, one_log, strict=True):
+        for key in ("loss", "points_mm", "drift_mm", "val_GPE", "val_LPE"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), key
+    a, b = _weights(tmp_path / "ddp" / "last.pt"), _weights(tmp_path / "one" / "last.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+    assert (tmp_path / "ddp" / "weights" / "m.pt").is_file() and (tmp_path / "ddp" / "cache").is_dir()
+
+    # Stop after 3 steps, resume to 6 (still under DDP): the uninterrupted run exactly.
+    run_ddp(2, sim_root, tmp_path / "cut", dataclasses.replace(cfg, steps=3), "m", progress=False, workers=0)
+    run_ddp(2, sim_root, tmp_path / "cut", cfg, "m", progress=False, workers=0, resume=True)
+    c = _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_torchrun_starts_ddp_from_the_command_line(sim_root, tmp_path):
+    """The documented entry point: torchrun --nproc-per-node 2 -m tusrec train (gloo here)."""
+    import subprocess
+    import sys
+
+    cfg = tiny_config(steps=3, val_every=3)
+    cfg.save(tmp_path / "tiny.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tusrec", "train", str(sim_root), "--out", str(tmp_path / "run"), "--config"]
+    cmd += [str(tmp_path / "tiny.json"), "--name", "m", "--workers", "0", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("train: member m saved") == 1  # rank 0 alone reports and writes
+    run_ddp(2, sim_root, tmp_path / "forked", cfg, "m", progress=False, workers=0)
+    a, b = _weights(tmp_path / "run" / "last.pt"), _weights(tmp_path / "forked" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A global batch that does not split over the processes is an error saying what to use.
+    from tusrec.train.config import TrainError
+    from tusrec.train.distributed import Context
+
+    assert Context(1, 2).clips(4) == range(2, 4) and Context(0, 3).clips(6) == range(0, 2)
+    with pytest.raises(TrainError, match="batch_size 3 does not split over 2 processes"):
+        Context(0, 2).clips(3)
+
+
+def test_a_missing_validation_subject_is_a_one_line_error_saying_what_to_pass(sim_root, tmp_path, capsys):
+    """The README's first training command on data without the config's subject 011."""
+    from tusrec.cli import main
+
+    cfg = tiny_config(steps=2, val_every=2, val_subjects=["011"])
+    cfg.save(tmp_path / "c.json")
+    args = ["train", str(sim_root), "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "['011'] are not in the data" in err and "--val-subjects 002" in err
+    assert not (tmp_path / "run").exists()  # found before anything was read or written
+    assert main([*args, "--val-subjects", "002", "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "run" / "weights" / "manifest.json").read_text())["members"][0]["trained"][
+        "val_subjects"
+    ] == ["002"]
+    frac = [*args[:3], str(tmp_path / "frac"), *args[4:], "--val-subjects", "0.34", "--workers", "0"]
+    assert main(frac) == 0

@@ -284,7 +284,9 @@ def add_train(sub) -> None:
         "weights folder (manifest.json). --config takes a TrainConfig JSON file or a weights "
         "manifest, whose member --name is then retrained with the config it was trained "
         "with, through each continuation it went through (trained.schedule). "
-        "An interrupted run continues from last.pt with --resume.",
+        "An interrupted run continues from last.pt with --resume. On N GPUs (or N CPU "
+        "processes, gloo): torchrun --nproc-per-node N -m tusrec train ... (DDP; the config's "
+        "batch_size is the global batch, split over the processes).",
     )
     p.add_argument("data", type=Path, help="training data folder (frames_transfs/ layout)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights/)")
@@ -305,15 +307,43 @@ def add_train(sub) -> None:
     p.add_argument(
         "--cache", type=Path, default=None, help="keep the preprocessed scans here (reused by later runs)"
     )
+    p.add_argument(
+        "--val-subjects",
+        default=None,
+        help="override the config's validation subjects: ids (e.g. 009 or 3,7) or a fraction (e.g. 0.1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="data-loader processes drawing clips ahead of the training loop (default 2; "
+        "the result does not depend on it)",
+    )
+    p.add_argument(
+        "--fp32", action="store_true", help="no mixed precision on a GPU (default: bf16, else fp16 autocast)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop each run after this long, checkpointed (continue with --resume)",
+    )
     p.set_defaults(run=run_train)
+
+
+def _val_subjects(text: str) -> list[str] | float:
+    """'009' or '3,7' -> subject ids; '0.1' -> a fraction."""
+    if "." in text:
+        return float(text)
+    return [f"{int(s):03d}" for s in text.split(",")]
 
 
 def run_train(args) -> int:
     import dataclasses
 
-    from tusrec.train.config import TrainConfig
+    from tusrec.train.config import TrainConfig, TrainError
     from tusrec.train.trainer import train_ensemble
 
     try:
@@ -325,6 +355,12 @@ def run_train(args) -> int:
         config = dataclasses.replace(config, steps=args.steps)
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
+    if args.val_subjects is not None:
+        try:
+            config = dataclasses.replace(config, val_subjects=_val_subjects(args.val_subjects))
+        except ValueError as err:
+            print(f"error: --val-subjects {args.val_subjects}: {err}", file=sys.stderr)
+            return 2
     if args.members < 1:
         print("error: --members must be at least 1", file=sys.stderr)
         return 2
@@ -347,13 +383,17 @@ def run_train(args) -> int:
             weights_dir=args.weights,
             cache_dir=args.cache,
             schedule=schedule,
+            workers=args.workers,
+            amp=False if args.fp32 else None,
+            max_seconds=args.max_seconds,
         )
-    except FileExistsError as err:
+    except (FileExistsError, TrainError) as err:  # a run folder, config or data mismatch
         print(f"error: {err}", file=sys.stderr)
         return 2
     weights = args.weights or args.out / "weights"
-    for entry in entries:
-        print(f"train: member {entry['name']} saved in {weights} ({entry.get('metrics', {})})")
+    for entry in entries:  # under DDP only rank 0 has the entries
+        if entry:
+            print(f"train: member {entry['name']} saved in {weights} ({entry.get('metrics', {})})")
     return 0
 
 

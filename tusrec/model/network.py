@@ -36,7 +36,7 @@ class ModelConfig:
     architecture: str = "dual-encoder"  # or "pair": the frame-pair baseline (PairNet)
     input_size: tuple[int, int] = (64, 80)  # (h, w) after cropping to the field of view
     # A second input channel: speckle decorrelation with the previous frame, measured at
-    # native resolution (ensemble.decorrelation_u8). Only the local encoder sees it.
+    # native resolution (inputs.decorrelation_u8). Only the local encoder sees it.
     decorrelation: bool = True
     channels: tuple[int, ...] = (16, 32, 48, 64)  # local 3D CNN stages (stride 2 each)
     global_channels: tuple[int, ...] = (16, 32, 48, 64)  # global 2D CNN stages

@@ -12,6 +12,13 @@ from pathlib import Path
 
 from tusrec.model.network import ModelConfig
 
+SAMPLING = ("per-clip", "sequential")
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked (data, config and run folder disagree): its
+    message says what to change, in one line."""
+
 
 def _strict(cls, d: dict, where: str) -> dict:
     if not isinstance(d, dict):
@@ -63,6 +70,14 @@ class TrainConfig:
     val_subjects: held-out subject ids (e.g. ["003", "017"]) or a fraction of the subjects
     (e.g. 0.1, at least one when > 0); 0 or [] for no validation. val_every: steps between
     validations (and checkpoints).
+
+    sampling: how the clips of a step are drawn. "per-clip": clip i of step s from its own
+    generator seeded (seed, s, i) (sampler.clip_rng), so data-loader workers and DDP
+    processes draw them in any order and the run is the same for any number of either.
+    "sequential": all clips from one generator seeded ``seed``, in the training loop, in
+    one process: how members were trained before "per-clip" existed (the shipped ones),
+    kept so that they are still reproduced from their manifest entries. A config without
+    the key is one of those, hence "sequential" (from_dict); new configs say "per-clip".
     """
 
     model: dict = field(default_factory=lambda: ModelConfig().to_dict())
@@ -78,6 +93,7 @@ class TrainConfig:
     val_subjects: list[str] | float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sampling: str = "per-clip"
 
     def __post_init__(self):
         self.model = ModelConfig.from_dict(self.model).to_dict()  # validates, normalises tuples
@@ -93,6 +109,8 @@ class TrainConfig:
             raise ValueError("clip_frames must be at least 2")
         if self.augment.frame_skip < 1:
             raise ValueError("augment.frame_skip must be at least 1")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -100,7 +118,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(**_strict(cls, dict(d), "train config"))
+        d = _strict(cls, dict(d), "train config")
+        d.setdefault("sampling", "sequential")  # written before per-clip sampling existed
+        return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)

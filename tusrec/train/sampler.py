@@ -2,7 +2,7 @@
 
 A sample is a clip of T consecutive frames of a scan (T-1 transitions, labels
 T(i->i-1) in image mm), G global frames spread (jittered) over the whole scan, and the
-scan positions the predictor would give them (ensemble.scan_positions: transitions over
+scan positions the predictor would give them (inputs.scan_positions: transitions over
 n-1, global frames over n, where n is the length of the scan as augmented).
 
 Augmentations act on the whole scan (the "view"), so positions are those of the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tusrec.model.ensemble import scan_positions
+from tusrec.model.inputs import scan_positions
 from tusrec.train.cache import CachedScan
 from tusrec.train.config import AugmentConfig
 
@@ -88,10 +88,10 @@ class ClipSampler:
     drawn with probability proportional to its length. ``sample()`` returns one clip as
     numpy arrays, ``batch(B)`` stacks B of them:
 
-        frames (T, h, w) float32, uint8 range (normalise with ensemble.normalise_frames)
+        frames (T, h, w) float32, uint8 range (normalise with inputs.normalise_frames)
         decorrelation (T, h, w) uint8 encoded NCC of each clip frame with its predecessor in
             the (augmented) view, the first frame of a view with its successor, as
-            ensemble.read_scan_input gives the predictor (only with ``decorrelation``)
+            inputs.read_scan_input gives the predictor (only with ``decorrelation``)
         positions (T-1,) float32, scan positions of the clip's transitions
         global_frames (G, h, w) float32, uint8 range
         global_positions (G,) float32
@@ -129,8 +129,10 @@ class ClipSampler:
         self.sx, self.sy = float(T_scale[0, 0]), float(T_scale[1, 1])
         self.rng = rng
 
-    def sample(self, scan: CachedScan | None = None) -> dict[str, np.ndarray]:
-        rng, aug, T = self.rng, self.augment, self.T
+    def sample(self, scan: CachedScan | None = None, rng: np.random.Generator | None = None) -> dict:
+        """One clip (the arrays above), drawn with ``rng`` (default: the sampler's own)."""
+        rng = self.rng if rng is None else rng
+        aug, T = self.augment, self.T
         if scan is None:
             scan = self.scans[rng.choice(len(self.scans), p=self.p)]
         n = scan.n_frames
@@ -184,6 +186,39 @@ class ClipSampler:
         return out
 
     def batch(self, size: int) -> dict[str, np.ndarray]:
-        """``size`` clips stacked along a new leading axis (B, ...)."""
-        samples = [self.sample() for _ in range(size)]
-        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+        """``size`` clips stacked along a new leading axis (B, ...), drawn one after the
+        other from the sampler's own generator (TrainConfig.sampling "sequential")."""
+        return stack([self.sample() for _ in range(size)])
+
+    def step_batch(self, seed: int, step: int, clips: range) -> dict[str, np.ndarray]:
+        """Clips ``clips`` of the global batch of training step ``step``, each drawn with its
+        own generator clip_rng(seed, step, index) (TrainConfig.sampling "per-clip"): the
+        same clips whichever process or data-loader worker draws them, and in any order."""
+        return stack([self.sample(rng=clip_rng(seed, step, i)) for i in clips])
+
+
+def clip_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The generator of clip ``index`` of training step ``step`` of a run with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence((seed, step, index)))
+
+
+def stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Clips (dicts of arrays) stacked along a new leading axis (B, ...)."""
+    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class StepBatches:
+    """Training step -> that step's batch (the clips ``clips`` of its global batch), as a
+    map-style dataset for torch's DataLoader: workers draw steps ahead of the training
+    loop, and every batch is a function of (seed, step, clip index) alone, so the run does
+    not depend on the number of workers or processes. Memory-mapped scans are shared
+    with the workers, not copied (CachedScan pickles a mapped array as its file)."""
+
+    def __init__(self, sampler: ClipSampler, seed: int, steps: int, clips: range):
+        self.sampler, self.seed, self.steps, self.clips = sampler, seed, steps, clips
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        return self.sampler.step_batch(self.seed, int(step), self.clips)
