@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -34,13 +36,27 @@ from tusrec.data import (
     TusrecData,
     TusrecDataError,
     atomic_path,
-    open_h5,
     read_manifest,
 )
-from tusrec.ddf import DEFAULT_CHUNK, GroundTruth
+from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs, pixel_ddfs
+from tusrec.evaluate import worker
 from tusrec.evaluate.metrics import PredictionValueError, landmark_errors, pixel_errors, scan_length_mm
+from tusrec.evaluate.policy import (
+    FORM_DENSE,
+    FORM_TRANSFORMS,
+    PolicyError,
+    clean_text,
+    link_kind,
+    open_dataset,
+    open_prediction,
+    parse_declared,
+    read_attributes,
+    regular_file_problem,
+)
+from tusrec.geometry import compose_local
 
 OK, FAILED, TIMEOUT, INVALID, MISSING = "ok", "failed", "timeout", "invalid", "missing"
+TRANSFORM_SETS = ("transforms_global", "transforms_local")
 ERRORS = ("GPE", "GLE", "LPE", "LLE")
 METRICS_H5_SETS = (*ERRORS, "time_elapsed")
 STATUSES = (OK, FAILED, TIMEOUT, MISSING, INVALID)
@@ -85,53 +101,71 @@ def prediction_path(folder: Path, key: str) -> Path:
     return Path(folder) / f"{key}.h5"
 
 
-def check_structure(path: Path, scan: Scan, n_landmarks: int | None = -1) -> list[str]:
-    """Problems with the datasets of one prediction file (shapes, dtypes), without
-    reading the dense arrays. n_landmarks: K of the scan (None: no landmarks; -1: read
-    them from the scan)."""
-    n, h, w = scan.shape
-    if n_landmarks == -1:
-        n_landmarks = len(scan.read_landmarks()) if scan.has_landmarks else None
+def _pixel_shape(scan_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    n, h, w = scan_shape
+    return (n - 1, 3, h * w)
+
+
+def _structure_problems(f: h5py.File, scan_shape: tuple, n_landmarks: int | None) -> list[str]:
+    """Policy problems of every dataset of an open file that its form names (no data read)."""
+    n = scan_shape[0]
+    attrs = read_attributes(f)
+    dense = any(link_kind(f, name) is not None for name in PREDICTION_PIXEL_SETS)
     problems = []
-    try:
-        with open_h5(path) as f:
-            for name in PREDICTION_PIXEL_SETS:
-                problems += _check_set(f, name, (n - 1, 3, h * w))
-            for name in PREDICTION_LANDMARK_SETS:
-                if n_landmarks is None:
-                    continue
-                problems += _check_set(f, name, (3, n_landmarks))
-            for name, shape in (("transforms_global", (n - 1, 4, 4)), ("transforms_local", (n - 1, 4, 4))):
-                if name in f:
-                    problems += _check_set(f, name, shape)
-            if "uncertainty" in f:
-                problems += _check_set(f, "uncertainty", (n - 1,))
-    except TusrecDataError as err:
-        problems.append(str(err))
+    wanted: list[tuple[str, tuple, bool]] = []  # (name, shape, required)
+    if dense or attrs.form != FORM_TRANSFORMS:
+        wanted += [(name, _pixel_shape(scan_shape), True) for name in PREDICTION_PIXEL_SETS]
+    elif not any(link_kind(f, name) is not None for name in TRANSFORM_SETS):
+        problems.append(
+            f"{_name(f)}: form='transforms' but neither {TRANSFORM_SETS[0]!r} nor {TRANSFORM_SETS[1]!r}"
+        )
+    if n_landmarks is not None:
+        required = dense or attrs.form != FORM_TRANSFORMS
+        wanted += [(name, (3, n_landmarks), required) for name in PREDICTION_LANDMARK_SETS]
+    wanted += [(name, (n - 1, 4, 4), False) for name in TRANSFORM_SETS]
+    wanted.append(("uncertainty", (n - 1,), False))
+    for name, shape, required in wanted:
+        if not required and link_kind(f, name) is None:
+            continue
+        try:
+            open_dataset(f, name, shape)
+        except PolicyError as err:
+            problems.append(str(err))
     return problems
 
 
-def _check_set(f: h5py.File, name: str, shape: tuple) -> list[str]:
-    if name not in f or not isinstance(f[name], h5py.Dataset):
-        return [f"{f.filename}: no dataset '{name}' (expected float32 {shape})"]
-    ds = f[name]
-    out = []
-    if tuple(ds.shape) != shape:
-        out.append(f"{f.filename}: '{name}' has shape {tuple(ds.shape)}, expected {shape}")
-    if ds.dtype.kind != "f":
-        out.append(f"{f.filename}: '{name}' has dtype {ds.dtype}, expected float32")
-    return out
+def _name(f: h5py.File) -> str:
+    return getattr(f, "_policy_name", None) or str(f.filename)
+
+
+def check_structure(path: Path, scan: Scan, n_landmarks: int | None = -1) -> list[str]:
+    """Problems with the datasets of one prediction file under the read policy (links,
+    storage, filters, shapes, dtypes, chunk layout), without reading the arrays.
+    n_landmarks: K of the scan (None: no landmarks; -1: read them from the scan)."""
+    if n_landmarks == -1:
+        n_landmarks = len(scan.read_landmarks()) if scan.has_landmarks else None
+    try:
+        with open_prediction(path) as f:
+            return _structure_problems(f, scan.shape, n_landmarks)
+    except TusrecDataError as err:
+        return [str(err)]
 
 
 def check_finite(path: Path) -> list[str]:
-    """Read every float dataset of a prediction file chunk by chunk; report NaN/Inf."""
+    """Read every float dataset of a prediction file chunk by chunk; report NaN/Inf.
+
+    Only datasets that pass the read policy are read (check_structure reports the rest).
+    """
     problems = []
-    with open_h5(path) as f:
-        for name in (*PREDICTION_PIXEL_SETS, *PREDICTION_LANDMARK_SETS):
-            if name not in f:
+    with open_prediction(path) as f:
+        for name in (*PREDICTION_PIXEL_SETS, *PREDICTION_LANDMARK_SETS, *TRANSFORM_SETS):
+            if link_kind(f, name) != "hard":
                 continue
-            ds = f[name]
-            step = DEFAULT_CHUNK if ds.ndim == 3 else len(ds)
+            try:
+                ds = open_dataset(f, name, f[name].shape)
+            except PolicyError:
+                continue
+            step = DEFAULT_CHUNK if ds.ndim == 3 else max(len(ds), 1)
             for start in range(0, len(ds), step):
                 block = ds[start : start + step]
                 finite = np.isfinite(block).reshape(len(block), -1)
@@ -144,19 +178,46 @@ def check_finite(path: Path) -> list[str]:
     return problems
 
 
-def check_predictions(folder: str | Path, data: TusrecData, values: bool = True) -> list[Problem]:
+def check_file(
+    path: str | Path, scan_shape: tuple, n_landmarks: int | None, values: bool = True
+) -> list[str]:
+    """check_structure + check_finite of one file (the worker runs this; never raises
+    for a bad file: every problem is a message)."""
+    path = Path(path)
+    try:
+        with open_prediction(path) as f:
+            problems = _structure_problems(f, scan_shape, n_landmarks)
+    except TusrecDataError as err:
+        return [str(err)]
+    if values and not problems:
+        problems += check_finite(path)
+        if not problems:
+            try:
+                with open_prediction(path) as f:
+                    _read_compact(f, scan_shape)  # transforms: last rows, invertibility
+            except (TusrecDataError, PredictionValueError) as err:
+                problems.append(str(err))
+    return problems
+
+
+def check_predictions(
+    folder: str | Path, data: TusrecData, values: bool = True, limits: ScoreLimits | None = None
+) -> list[Problem]:
     """Everything wrong with a predictions folder, scan by scan.
 
     Checks: the folder exists and has predictions; every scan of the data has a file or a
     manifest row saying it failed; no file belongs to no scan; the manifest (if any) names
     only known scans, agrees with the files and has the right frame counts; every file is
-    HDF5 with the right datasets, shapes and float dtype; with ``values``, no NaN or Inf.
+    a regular HDF5 file whose datasets pass the read policy (tusrec.evaluate.policy); with
+    ``values``, no NaN or Inf and valid transforms. Each file is read in a bounded worker
+    process (``limits``), so a hostile file costs its own scan a problem, nothing more.
     """
+    limits = limits or ScoreLimits()
     folder = Path(folder)
     if not folder.is_dir():
         return [Problem(None, f"{folder}: predictions folder not found")]
     files = {p.stem: p for p in folder.glob("*.h5")}
-    if not files and not (folder / MANIFEST_FILE).exists():
+    if not files and not os.path.lexists(folder / MANIFEST_FILE):
         return [Problem(None, f"{folder}: empty predictions folder (expected <key>.h5 files)")]
     problems: list[Problem] = []
     try:
@@ -168,49 +229,110 @@ def check_predictions(folder: str | Path, data: TusrecData, values: bool = True)
     for key in sorted(set(files) - known):
         problems.append(Problem(key, f"{files[key]} belongs to no scan of {data.root}"))
     if manifest is not None:
-        for key in sorted(set(manifest.index) - known):
-            problems.append(Problem(key, f"{folder / MANIFEST_FILE}: row for unknown scan {key!r}"))
+        for key in sorted(set(manifest.index) - known, key=str):
+            problems.append(
+                Problem(key, f"{folder / MANIFEST_FILE}: row for unknown scan {clean_text(key, 80)!r}")
+            )
     for scan in data.scans:
         key = scan.key
         row = manifest.loc[key] if manifest is not None and key in manifest.index else None
-        status = str(row["status"]) if row is not None else None
-        if status is not None and status not in (OK, FAILED, TIMEOUT):
-            problems.append(Problem(key, f"manifest status {status!r}; expected ok, failed or timeout"))
+        declared = parse_declared(row)
+        if declared.problem:
+            problems.append(Problem(key, declared.problem))
+        if row is not None and declared.frames_given and declared.frames is None:
+            problems.append(
+                Problem(
+                    key, f"manifest frames={clean_text(str(row.get('frames')), 40)!r} is not a frame count"
+                )
+            )
+        problems += [Problem(key, note) for note in declared.notes]
         if key not in files:
-            if status in (FAILED, TIMEOUT):
+            if declared.status in (FAILED, TIMEOUT):
                 continue  # declared: the scan scores 0, but the folder is consistent
-            where = " (the manifest says ok)" if status == OK else ""
+            where = " (the manifest says ok)" if declared.status == OK else ""
             problems.append(Problem(key, f"no prediction file {prediction_path(folder, key)}{where}"))
             continue
         if manifest is not None and row is None:
             problems.append(Problem(key, f"{files[key].name} has no row in {MANIFEST_FILE}"))
-        if (
-            row is not None
-            and "frames" in row
-            and not pd.isna(row["frames"])
-            and int(row["frames"]) != scan.n_frames
-        ):
+        if declared.frames is not None and declared.frames != scan.n_frames:
             problems.append(
-                Problem(key, f"manifest says {int(row['frames'])} frames, the scan has {scan.n_frames}")
+                Problem(key, f"manifest says {declared.frames} frames, the scan has {scan.n_frames}")
             )
-        structure = check_structure(files[key], scan)
-        problems += [Problem(key, m) for m in structure]
-        if values and not structure:
-            problems += [Problem(key, m) for m in check_finite(files[key])]
+        n_landmarks = len(scan.read_landmarks()) if scan.has_landmarks else None
+        job = (str(files[key]), scan.shape, n_landmarks, values)
+        result, failure = run_bounded(check_file, job, limits, limits.seconds_for(scan.shape))
+        messages = [f"{files[key]}: {failure}"] if failure else result
+        problems += [Problem(key, m) for m in messages]
     return problems
+
+
+# --------------------------------------------------------------------------- bounded worker
+
+
+@dataclass(frozen=True)
+class ScoreLimits:
+    """Bounds of the worker process that reads one team's file.
+
+    memory_mb: address-space cap of the worker (RLIMIT_AS, MiB). time_s: wall-time cap
+    (None: base_s + s_per_gigapixel * (N-1)*H*W / 1e9, i.e. proportional to the scan).
+    chunk: frames per scoring chunk. isolate=False reads in this process (debugging only).
+    """
+
+    memory_mb: int = 2048
+    time_s: float | None = None
+    base_s: float = 60.0
+    s_per_gigapixel: float = 120.0
+    chunk: int = DEFAULT_CHUNK
+    isolate: bool = True
+
+    def seconds_for(self, scan_shape: tuple[int, int, int]) -> float:
+        if self.time_s is not None:
+            return float(self.time_s)
+        n, h, w = scan_shape
+        return self.base_s + self.s_per_gigapixel * (n - 1) * h * w / 1e9
+
+
+def run_bounded(fn, args: tuple, limits: ScoreLimits, seconds: float):
+    """fn(*args) in a bounded worker (tusrec.evaluate.worker) with limits.memory_mb of
+    address space and ``seconds`` of wall time.
+
+    Returns (result, None) or (None, reason): the reason says why there is no result
+    (fn raised for a bad file, the worker ran out of time, was killed or crashed).
+    fn must be a module-level function; args are sent by pickle, the result comes back
+    as JSON (numbers, strings, lists, dicts).
+    """
+    if not limits.isolate:
+        try:
+            return fn(*args), None
+        except (TusrecDataError, PredictionValueError) as err:
+            return None, str(err)
+        except Exception as err:
+            return None, f"unreadable ({type(err).__name__}: {clean_text(str(err), 300)})"
+    kind, value = worker.SERVER.run(fn.__module__, fn.__qualname__, args, limits.memory_mb, seconds)
+    return (value, None) if kind == "ok" else (None, value)
 
 
 # --------------------------------------------------------------------------- scoring
 
 
-def _signature(*paths: Path | None) -> list:
-    """What a cached score depends on: size and modification time of each input file."""
+def file_signature(*paths: Path | None) -> list:
+    """What a cached score depends on: size and modification time of each input file.
+
+    lstat: a link is described as itself (the policy refuses it anyway), never by its target.
+    """
     out = []
     for p in paths:
-        if p is not None and Path(p).exists():
-            st = Path(p).stat()
-            out.append([str(p), st.st_size, st.st_mtime_ns])
+        if p is None:
+            continue
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        out.append([str(p), st.st_size, st.st_mtime_ns, stat.S_IFMT(st.st_mode)])
     return out
+
+
+_signature = file_signature  # the name the container runner imported before it was public
 
 
 def scan_row(scan: Scan) -> dict:
@@ -224,43 +346,212 @@ def scan_row(scan: Scan) -> dict:
     }
 
 
-def score_scan(
-    path: Path, scan: Scan, gt: GroundTruth, landmarks: np.ndarray | None, chunk: int = DEFAULT_CHUNK
+class TransformField:
+    """A dense GP or LP generated from frame transforms, read like a dataset.
+
+    transforms: (N-1, 4, 4) float64; the field is (N-1, 3, H*W) float32 mm, made by
+    tusrec.ddf.pixel_ddfs exactly as the ground truth and the kit's dense files are, so
+    a compact file scores like the dense file written from the same matrices.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, transforms: np.ndarray, T_scale: np.ndarray, image_size: tuple[int, int]):
+        self.transforms = transforms
+        self.T_scale = T_scale
+        self.h, self.w = image_size
+        self.shape = (len(transforms), 3, self.h * self.w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_direct(self, out: np.ndarray, sel: slice) -> None:
+        pixel_ddfs(self.transforms[sel], self.T_scale, self.h, self.w, out=out)
+
+
+def _read_transforms(f: h5py.File, name: str, n: int) -> np.ndarray | None:
+    """transforms_global / transforms_local as float64 (N-1, 4, 4), checked (None if absent)."""
+    if link_kind(f, name) is None:
+        return None
+    t = np.asarray(open_dataset(f, name, (n - 1, 4, 4))[()], dtype=np.float64)
+    if not np.isfinite(t).all():
+        raise PredictionValueError(f"{_name(f)}: '{name}' has NaN or Inf values")
+    bad = np.flatnonzero(np.abs(t[:, 3, :] - [0.0, 0.0, 0.0, 1.0]).max(axis=1) > 1e-6)
+    if len(bad):
+        raise PredictionValueError(
+            f"{_name(f)}: '{name}' frame {bad[0] + 1}: last row {t[bad[0], 3].tolist()} is not (0, 0, 0, 1)"
+        )
+    return t
+
+
+def _read_compact(f: h5py.File, scan_shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+    """(global, local) (N-1, 4, 4) float64 of a compact file, each derived from the other
+    when absent (the compact-form spec); None for a dense file."""
+    n = scan_shape[0]
+    if any(link_kind(f, name) is not None for name in PREDICTION_PIXEL_SETS):
+        return None
+    glob = _read_transforms(f, "transforms_global", n)
+    local = _read_transforms(f, "transforms_local", n)
+    if glob is None and local is None:
+        raise PolicyError(
+            f"{_name(f)}: form='transforms' but neither 'transforms_global' nor 'transforms_local'"
+        )
+    if local is None:
+        # local[i] = inv(G[i-1]) @ G[i], G[-1] = I: every G but the last is inverted.
+        cond = np.linalg.cond(glob[:-1]) if n > 2 else np.ones(0)
+        bad = np.flatnonzero(~(cond < 1e12))
+        if len(bad):
+            raise PredictionValueError(
+                f"{_name(f)}: 'transforms_global' frame {bad[0] + 1} is not invertible (needed to derive LP)"
+            )
+        local = glob.copy()
+        local[1:] = np.linalg.inv(glob[:-1]) @ glob[1:]
+    if glob is None:
+        glob = compose_local(local)
+    return glob, local
+
+
+def score_prediction_file(
+    path: str | Path,
+    scan_shape: tuple[int, int, int],
+    gt: GroundTruth,
+    landmarks: np.ndarray | None,
+    chunk: int = DEFAULT_CHUNK,
 ) -> dict:
-    """Errors of one prediction file (raises PredictionValueError / TusrecDataError if it
-    cannot be scored). Returns the four errors, their identity counterparts and the
-    runtime recorded in the file."""
-    problems = check_structure(path, scan, None if landmarks is None else len(landmarks))
-    if problems:
-        raise PredictionValueError("; ".join(problems))
+    """Errors of one prediction file under the read policy, dense or compact.
+
+    scan_shape: (N, H, W). gt: the scan's ground truth. landmarks: (K, 3) or None.
+    Returns GPE/GLE/LPE/LLE, their identity counterparts, runtime_file_s, model, form and
+    notes (list of str). Raises PolicyError / PredictionValueError / TusrecDataError.
+    This is what the bounded worker runs; it opens nothing but ``path``.
+    """
+    path = Path(path)
     ts = gt.calib.T_scale
     out: dict = {}
-    try:
-        _score_datasets(path, gt, landmarks, chunk, ts, out)
-    except PredictionValueError as err:
-        raise PredictionValueError(f"{path}: {err}") from None
+    with open_prediction(path) as f:
+        problems = _structure_problems(f, scan_shape, None if landmarks is None else len(landmarks))
+        if problems:
+            raise PolicyError("; ".join(problems))
+        attrs = read_attributes(f)
+        notes = list(attrs.notes)
+        compact = _read_compact(f, scan_shape)
+        if compact is None:
+            sources = {name: f[name] for name in PREDICTION_PIXEL_SETS}
+            if attrs.form == FORM_TRANSFORMS:
+                notes.append("form='transforms' but the file holds GP and LP: scored on its dense arrays")
+            elif attrs.form not in (None, FORM_DENSE):
+                notes.append(f"unknown form {attrs.form!r} ignored: scored on its dense arrays")
+            # Read blocks of whole file chunks, so that each chunk is read once.
+            spans = {f[name].chunks[0] if f[name].chunks else 1 for name in sources}
+            span = spans.pop() if len(spans) == 1 else 1
+            step = -(-chunk // span) * span  # chunk rounded up to whole chunks (< chunk + 16)
+        else:
+            glob, local = compact
+            sources = {
+                "GP": TransformField(glob, ts, gt.image_size),
+                "LP": TransformField(local, ts, gt.image_size),
+            }
+            step = chunk
+        out["form"] = FORM_DENSE if compact is None else FORM_TRANSFORMS
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
+                # most of the work, so two cores score nearly twice as fast.
+                pending = {
+                    name: pool.submit(pixel_errors, sources[name], transforms, ts, gt.image_size, step, name)
+                    for name, transforms in (("GP", gt.global_), ("LP", gt.local))
+                }
+                for name, future in pending.items():
+                    pair = future.result()
+                    out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity
+            for name, transforms, own in (("GL", gt.global_, 0), ("LL", gt.local, 1)):
+                if landmarks is None:
+                    out[f"{name}E"] = out[f"{name}E_identity"] = math.nan
+                    continue
+                if compact is not None and link_kind(f, name) is None:
+                    pred = landmark_ddfs(compact[own], ts, landmarks)  # derived at the landmarks
+                else:
+                    pred = f[name][()]
+                pair = landmark_errors(pred, transforms, ts, landmarks, name)
+                out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity
+        except PredictionValueError as err:
+            raise PredictionValueError(f"{path}: {err}") from None
+        out["runtime_file_s"] = attrs.runtime_seconds
+        out["model"] = attrs.model
+        out["notes"] = notes
     return out
 
 
-def _score_datasets(path: Path, gt: GroundTruth, landmarks, chunk: int, ts: np.ndarray, out: dict) -> None:
-    with open_h5(path) as f, ThreadPoolExecutor(max_workers=2) as pool:
-        # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
-        # most of the work, so two cores score nearly twice as fast.
-        pending = {
-            name: pool.submit(pixel_errors, f[name], transforms, ts, gt.image_size, chunk, name)
-            for name, transforms in (("GP", gt.global_), ("LP", gt.local))
-        }
-        for name, future in pending.items():
-            pair = future.result()
-            out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity
-        for name, transforms in (("GL", gt.global_), ("LL", gt.local)):
-            if landmarks is None:
-                out[f"{name}E"] = out[f"{name}E_identity"] = math.nan
-                continue
-            pair = landmark_errors(f[name][()], transforms, ts, landmarks, name)
-            out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity
-        out["runtime_file_s"] = float(f.attrs.get("runtime_seconds", math.nan))
-        out["model"] = str(f.attrs.get("model", ""))
+def score_scan(
+    path: Path, scan: Scan, gt: GroundTruth, landmarks: np.ndarray | None, chunk: int = DEFAULT_CHUNK
+) -> dict:
+    """Errors of one prediction file, in this process (raises PredictionValueError /
+    TusrecDataError if it cannot be scored). Returns the four errors, their identity
+    counterparts and the runtime recorded in the file. Untrusted files go through
+    score_file, which runs this in a bounded worker."""
+    out = score_prediction_file(path, scan.shape, gt, landmarks, chunk)
+    out.pop("notes", None)
+    return out
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def score_file(scan: Scan, path: str | Path, declared, calib, *, limits: ScoreLimits | None = None) -> dict:
+    """The metrics row (TABLE_ORDER columns, plus runtime_file_s, model, form) of one scan.
+
+    path: the scan's prediction file (it may be missing, a link, anything). declared:
+    the team's manifest row (pandas Series / dict, any cell types) or an outcome the
+    runner imposes ({'status': 'failed'|'timeout', 'message', 'seconds'}), or None;
+    parsed defensively (tusrec.evaluate.policy.parse_declared). calib: the data's
+    Calibration. The file is read, under the read policy, in a worker process with
+    ``limits`` (memory and wall-time caps) that is handed only this path, the scan's
+    ground truth and landmarks; a worker that fails, dies or runs out of time makes the
+    scan ``invalid`` with the reason. Never raises for anything the team controls.
+    """
+    limits = limits or ScoreLimits()
+    path = Path(path)
+    row = scan_row(scan)
+    row.update({e: math.nan for e in ERRORS})
+    row.update({f"{e}_identity": math.nan for e in ERRORS})
+    row.update({"status": OK, "message": "", "runtime_s": math.nan})
+    d = parse_declared(declared)
+    try:
+        gt = GroundTruth.from_scan(scan, calib)
+        row["scan_length_mm"] = scan_length_mm(gt.local, calib.T_scale, scan.image_size)
+        landmarks = scan.read_landmarks() if scan.has_landmarks else None
+    except TusrecDataError as err:
+        row.update(status=INVALID, message=f"ground truth unreadable: {err}")
+        return row
+    row["runtime_s"] = d.seconds
+    if d.status == INVALID:
+        row.update(status=INVALID, message=_join(d.problem, *d.notes))
+        return row
+    if d.status in (FAILED, TIMEOUT):
+        row.update(status=d.status, message=_join(d.message, *d.notes))
+        return row
+    if not os.path.lexists(path):
+        row.update(status=MISSING, message=_join(f"no prediction file {path.name}", *d.notes))
+        return row
+    problem = regular_file_problem(path)
+    if problem:
+        row.update(status=INVALID, message=_join(problem, *d.notes))
+        return row
+    job = (str(path), scan.shape, gt, landmarks, limits.chunk)
+    result, failure = run_bounded(score_prediction_file, job, limits, limits.seconds_for(scan.shape))
+    if failure is not None:
+        why = failure if str(path) in failure else f"{path}: {failure}"
+        row.update(status=INVALID, message=_join(why, *d.notes))
+        return row
+    notes = result.pop("notes")
+    row.update(result)
+    if math.isnan(row["runtime_s"]) and not d.notes:
+        row["runtime_s"] = row["runtime_file_s"]
+    default = "no landmarks in the data: GLE and LLE not scored" if landmarks is None else ""
+    row["message"] = _join(d.message or default, *d.notes, *notes)
+    return row
 
 
 def score_predictions(
@@ -269,16 +560,20 @@ def score_predictions(
     out_dir: str | Path,
     chunk: int = DEFAULT_CHUNK,
     keys: list[str] | None = None,
+    limits: ScoreLimits | None = None,
 ) -> pd.DataFrame:
     """Score every scan; write metrics.csv and the organisers' metrics.h5 into out_dir.
 
-    Per scan results are cached in out_dir/scans/<key>.json together with the sizes and
-    times of the files they came from, so a rerun scores only what changed.
+    Every file is untrusted: each is scored by score_file in a bounded worker (limits;
+    its chunk is ``chunk``). Per scan results are cached in out_dir/scans/<key>.json
+    together with the sizes and times of the files they came from, so a rerun scores
+    only what changed.
     """
+    limits = replace(limits or ScoreLimits(), chunk=chunk)
     folder, out_dir = Path(folder), Path(out_dir)
     if not folder.is_dir():
         raise TusrecDataError(f"{folder}: predictions folder not found")
-    if not any(folder.glob("*.h5")) and not (folder / MANIFEST_FILE).exists():
+    if not any(folder.glob("*.h5")) and not os.path.lexists(folder / MANIFEST_FILE):
         raise TusrecDataError(f"{folder}: empty predictions folder (expected <key>.h5 files)")
     scans = data.select(keys)
     missing_gt = [s.key for s in scans if not s.has_tforms]
@@ -287,7 +582,10 @@ def score_predictions(
             f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
             "scoring needs the transfs/ folder of the validation layout"
         )
-    manifest = read_manifest(folder)
+    try:
+        manifest, manifest_note = read_manifest(folder), ""
+    except TusrecDataError as err:  # the team's manifest is the team's problem
+        manifest, manifest_note = None, f"manifest ignored: {err}"
     calib = data.calibration
     cache_dir = out_dir / "scans"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -295,14 +593,17 @@ def score_predictions(
     for scan in tqdm(scans, desc="score", unit="scan", disable=None):
         path = prediction_path(folder, scan.key)
         mrow = manifest.loc[scan.key] if manifest is not None and scan.key in manifest.index else None
-        signature = _signature(path, scan.tforms_path, scan.landmark_path, folder / MANIFEST_FILE)
+        signature = file_signature(path, scan.tforms_path, scan.landmark_path, folder / MANIFEST_FILE)
+        signature.append(["limits", limits.memory_mb, limits.chunk])
         cache = cache_dir / f"{scan.key}.json"
         if cache.exists():
             cached = json.loads(cache.read_text())
             if cached.get("signature") == signature:
                 rows.append(cached["row"])
                 continue
-        row = _score_one(scan, path, mrow, calib, chunk)
+        row = score_file(scan, path, mrow, calib, limits=limits)
+        if manifest_note:
+            row["message"] = _join(row["message"], manifest_note)
         with atomic_path(cache) as tmp:
             tmp.write_text(json.dumps({"signature": signature, "row": row}))
         rows.append(row)
@@ -312,42 +613,8 @@ def score_predictions(
 
 
 def _score_one(scan: Scan, path: Path, mrow, calib, chunk: int) -> dict:
-    row = scan_row(scan)
-    row.update({e: math.nan for e in ERRORS})
-    row.update({"status": OK, "message": "", "runtime_s": math.nan})
-    if mrow is not None and "seconds" in mrow and not pd.isna(mrow["seconds"]):
-        row["runtime_s"] = float(mrow["seconds"])
-    try:
-        gt = GroundTruth.from_scan(scan, calib)
-        row["scan_length_mm"] = scan_length_mm(gt.local, calib.T_scale, scan.image_size)
-        landmarks = scan.read_landmarks() if scan.has_landmarks else None
-    except TusrecDataError as err:
-        row.update(status=INVALID, message=f"ground truth unreadable: {err}")
-        return row
-    declared = str(mrow["status"]) if mrow is not None else None
-    if declared in (FAILED, TIMEOUT):
-        message = mrow.get("message", "")
-        row.update(status=declared, message="" if pd.isna(message) else str(message))
-        return row
-    if not path.exists():
-        row.update(status=MISSING, message=f"no prediction file {path.name}")
-        return row
-    try:
-        row.update(score_scan(path, scan, gt, landmarks, chunk))
-    except (PredictionValueError, TusrecDataError) as err:
-        row.update(status=INVALID, message=str(err))
-        for e in ERRORS:
-            row[e] = math.nan
-        return row
-    if math.isnan(row["runtime_s"]):
-        row["runtime_s"] = row["runtime_file_s"]
-    if landmarks is None:
-        row["message"] = "no landmarks in the data: GLE and LLE not scored"
-    if mrow is not None:
-        message = mrow.get("message", "")
-        if not pd.isna(message) and str(message):
-            row["message"] = str(message)
-    return row
+    """score_file under the name the container runner imported before it was public."""
+    return score_file(scan, path, mrow, calib, limits=ScoreLimits(chunk=chunk))
 
 
 def write_metrics(table: pd.DataFrame, out_dir: Path) -> None:

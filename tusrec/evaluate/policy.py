@@ -1,0 +1,458 @@
+"""The one strict read policy for prediction files and manifests (a team wrote them).
+
+Everything a predictions folder holds is hostile input. This module decides, before a
+single array element is read, whether the organisers' machine may read a file, and it
+turns every attribute and manifest cell into a value or a note, never an exception:
+
+- the file is a regular file, opened with O_NOFOLLOW and read through its own file
+  descriptor (no path of the team's is resolved after the check);
+- each dataset the format names is reached by a *hard* link of the root group (no soft
+  or external link, so nothing outside the file is ever opened), is not virtual, keeps
+  its raw data in the file (no external storage), uses only the allowed filters, has
+  the format's shape and an accepted float dtype, and has a chunk layout whose read cost
+  is bounded (see ``check_layout``);
+- attributes are inspected (type, size) through h5py's low-level API before they are
+  read, and parsed into runtime / model / form with a note when malformed;
+- manifest cells (status, seconds, frames, message) of any type parse into a
+  ``Declared`` outcome.
+
+The low-level calls (h5l link info, h5d create property lists) never follow a link or
+touch raw data, so inspecting a file costs a few metadata reads whatever it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from h5py import h5a, h5d, h5l, h5o, h5t, h5z
+
+from tusrec.data import TusrecDataError
+from tusrec.ddf import DEFAULT_CHUNK
+
+OK, FAILED, TIMEOUT, INVALID = "ok", "failed", "timeout", "invalid"
+DECLARED_STATUSES = (OK, FAILED, TIMEOUT)
+
+FORM_DENSE, FORM_TRANSFORMS = "ddf", "transforms"
+
+# Accepted element types of every float dataset: IEEE float32 or float64, either byte
+# order. float16 loses millimetres at TUS-REC displacements; integers are not DDFs.
+ACCEPTED_DTYPES = "float32 or float64"
+# Filters a team may compress with: lossless ones that h5py always ships. Anything else
+# (szip, n-bit, scale-offset, or a plugin, which would load code on the host) is refused.
+ALLOWED_FILTERS = {
+    h5z.FILTER_DEFLATE: "gzip",
+    h5z.FILTER_SHUFFLE: "shuffle",
+    h5z.FILTER_FLETCHER32: "fletcher32",
+    32000: "lzf",
+}
+# GP/LP chunks: a chunk spans at most MAX_CHUNK_FRAMES frames (the scoring chunk), and
+# one frame (3, H*W) is covered by at most MAX_CHUNKS_PER_FRAME chunks, so reading a
+# block of frames touches at most ~3x its own size and a bounded number of chunks.
+MAX_CHUNK_FRAMES = DEFAULT_CHUNK
+MAX_CHUNKS_PER_FRAME = 64
+# The small datasets (GL, LL, transforms, uncertainty): at most this many chunks each.
+MAX_SMALL_CHUNKS = 4096
+MAX_ATTRIBUTE_BYTES = 4096  # runtime_seconds, model, form are scalars or short strings
+MAX_MODEL_CHARS = 200
+MAX_MESSAGE_CHARS = 500
+MAX_MANIFEST_BYTES = 8 * 2**20  # ~10,000 rows of 800 characters; a real one is ~100 B/row
+
+
+class PolicyError(TusrecDataError):
+    """A prediction file breaks the read policy (the message says which rule)."""
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def regular_file_problem(path: Path) -> str | None:
+    """Why ``path`` may not be opened (a symlink, fifo, device, folder...), or None.
+
+    Uses lstat, so a link is judged as itself, never by what it points to.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path}: file not found"
+    except OSError as err:
+        return f"{path}: cannot be examined ({err.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path}: is a symbolic link, not a regular file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: is not a regular file ({_file_kind(st.st_mode)})"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "of an unknown kind"
+
+
+def open_regular(path: Path) -> io.FileIO:
+    """Open a regular file for reading without following a link at its last component.
+
+    O_NONBLOCK keeps a fifo swapped in after the lstat from blocking the open; fstat then
+    checks the object actually opened. Raises PolicyError.
+    """
+    problem = regular_file_problem(path)
+    if problem:
+        raise PolicyError(problem)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise PolicyError(f"{path}: cannot be opened ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PolicyError(f"{path}: is not a regular file")
+    return io.FileIO(fd, "rb", closefd=True)
+
+
+@contextlib.contextmanager
+def open_prediction(path: str | Path, chunk_cache_bytes: int = 0) -> Iterator[h5py.File]:
+    """An HDF5 prediction file opened under the policy: through its own descriptor.
+
+    h5py reads through the file object (driver 'fileobj'), so HDF5 never opens a path
+    itself. chunk_cache_bytes: size of the raw-data chunk cache (0: HDF5's default).
+    Raises PolicyError (not a regular file, not HDF5).
+    """
+    path = Path(path)
+    raw = open_regular(path)
+    try:
+        kwargs = {"rdcc_nbytes": int(chunk_cache_bytes)} if chunk_cache_bytes else {}
+        try:
+            f = h5py.File(raw, "r", locking=False, **kwargs)
+        except Exception as err:  # h5py raises OSError, ValueError, ... for a non-HDF5 file
+            raise PolicyError(f"{path}: cannot be opened as an HDF5 file ({err})") from None
+        f._policy_name = str(path)  # messages name the path, not the file object
+        try:
+            yield f
+        finally:
+            f.close()
+    finally:
+        raw.close()
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def link_kind(f: h5py.File, name: str) -> str | None:
+    """'hard', 'soft', 'external' or 'user-defined' for the root link ``name`` (None if
+    absent), read from the link itself: H5Lexists and H5Lget_info never traverse it."""
+    key = name.encode()
+    if not f.id.links.exists(key):
+        return None
+    kind = f.id.links.get_info(key).type
+    return {h5l.TYPE_HARD: "hard", h5l.TYPE_SOFT: "soft", h5l.TYPE_EXTERNAL: "external"}.get(
+        kind, "user-defined"
+    )
+
+
+def open_dataset(f: h5py.File, name: str, shape: tuple, expected: str | None = None) -> h5py.Dataset:
+    """The dataset ``name`` after every policy check, ready to read; raises PolicyError.
+
+    shape: the format's shape. expected: how to describe the dataset when it is absent.
+    """
+    where = f"{_filename(f)}: '{name}'"
+    kind = link_kind(f, name)
+    if kind is None:
+        raise PolicyError(
+            f"{_filename(f)}: no dataset '{name}' (expected {expected or f'{ACCEPTED_DTYPES} {shape}'})"
+        )
+    if kind == "soft":
+        raise PolicyError(f"{where} is a soft link; datasets must be stored in the file itself")
+    if kind == "external":
+        target = f.id.links.get_val(name.encode())
+        raise PolicyError(
+            f"{where} is an external link (to {_show(target)}); datasets must be stored in the file itself"
+        )
+    if kind != "hard":
+        raise PolicyError(f"{where} is a user-defined link; datasets must be stored in the file itself")
+    info = h5o.get_info(f.id, name.encode())
+    if info.type != h5o.TYPE_DATASET:
+        raise PolicyError(f"{_filename(f)}: no dataset '{name}' ('{name}' is not a dataset)")
+    dsid = h5d.open(f.id, name.encode())
+    problems = dataset_problems(dsid, shape)
+    if problems:
+        raise PolicyError(f"{where} " + "; ".join(problems))
+    return h5py.Dataset(dsid)
+
+
+def _filename(f: h5py.File) -> str:
+    name = getattr(f, "_policy_name", None)
+    return name if name else str(f.filename)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def dataset_problems(dsid: h5d.DatasetID, shape: tuple) -> list[str]:
+    """What is wrong with an open dataset: storage first (it decides whether anything
+    may be read), then type and shape, then the chunk layout. Empty when it passes."""
+    dcpl = dsid.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL:
+        return ["is a virtual dataset; datasets must be stored in the file itself"]
+    if dcpl.get_external_count() > 0:
+        names = [_show(dcpl.get_external(i)[0]) for i in range(min(dcpl.get_external_count(), 3))]
+        return [
+            f"keeps its data in external file(s) {', '.join(names)}; data must be stored in the file itself"
+        ]
+    if layout not in (h5d.CONTIGUOUS, h5d.CHUNKED, h5d.COMPACT):
+        return [f"has an unknown storage layout ({layout})"]
+    for i in range(dcpl.get_nfilters()):
+        code, _flags, _values, fname = dcpl.get_filter(i)
+        if code not in ALLOWED_FILTERS:
+            label = fname.decode(errors="replace") if isinstance(fname, bytes) else str(fname)
+            allowed = ", ".join(ALLOWED_FILTERS.values())
+            return [f"uses filter {code} ({label or 'unnamed'}); allowed filters: {allowed}"]
+    out = []
+    tid = dsid.get_type()
+    if tid.get_class() != h5t.FLOAT or tid.get_size() not in (4, 8):
+        out.append(f"has dtype {_dtype_name(dsid)}, expected {ACCEPTED_DTYPES}")
+    got = tuple(int(s) for s in dsid.shape) if dsid.shape is not None else None
+    if got != tuple(shape):
+        out.append(f"has shape {got}, expected {tuple(shape)}")
+    if out:
+        return out
+    if layout == h5d.CHUNKED:
+        problem = layout_problem(tuple(int(c) for c in dcpl.get_chunk()), tuple(shape))
+        if problem:
+            return [problem]
+    return []
+
+
+def _dtype_name(dsid: h5d.DatasetID) -> str:
+    try:
+        return str(dsid.dtype)
+    except Exception:  # a type numpy cannot represent
+        return "of an unsupported HDF5 type"
+
+
+def layout_problem(chunks: tuple, shape: tuple) -> str | None:
+    """Why a chunk layout costs too much to read, or None (see the module constants).
+
+    A pixel set (N-1, 3, H*W) is read a block of frames at a time: its chunks span at
+    most MAX_CHUNK_FRAMES frames and at most MAX_CHUNKS_PER_FRAME chunks cover a frame.
+    Any other dataset has at most MAX_SMALL_CHUNKS chunks.
+    """
+    counts = [math.ceil(s / c) if c else math.inf for s, c in zip(shape, chunks, strict=False)]
+    if len(shape) == 3 and shape[1] == 3 and len(chunks) == 3:
+        if chunks[0] > MAX_CHUNK_FRAMES:
+            return (
+                f"has chunks {chunks} spanning {chunks[0]} frames; a chunk may span at most "
+                f"{MAX_CHUNK_FRAMES} frames"
+            )
+        per_frame = counts[1] * counts[2]
+        if per_frame > MAX_CHUNKS_PER_FRAME:
+            return (
+                f"has chunks {chunks}: {per_frame} chunks per frame; at most {MAX_CHUNKS_PER_FRAME} "
+                "chunks may cover a frame"
+            )
+        return None
+    total = math.prod(counts)
+    if total > MAX_SMALL_CHUNKS:
+        return f"has chunks {chunks}: {total} chunks; at most {MAX_SMALL_CHUNKS} are allowed"
+    return None
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+@dataclass
+class FileAttributes:
+    """The attributes of a prediction file, parsed: runtime (s, NaN if unknown), model,
+    form ('ddf', 'transforms', None if absent, or the raw text if unrecognised) and notes."""
+
+    runtime_seconds: float = math.nan
+    model: str = ""
+    form: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_attribute(f: h5py.File, name: str):
+    """(value, problem): a small scalar attribute of the root group, inspected with h5a
+    (shape, storage size) before it is read. value is None when absent or refused."""
+    key = name.encode()
+    try:
+        if not h5a.exists(f.id, key):
+            return None, None
+        aid = h5a.open(f.id, key)
+        size = aid.get_storage_size()
+        if size > MAX_ATTRIBUTE_BYTES:
+            return None, f"attribute '{name}' is {size} bytes (at most {MAX_ATTRIBUTE_BYTES})"
+        if aid.shape not in ((), (1,)):
+            return None, f"attribute '{name}' has shape {aid.shape}; expected a single value"
+        value = f.attrs[name]
+    except Exception as err:  # any HDF5 or type error: the attribute is unreadable
+        return None, f"attribute '{name}' unreadable ({type(err).__name__}: {err})"
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0]
+    return value, None
+
+
+def _as_text(value) -> str | None:
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, str | np.str_):
+        return str(value)
+    return None
+
+
+def read_attributes(f: h5py.File) -> FileAttributes:
+    """runtime_seconds, model and form of a prediction file; never raises."""
+    out = FileAttributes()
+    value, problem = read_attribute(f, "runtime_seconds")
+    if problem:
+        out.notes.append(f"runtime unknown: {problem}")
+    elif value is not None:
+        seconds = parse_seconds(value)
+        if seconds is None:
+            out.notes.append(
+                f"runtime unknown: attribute runtime_seconds={_show(value)} is not a number of seconds"
+            )
+        else:
+            out.runtime_seconds = seconds
+    value, problem = read_attribute(f, "model")
+    if problem:
+        out.notes.append(problem)
+    elif value is not None:
+        text = _as_text(value)
+        out.model = clean_text(text if text is not None else str(value), MAX_MODEL_CHARS)
+    value, problem = read_attribute(f, "form")
+    if problem:
+        out.form = "unreadable"
+        out.notes.append(problem)
+    elif value is not None:
+        text = _as_text(value)
+        out.form = clean_text(text, 40) if text is not None else f"not a string ({type(value).__name__})"
+    return out
+
+
+# --------------------------------------------------------------------------- manifest cells
+
+
+def clean_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Printable, single-line, at most ``limit`` characters (a team's message goes into
+    the organisers' tables and terminals)."""
+    text = "".join(c if c.isprintable() else " " for c in str(text)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float | np.floating):
+        return bool(np.isnan(value))
+    return isinstance(value, str) and not value.strip()
+
+
+def parse_seconds(value) -> float | None:
+    """A finite, non-negative number of seconds from a number or numeric text; None if
+    malformed (bools, text like 'fast', NaN, inf, negative, arrays)."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, bytes | np.bytes_):
+        value = bytes(value).decode("utf-8", errors="replace")
+    try:
+        seconds = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def parse_frames(value) -> int | None:
+    """A positive whole number of frames (int, integral float or digits), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        return None
+    return int(number)
+
+
+@dataclass
+class Declared:
+    """What the manifest (or the runner) says about one scan, parsed.
+
+    status: 'ok', 'failed', 'timeout', None (no row / no status) or 'invalid' when the
+    cell is malformed (problem says why). seconds: NaN if absent or malformed. frames:
+    None if absent or malformed. notes: malformed cells that do not decide the status.
+    """
+
+    status: str | None = None
+    seconds: float = math.nan
+    frames: int | None = None
+    message: str = ""
+    problem: str = ""
+    notes: list[str] = field(default_factory=list)
+    frames_given: bool = False
+
+
+def _cell(row, name: str):
+    try:
+        if row is None:
+            return None
+        if hasattr(row, "get"):
+            return row.get(name, None)
+        return None
+    except Exception:
+        return None
+
+
+def parse_declared(row) -> Declared:
+    """A Declared from a manifest row (pandas Series or dict, any cell types) or None."""
+    out = Declared()
+    if row is None:
+        return out
+    status = _cell(row, "status")
+    if not _missing(status):
+        text = _as_text(status)
+        text = text.strip().lower() if text is not None else None
+        if text in DECLARED_STATUSES:
+            out.status = text
+        else:
+            out.status = INVALID
+            out.problem = (
+                f"manifest status {_show(clean_text(str(status), 60))}; expected ok, failed or timeout"
+            )
+    seconds = _cell(row, "seconds")
+    if not _missing(seconds):
+        parsed = parse_seconds(seconds)
+        if parsed is None:
+            out.notes.append(
+                f"runtime unknown: manifest seconds={_show(clean_text(str(seconds), 60))} is not a number"
+            )
+        else:
+            out.seconds = parsed
+    frames = _cell(row, "frames")
+    if not _missing(frames):
+        out.frames_given = True
+        out.frames = parse_frames(frames)
+    message = _cell(row, "message")
+    if not _missing(message):
+        out.message = clean_text(str(message))
+    return out
