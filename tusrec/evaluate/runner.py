@@ -72,16 +72,14 @@ from tusrec.data import (
     write_landmarks,
     write_manifest,
 )
-from tusrec.ddf import DEFAULT_CHUNK
 from tusrec.evaluate.score import (
     ERRORS,
     FAILED,
     INVALID,
     OK,
     TIMEOUT,
-    _score_one,
-    _signature,
     scan_row,
+    score_file,
     summary,
     write_metrics,
 )
@@ -313,24 +311,18 @@ def clean_text(value, limit: int = MESSAGE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _manifest_value(row: pd.Series, name: str):
-    value = row.get(name)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
-
-
-def declared_from_manifest(raw: bytes | None, more: bool, key: str) -> tuple[pd.Series | None, list[str]]:
-    """The team's manifest row for ``key``, parsed defensively: (row for the scorer or None,
-    notes). Any content becomes notes; a malformed ``seconds`` is dropped with a note, an
-    unknown status makes the scan invalid through the scorer."""
+def declared_from_manifest(raw: bytes | None, more: bool, key: str) -> tuple[dict | None, list[str]]:
+    """The team's manifest row for ``key`` as text cells (the scorer parses them under the
+    read policy), and notes on the manifest as a whole. Whatever the bytes, nothing raises:
+    a manifest that is too large, not CSV, without the columns or with several rows for
+    the scan is ignored with a note."""
     if raw is None:
         return None, []
     if more:
         return None, [f"{MANIFEST_FILE} ignored: larger than {MANIFEST_LIMIT_BYTES} bytes"]
     try:
-        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, on_bad_lines="error")
-    except Exception as err:
+        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    except Exception as err:  # pandas raises several types for malformed CSV
         return None, [f"{MANIFEST_FILE} ignored: not a readable CSV ({type(err).__name__})"]
     if "key" not in table.columns or "status" not in table.columns:
         return None, [f"{MANIFEST_FILE} ignored: no 'key' and 'status' columns"]
@@ -339,29 +331,7 @@ def declared_from_manifest(raw: bytes | None, more: bool, key: str) -> tuple[pd.
         return None, []
     if len(rows) > 1:
         return None, [f"{MANIFEST_FILE} ignored: {len(rows)} rows for this scan"]
-    row = rows.iloc[0]
-    notes = []
-    status = clean_text(row["status"], 40).strip()
-    seconds = math.nan
-    text = str(row.get("seconds", "")).strip()
-    if text:
-        try:
-            seconds = float(text)
-        except ValueError:
-            notes.append(f"{MANIFEST_FILE}: seconds {clean_text(text, 40)!r} is not a number, ignored")
-        else:
-            if not math.isfinite(seconds) or seconds < 0:
-                notes.append(f"{MANIFEST_FILE}: seconds {text!r} ignored")
-                seconds = math.nan
-    declared = pd.Series(
-        {
-            "status": status,
-            "seconds": seconds,
-            "message": clean_text(row.get("message", "")),
-            "device": clean_text(row.get("device", ""), 100),
-        }
-    )
-    return declared, notes
+    return {name: str(value) for name, value in rows.iloc[0].items()}, []
 
 
 # --------------------------------------------------------------------------- one container
@@ -597,7 +567,8 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 
 
 def _score(scan: Scan, path: Path, declared, calib) -> dict:
-    return _score_one(scan, path, declared, calib, DEFAULT_CHUNK)
+    """The scorer's row: the file is read under the read policy in a bounded worker."""
+    return score_file(scan, path, declared, calib)
 
 
 def judge(
@@ -662,10 +633,6 @@ def _judge(scan, data, output_dir, result, limits, log_path, quota):
     if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
         # Never follow a team's link: it would be resolved on the organisers' machine.
         return _judged(scan, path, _declared(FAILED, ""), calib, f"{path.name} is not a regular file"), raw
-    if declared is not None and declared["status"] not in (OK, FAILED, TIMEOUT):
-        status = clean_text(declared["status"], 40)
-        why = f"{MANIFEST_FILE}: status {status!r}; expected ok, failed or timeout"
-        return _judged(scan, path, _declared(FAILED, ""), calib, why), raw
     row = _score(scan, path, declared, calib)
     row["runtime_reported_s"] = row.get("runtime_s", math.nan)
     if notes:
@@ -768,6 +735,17 @@ def _kept_manifest(folder: Path, rows: dict[str, dict], scans: list[Scan]) -> No
         write_manifest(folder, sorted(entries, key=lambda e: e["key"]))
 
 
+def data_signature(*paths: Path | None) -> list:
+    """What a cached judgement depends on besides the image and the limit: size and
+    modification time of each of the organisers' data files of the scan."""
+    out = []
+    for p in paths:
+        if p is not None and Path(p).exists():
+            st = Path(p).stat()
+            out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def runner_peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -817,7 +795,9 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
     margin = int(limits.output_quota_margin_mb * 1e6)
     bar = tqdm(total=len(scans) * len(teams), desc="run", unit="container", disable=None)
     for scan in scans:
-        depends = _signature(scan.frames_path, scan.tforms_path, scan.landmark_path, data.calibration_path)
+        depends = data_signature(
+            scan.frames_path, scan.tforms_path, scan.landmark_path, data.calibration_path
+        )
         quota = output_quota(scan, margin)
         staged = None
         for team in teams:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# What each misbehaving team image does (its mode is written into the image).
+# What each misbehaving team image does (its mode and payload are written into the image).
 set -u
 MODE="$(cat /opt/team/mode)"
 keys() {  # the scan keys of /input, from the val/test layout's frames/<sub>/<scan>.h5
@@ -46,6 +46,50 @@ snoop)
     fi
     echo "ground truth not found"
     exit 5
+    ;;
+copy)
+    # Files the test made on the host and baked into the image: a valid prediction, or
+    # one crafted against the host (links into another team's kept file, virtual
+    # datasets, external storage, a chunk-layout bomb, malformed attributes, a manifest).
+    cp -r --no-preserve=all /opt/team/payload/. /output/
+    echo "copied: $(ls /output | tr '\n' ' ')"
+    ;;
+slow-copy)
+    sleep 4
+    cp -r --no-preserve=all /opt/team/payload/. /output/
+    echo "copied after a while"
+    ;;
+quota)
+    for key in $(keys); do head -c 4G /dev/zero >"/output/${key}.h5"; done
+    echo "wrote 4 GB per scan"
+    ;;
+sparse)
+    # 1 TB that costs no disk: whoever reads it pays.
+    for key in $(keys); do truncate -s 1T "/output/${key}.h5"; done
+    ;;
+tree)
+    cd /output || exit 1
+    for i in $(seq 20000); do mkdir d 2>/dev/null && cd d || break; done
+    echo "made a folder tree $i deep"
+    ;;
+links)
+    # Every kind of entry an unprivileged team can make, aimed at the host.
+    for key in $(keys); do ln -s /etc/shadow "/output/${key}.h5"; done
+    mkfifo /output/predictions.csv
+    ln -s / /output/root
+    ln -s /output/loop /output/loop
+    mkfifo "/output/$(printf 'odd\377\001name\n')"
+    touch "/output/$(printf '\342\200\256evil')"
+    echo "made links and fifos"
+    ;;
+log)
+    head -c 300M /dev/zero | tr '\0' x | fold -w 1000
+    echo "LAST LINE OF A HUGE LOG"
+    ;;
+big-manifest)
+    cp -r --no-preserve=all /opt/team/payload/. /output/
+    head -c 50M /dev/urandom >/output/predictions.csv
+    echo "wrote a 50 MB manifest"
     ;;
 *)
     echo "unknown MODE $MODE" >&2
