@@ -8,6 +8,12 @@ keys() {  # the scan keys of /input, from the val/test layout's frames/<sub>/<sc
         echo "sub${sub}__$(basename "$f" .h5)"
     done
 }
+copy_payload() {  # the payload's file of each staged scan, and its manifest if any
+    for key in $(keys); do cp --no-preserve=all "/opt/team/payload/${key}.h5" /output/; done
+    if [ -f /opt/team/payload/predictions.csv ]; then
+        cp --no-preserve=all /opt/team/payload/predictions.csv /output/
+    fi
+}
 case "$MODE" in
 sleep)
     echo "sleeping past any time limit"
@@ -51,12 +57,12 @@ copy)
     # Files the test made on the host and baked into the image: a valid prediction, or
     # one crafted against the host (links into another team's kept file, virtual
     # datasets, external storage, a chunk-layout bomb, malformed attributes, a manifest).
-    cp -r --no-preserve=all /opt/team/payload/. /output/
+    copy_payload
     echo "copied: $(ls /output | tr '\n' ' ')"
     ;;
 slow-copy)
     sleep 4
-    cp -r --no-preserve=all /opt/team/payload/. /output/
+    copy_payload
     echo "copied after a while"
     ;;
 quota)
@@ -68,9 +74,12 @@ sparse)
     for key in $(keys); do truncate -s 1T "/output/${key}.h5"; done
     ;;
 tree)
+    # 20,000 levels, 1,000 at a time (each step's path stays under PATH_MAX; deeper than
+    # any path the host could name).
     cd /output || exit 1
-    for i in $(seq 20000); do mkdir d 2>/dev/null && cd d || break; done
-    echo "made a folder tree $i deep"
+    step="$(printf 'd/%.0s' $(seq 1000))"
+    for i in $(seq 20); do mkdir -p "$step" && cd "$step" || break; done
+    echo "made a folder tree $((i * 1000)) deep"
     ;;
 links)
     # Every kind of entry an unprivileged team can make, aimed at the host.
@@ -87,7 +96,7 @@ log)
     echo "LAST LINE OF A HUGE LOG"
     ;;
 big-manifest)
-    cp -r --no-preserve=all /opt/team/payload/. /output/
+    copy_payload
     head -c 50M /dev/urandom >/output/predictions.csv
     echo "wrote a 50 MB manifest"
     ;;
