@@ -894,7 +894,8 @@ def test_runner_contains_hostile_teams(engine, hostile, val2024, tmp_path):
         if status is not None:
             assert list(table["status"]) == [status] * len(keys), (team, table["message"].tolist())
         assert table["message"].str.contains(words, regex=False).all(), (team, table["message"].tolist())
-        assert not (out / team / "predictions").exists() or status == "ok", team
+        kept = sorted(p.stem for p in (out / team / "predictions").glob("*.h5"))
+        assert kept == sorted(table.loc[table["status"] == "ok", "key"]), team  # only what scored
     log = out / "log" / "logs" / f"{keys[0]}.log"
     assert log.stat().st_size <= 2_000_000 + 200 and b"LAST LINE OF A HUGE LOG" in log.read_bytes()
     assert (out / "bigmanifest" / "logs" / f"{keys[0]}.predictions.csv").stat().st_size <= 1_000_000
