@@ -7,11 +7,17 @@ entrypoint through the Docker API (the ``docker`` SDK, so DOCKER_HOST is honoure
 podman's Docker-compatible service works too):
 
 - no network, no added privileges, all capabilities dropped, a memory limit, GPUs only
-  when asked for;
+  when asked for; a read-only root filesystem with bounded tmpfs for scratch;
 - the per-scan time limit is enforced from outside: on expiry the container is killed and
   the scan is ``timeout``; a non-zero exit is ``failed``; output that is missing or cannot
-  be scored is ``missing`` or ``invalid`` (tusrec.evaluate.score decides, as for
-  ``evaluate score``);
+  be scored is ``missing`` or ``invalid`` (tusrec.evaluate.score.score_file decides, in a
+  bounded worker, under the same read policy as ``evaluate score``); /output is watched
+  against a quota while the container runs (over it: killed, ``invalid``);
+- everything in /output, the logs and the team's manifest are hostile: they are walked
+  without following links, read with byte caps, and whatever they hold becomes the scan's
+  status and message (``judge`` never raises for them);
+- a watchdog process (tusrec.evaluate.watchdog) removes the run's containers when the
+  runner dies, however it dies;
 - the runtime is measured outside (container start to exit) and kept beside the one the
   container reports;
 - each scan's predictions are validated and scored at once and then deleted (unless
@@ -27,8 +33,9 @@ Output layout::
     OUT/<team>/scans/<key>.json             cached row + what it depends on (image, limit, data)
     OUT/<team>/logs/<key>.log               the container's stdout and stderr (capped)
     OUT/<team>/logs/<key>.predictions.csv   the team's own manifest, if it wrote one
-    OUT/<team>/predictions/                 only with keep_predictions
+    OUT/<team>/predictions/                 only with keep_predictions (+ predictions.csv of them all)
     OUT/ranking/                            `evaluate rank` of all teams
+    OUT/.watchdog.log                       what the watchdog said (empty unless it had trouble)
 """
 
 from __future__ import annotations
@@ -688,9 +695,8 @@ def _remove_leftovers(client, out: Path) -> None:
 
     remove_labelled(client, RUNNER_LABEL, run_tag(out))
     remove_tree(out / ".staging")
-    for work in out.glob("*/.work"):
-        if (work.parent / "scans").is_dir() or not any(work.parent.iterdir()):
-            remove_tree(work)
+    for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
+        remove_tree(work)
 
 
 def run_tag(out: Path) -> str:
@@ -836,7 +842,9 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
                 Watch(output_dir, quota, watchdog),
             )
             log(f"{team.name} {scan.key}: judging", flush=True)
+            t_judge = time.monotonic()
             row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
+            t_judge = time.monotonic() - t_judge
             row["image"] = team.image
             row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
             if manifest is not None:
@@ -855,7 +863,8 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
             )
             if keep_predictions:
                 _kept_manifest(kept_dir, rows[team.name], scans)
-            bar.write(f"{team.name} {scan.key}: {row['status']} in {row['runtime_s']:.1f} s")
+            status, seconds = row["status"], row["runtime_s"]
+            bar.write(f"{team.name} {scan.key}: {status} in {seconds:.1f} s (judged in {t_judge:.2f} s)")
             bar.update()
         if staged is not None:
             remove_tree(staged)
