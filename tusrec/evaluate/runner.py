@@ -753,8 +753,17 @@ def data_signature(*paths: Path | None) -> list:
 
 
 def runner_peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, MB (2**20 bytes).
+
+    VmHWM of /proc/self/status: the high-water mark of this program's own memory.
+    getrusage's ru_maxrss is only the fallback: Linux carries it across fork and exec, so
+    a runner started by a large process (pytest, say) would report its parent's size.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_teams(
