@@ -54,6 +54,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ DEFAULT_OUTPUT_QUOTA_MARGIN_MB = 64.0
 DEFAULT_TMP_SIZE = "1g"
 QUOTA_POLL_S = 0.5
 WATCHDOG_GRACE_S = 30.0  # the watchdog kills this long after the runner should have
-RUNNER_LABEL = "tusrec.runner"
+RUNNER_LABEL = "tusrec.runner"  # value: the output folder's tag (run_tag): all runs on one --out
+RUN_LABEL = "tusrec.run"  # value: this run's own id: what its watchdog acts on
 _TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -526,11 +528,13 @@ class Watchdog:
     deadline; when this process dies, however, the pipe's end of file makes it remove every
     container of the run."""
 
-    def __init__(self, tag: str, log_path: Path):
+    def __init__(self, run_id: str, log_path: Path):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tusrec.evaluate.watchdog", tag, RUNNER_LABEL],
+            # Its own run's id, not the folder's tag: a dead run's watchdog still cleaning up
+            # must not touch the containers of the rerun that follows it on the same --out.
+            [sys.executable, "-m", "tusrec.evaluate.watchdog", run_id, RUN_LABEL],
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=self._log,
@@ -797,14 +801,18 @@ def run_teams(
     tag = run_tag(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(client, out)
-    watchdog = Watchdog(tag, out / ".watchdog.log")
+    run_id = uuid.uuid4().hex
+    watchdog = Watchdog(run_id, out / ".watchdog.log")
     try:
-        return _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, tag, watchdog, log)
+        labels = {RUNNER_LABEL: tag, RUN_LABEL: run_id}
+        return _run(
+            teams, data, out, limits, scans, keep_predictions, client, image_ids, labels, watchdog, log
+        )
     finally:
         watchdog.close()
 
 
-def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, tag, watchdog, log):
+def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, run_labels, watchdog, log):
     staging = out / ".staging"
     rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
     margin = int(limits.output_quota_margin_mb * 1e6)
@@ -838,7 +846,7 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
             output_dir = _fresh_dir(team_dir / ".work" / scan.key)
             log_path = team_dir / "logs" / f"{scan.key}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            labels = {RUNNER_LABEL: tag, "tusrec.team": team.name, "tusrec.scan": scan.key}
+            labels = {**run_labels, "tusrec.team": team.name, "tusrec.scan": scan.key}
             log(f"{team.name} {scan.key}: running", flush=True)
             result = run_container(
                 client,

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-DEFAULT_LABEL = "tusrec.runner"
+DEFAULT_LABEL = "tusrec.run"
 
 
 def _remove(client, container_id: str) -> None:
