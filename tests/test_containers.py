@@ -697,6 +697,7 @@ def test_runner_judges_every_team_and_goes_on(engine, images, val2024, tmp_path)
 
 QUOTA_MARGIN_MB = 4  # the runs below: /output may hold a 40-frame dense prediction + 4 MB
 PEAK_RSS = re.compile(r"runner peak RSS (\d+) MB")
+JUDGED = re.compile(r"\(judged in ([\d.]+) s\)")
 
 
 def write_payloads(data, root: Path, victim_dir: Path) -> dict[str, Path]:
@@ -904,10 +905,13 @@ def test_runner_contains_hostile_teams(engine, hostile, val2024, tmp_path):
     assert victim.read_bytes() == (clean / "good" / "predictions" / victim.name).read_bytes()
     assert_nothing_left(engine, out, volumes)
     # Each attack alone (one scan): the runner's own peak memory under it.
-    peaks = {}
+    peaks, judged = {}, {}
     for team in HOSTILE:
         alone = tmp_path / f"alone-{team}"
-        _, peaks[team] = evaluate_run(engine, val2024, alone, {team: hostile.images[team]}, "--keys", keys[0])
+        run, peaks[team] = evaluate_run(
+            engine, val2024, alone, {team: hostile.images[team]}, "--keys", keys[0]
+        )
+        judged[team] = float(JUDGED.search(run.stdout).group(1))
         row = pd.read_csv(alone / team / "metrics.csv", keep_default_na=False).iloc[0]
         assert row["status"] == pd.read_csv(out / team / "metrics.csv").iloc[0]["status"], (
             team,
@@ -915,6 +919,7 @@ def test_runner_contains_hostile_teams(engine, hostile, val2024, tmp_path):
         )
         assert_nothing_left(engine, alone, volumes)
     print("runner peak RSS (MB) per attack:", json.dumps(peaks))
+    print("judging seconds per attack:", json.dumps(judged))
     assert max(peaks.values()) < 1000
 
 
