@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,21 @@ import pandas as pd
 import pytest
 
 from tusrec.data import EVAL, TRAIN, open_data
-from tusrec.evaluate.runner import Limits, RunnerError, container_options, parse_teams, stage_scan
+from tusrec.evaluate.runner import (
+    OUTPUT_MAX_ENTRIES,
+    RUNNER_LABEL,
+    Limits,
+    RunnerError,
+    container_options,
+    declared_from_manifest,
+    output_quota,
+    output_usage,
+    parse_teams,
+    quota_problem,
+    remove_tree,
+    run_tag,
+    stage_scan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("TUSREC_TEST_BASE_IMAGE", "localhost/debian-base:bookworm")
@@ -114,6 +129,107 @@ def test_team_arguments_are_checked():
     for bad in (["A"], ["A="], ["../x=img"], ["A=x", "A=y"]):
         with pytest.raises(RunnerError):
             parse_teams(bad)
+
+
+def _hostile_tree(folder: Path, key: str) -> None:
+    """Every kind of entry a team can leave in /output, aimed at the host."""
+    folder.mkdir()
+    (folder / f"{key}.h5").symlink_to("/etc/passwd")
+    os.mkfifo(folder / "predictions.csv")
+    (folder / "root").symlink_to("/")
+    (folder / "loop").symlink_to(folder / "loop")
+    os.mkfifo(os.fsencode(folder) + b"/odd\xff\x01name\n")
+    sock = __import__("socket").socket(__import__("socket").AF_UNIX)
+    sock.bind(str(folder / "s"))
+    sock.close()
+    with open(folder / "sparse", "wb") as f:
+        f.truncate(10**12)  # 1 TB apparent, no disk
+
+
+def test_output_walk_is_bounded_and_never_follows_links(tmp_path):
+    folder = tmp_path / "out"
+    _hostile_tree(folder, "k")
+    usage = output_usage(folder)
+    assert usage.entries == 7 and not usage.truncated and not usage.error
+    assert 10**12 <= usage.bytes < 10**12 + 10**6  # the sparse file at its apparent size; "/" not entered
+    assert quota_problem(usage, 10**9).startswith("output over quota: 1000000")
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(3000):  # deeper than PATH_MAX, Python 3.11's rmtree recursion, the entry limit
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    usage = output_usage(deep)
+    assert usage.truncated and usage.entries == OUTPUT_MAX_ENTRIES + 1
+    assert "more than 1000 files" in quota_problem(usage, 10**12)
+    remove_tree(deep)
+    remove_tree(folder)
+    assert not deep.exists() and not folder.exists() and Path("/etc/passwd").is_file()
+
+
+def test_output_quota_is_the_dense_form_plus_a_margin(dataset_factory, tmp_path):
+    root = dataset_factory(tmp_path / "val", EVAL, ("050",), ("LH_Par_C_DtP",), 7)
+    scan = open_data(root).scans[0]
+    n, h, w = scan.shape
+    k = len(scan.read_landmarks())
+    dense = 2 * (n - 1) * 3 * h * w * 4  # GP + LP float32
+    small = 2 * 3 * k * 8 + 2 * (n - 1) * 16 * 8 + (n - 1) * 8  # GL, LL, transforms, uncertainty
+    assert output_quota(scan, 10**6) == int(1.05 * (dense + small)) + 10**6
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\xff\xfe" * 100,
+        b'key,status\n"unterminated,ok\n',
+        b"key,status,seconds\nK,ok,fast\n",
+        b"key,status\nK,ok\nK,failed\n",
+        b"a,b\n1,2\n",
+        b"key,status,message\nK,ok," + b"x" * 10**6 + b"\n",
+        "key,status,message\nK,ok,\u202eevil\udcff\n".encode("utf-8", "surrogateescape"),
+    ],
+)
+def test_any_manifest_is_a_note_or_a_row(raw):
+    row, notes = declared_from_manifest(raw, False, "K")
+    assert row is None or set(row) >= {"key", "status"}
+    assert all(isinstance(n, str) for n in notes)
+    row, notes = declared_from_manifest(raw, True, "K")
+    assert row is None and "larger than" in notes[0]
+
+
+def test_hostile_output_is_judged_not_raised(dataset_factory, tmp_path):
+    """The runner's judgement of what a container left: links, fifos, sockets, odd names,
+    a manifest fifo, a malformed manifest: each a status and a message."""
+    from tusrec.evaluate.runner import ContainerResult, judge
+
+    root = dataset_factory(tmp_path / "val", EVAL, ("050",), ("LH_Par_C_DtP",), 7)
+    data = open_data(root)
+    scan = data.scans[0]
+    log = tmp_path / "log"
+    log.write_bytes(b"\xff" * 100)
+    ok = ContainerResult(0, False, 1.0)
+    out = tmp_path / "links"
+    _hostile_tree(out, scan.key)
+    row, manifest = judge(scan, data, out, ok, Limits(), log)
+    assert row["status"] == "invalid" and manifest is None
+    assert "not a regular file" in row["message"] and "passwd" not in row["message"]
+    row, _ = judge(scan, data, out, ok, Limits(), log, quota=10**9)
+    assert row["status"] == "invalid" and "output over quota" in row["message"]
+    bad = tmp_path / "manifest"
+    bad.mkdir()
+    (bad / "predictions.csv").write_bytes(f"key,status,seconds\n{scan.key},done,fast\n".encode())
+    row, manifest = judge(scan, data, bad, ok, Limits(), log)
+    assert row["status"] == "invalid" and "'done'" in row["message"]
+    assert manifest.startswith(b"key,status")
+    crashed = ContainerResult(137, False, 2.0)
+    row, _ = judge(scan, data, bad, crashed, Limits(), log)
+    assert row["status"] == "failed" and "exit code 137" in row["message"]
+    for value in row.values():
+        if isinstance(value, str):
+            value.encode("utf-8")  # storable: no lone surrogates from the log's bytes
 
 
 def _dockerfile_stage_copies(stage: str) -> set[str]:
@@ -245,6 +361,15 @@ def engine(tmp_path_factory):
         service.kill()
 
 
+def own_containers(engine, out: Path) -> list:
+    """Containers of the run on ``out`` (only those: the engine's storage is shared)."""
+    # sparse: the list call only (a full list inspects each one and fails on one being removed)
+    found = engine.client.containers.list(
+        all=True, filters={"label": f"{RUNNER_LABEL}={run_tag(out)}"}, sparse=True
+    )
+    return [c.id for c in found]
+
+
 def podman(engine, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(
         ["podman", *args], capture_output=True, text=True, env=engine.env, timeout=timeout, cwd=ROOT
@@ -289,6 +414,27 @@ def build_args() -> list[str]:
     return args
 
 
+def build_misbehaving(engine, mode: str, tag: str, payload: Path | None = None) -> str:
+    """Build tests/containers/misbehaving in ``mode``; ``payload``: a folder whose files the
+    copy modes put into /output. Returns the tag."""
+    context = Path(tempfile.mkdtemp(dir=engine.tmp, prefix="misbehaving-"))
+    shutil.copytree(ROOT / "tests/containers/misbehaving", context, dirs_exist_ok=True)
+    shutil.rmtree(context / "payload")
+    if payload is not None:
+        shutil.copytree(payload, context / "payload")
+    else:
+        (context / "payload").mkdir()
+    with h5py.File(context / "wrong_shape.h5", "w") as f:  # a prediction of the wrong shape
+        for name in ("GP", "LP"):
+            f.create_dataset(name, data=np.zeros((1, 3, 4), np.float32))
+        for name in ("GL", "LL"):
+            f.create_dataset(name, data=np.zeros((3, 2), np.float32))
+    (context / "mode").write_text(mode + "\n")
+    podman(engine, "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(context))
+    shutil.rmtree(context)
+    return tag
+
+
 @pytest.fixture(scope="module")
 def images(engine):
     make_test_weights()
@@ -307,18 +453,9 @@ def images(engine):
             ".",
         )
         times[target] = time.monotonic() - t0
-    context = engine.tmp / "misbehaving"
-    shutil.copytree(ROOT / "tests/containers/misbehaving", context)
-    with h5py.File(context / "wrong_shape.h5", "w") as f:  # a prediction of the wrong shape
-        for name in ("GP", "LP"):
-            f.create_dataset(name, data=np.zeros((1, 3, 4), np.float32))
-        for name in ("GL", "LL"):
-            f.create_dataset(name, data=np.zeros((3, 2), np.float32))
     bad = {}
     for team, mode in MISBEHAVING.items():
-        (context / "mode").write_text(mode + "\n")
-        bad[team] = f"localhost/tusrec-bad-{mode}:test"
-        podman(engine, "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", bad[team], str(context))
+        bad[team] = build_misbehaving(engine, mode, f"localhost/tusrec-bad-{mode}:test")
     sizes = {tag: engine.client.images.get(tag).attrs["Size"] / 1e9 for tag in (SUBMISSION, HARNESS)}
     print(f"\nbuild seconds {times}; image sizes (GB) {sizes}")
     return SimpleNamespace(bad=bad)
@@ -543,7 +680,7 @@ def test_runner_judges_every_team_and_goes_on(engine, images, val2024, tmp_path)
     # nothing left behind: no predictions (GB per scan), no staging, no containers
     assert not list(out.rglob("*.h5")) or all(p.name == "metrics.h5" for p in out.rglob("*.h5"))
     assert not (out / ".staging").exists()
-    assert not engine.client.containers.list(all=True, filters={"label": "tusrec.runner"})
+    assert not own_containers(engine, out)
     # the ranking of all teams, from the same tables `evaluate rank` reads
     leaderboard = pd.read_csv(out / "ranking" / "leaderboard.csv")
     assert leaderboard.iloc[0]["team"] == "tusrec" and (out / "ranking" / "report.html").is_file()
@@ -558,3 +695,295 @@ def test_runner_judges_every_team_and_goes_on(engine, images, val2024, tmp_path)
         pd.testing.assert_frame_equal(pd.read_csv(out / team / "metrics.csv"), table)
     cached = json.loads((out / "tusrec" / "scans" / f"{key}.json").read_text())
     assert cached["signature"]["image"] == engine.client.images.get(SUBMISSION).id
+
+
+# --------------------------------------------------------------------------- hostile teams
+
+QUOTA_MARGIN_MB = 4  # the runs below: /output may hold a 40-frame dense prediction + 4 MB
+PEAK_RSS = re.compile(r"runner peak RSS (\d+) MB")
+JUDGED = re.compile(r"\(judged in ([\d.]+) s\)")
+
+
+def write_payloads(data, root: Path, victim_dir: Path) -> dict[str, Path]:
+    """Folders of files a copy-mode team puts into /output, one per behaviour, for every
+    scan of ``data``: a valid prediction and ones crafted against the host. ``victim_dir``
+    is where the good team's kept predictions will be on the host (a container reads its
+    host path from /proc/self/mountinfo; this test knows it in advance)."""
+    from tusrec.data import write_manifest
+    from tusrec.ddf import GroundTruth, write_predictions
+
+    calib = data.calibration
+    names = (
+        "good",
+        "extlink",
+        "extlink-missing",
+        "vds",
+        "extstorage",
+        "softlink",
+        "chunkbomb",
+        "badattrs",
+        "badmanifest",
+    )
+    folders = {name: root / name for name in names}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    for scan in data.scans:
+        n, h, w = scan.shape
+        gt = GroundTruth.from_scan(scan, calib)
+        g, loc = gt.global_.copy(), gt.local.copy()
+        g[:, :3, 3] += 0.5  # a prediction with errors, not the ground truth itself
+        loc[:, :3, 3] += 0.1
+        good = folders["good"] / f"{scan.key}.h5"
+        attrs = {"runtime_seconds": 1.25, "model": "copier"}
+        write_predictions(good, g, loc, calib, scan.image_size, scan.read_landmarks(), attrs)
+        shutil.copyfile(good, folders["badattrs"] / good.name)
+        shutil.copyfile(good, folders["badmanifest"] / good.name)
+        with h5py.File(folders["badattrs"] / good.name, "a") as f:
+            f.attrs["runtime_seconds"] = "fast"
+            f.attrs["model"] = np.arange(5)
+        victim = victim_dir / good.name
+        shapes = {"GP": (n - 1, 3, h * w), "LP": (n - 1, 3, h * w), "GL": (3, 20), "LL": (3, 20)}
+        with h5py.File(folders["extlink"] / good.name, "w") as f:
+            for name in shapes:
+                f[name] = h5py.ExternalLink(str(victim), name)
+        with h5py.File(folders["extlink-missing"] / good.name, "w") as f:
+            for name in shapes:
+                f[name] = h5py.ExternalLink("/nonexistent/team/file.h5", name)
+        with h5py.File(folders["vds"] / good.name, "w") as f:
+            for name, shape in shapes.items():
+                layout = h5py.VirtualLayout(shape, np.float32)
+                layout[...] = h5py.VirtualSource(str(victim), name, shape)
+                f.create_virtual_dataset(name, layout, fillvalue=0)
+        with h5py.File(folders["extstorage"] / good.name, "w") as f:
+            for name, shape in shapes.items():
+                size = int(np.prod(shape)) * 4
+                f.create_dataset(name, shape, np.float32, external=[("/dev/zero", 0, size)])
+        with h5py.File(folders["softlink"] / good.name, "w") as f, h5py.File(good) as src:
+            f["GP"] = src["GP"][()]
+            f["GL"] = src["GL"][()]
+            f["LP"] = h5py.SoftLink("/GP")
+            f["LL"] = h5py.SoftLink("/GL")
+        with h5py.File(folders["chunkbomb"] / good.name, "w") as f:
+            for name, shape in shapes.items():  # chunks of one pixel column, never written
+                chunks = (n - 1, 3, 1) if len(shape) == 3 else None
+                f.create_dataset(name, shape, np.float32, chunks=chunks)
+        assert (folders["chunkbomb"] / good.name).stat().st_size < 10_000
+    rows = [
+        {"key": s.key, "frames": s.n_frames, "status": "ok", "seconds": 1.5, "device": "cpu", "message": ""}
+        for s in data.scans
+    ]
+    for name, folder in folders.items():
+        if name not in ("badattrs", "badmanifest"):
+            write_manifest(folder, rows)
+    write_manifest(folders["badattrs"], [{**r, "seconds": "fast", "frames": "many"} for r in rows])
+    (folders["badmanifest"] / "predictions.csv").write_bytes(b'key,status\n"unterminated,\x00\xff\n' * 3)
+    return folders
+
+
+# team name -> (misbehave.sh mode, payload or None, expected status or None: any, words in the message)
+HOSTILE = {
+    "extlink": ("copy", "extlink", "invalid", ""),
+    "extlinkmissing": ("copy", "extlink-missing", "invalid", ""),
+    "vds": ("copy", "vds", "invalid", ""),
+    "extstorage": ("copy", "extstorage", "invalid", ""),
+    "softlink": ("copy", "softlink", "invalid", ""),
+    "chunkbomb": ("copy", "chunkbomb", "invalid", ""),
+    "badattrs": ("copy", "badattrs", None, "'fast'"),
+    "badmanifest": ("copy", "badmanifest", "ok", "predictions.csv ignored"),
+    "bigmanifest": ("big-manifest", "good", "ok", "larger than"),
+    "quota": ("quota", None, "invalid", "output over quota"),
+    "sparse": ("sparse", None, "invalid", "output over quota"),
+    "tree": ("tree", None, "invalid", "more than 1000 files"),
+    "links": ("links", None, "invalid", "not a regular file"),
+    "log": ("log", None, "missing", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(engine, val2024, tmp_path_factory):
+    """The images of a good team (copies a valid prediction) and of the hostile teams."""
+    base = tmp_path_factory.mktemp("hostile")
+    run_out = base / "run"  # the combined run: its good team's kept files are the victims
+    data = open_data(val2024)
+    payloads = write_payloads(data, base / "payloads", run_out / "good" / "predictions")
+    images = {
+        "good": build_misbehaving(engine, "copy", "localhost/tusrec-hostile-good:test", payloads["good"]),
+        "slowgood": build_misbehaving(
+            engine, "slow-copy", "localhost/tusrec-hostile-slowgood:test", payloads["good"]
+        ),
+    }
+    for team, (mode, payload, _, _) in HOSTILE.items():
+        tag = f"localhost/tusrec-hostile-{team}:test"
+        images[team] = build_misbehaving(engine, mode, tag, payloads[payload] if payload else None)
+    return SimpleNamespace(images=images, run_out=run_out, data=data)
+
+
+def evaluate_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: str, timeout: float = 600):
+    """`./evaluate run --no-rank` of ``teams`` (name -> image); returns (result, peak RSS MB)."""
+    command = [
+        str(ROOT / "evaluate"),
+        "run",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--time-limit",
+        "25",
+        "--memory",
+        "1g",
+        "--output-quota-margin",
+        str(QUOTA_MARGIN_MB),
+        "--no-rank",
+        *extra,
+    ]
+    for name, image in teams.items():
+        command += ["--team", f"{name}={image}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=engine.env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    peak = PEAK_RSS.search(result.stdout)
+    assert peak, result.stdout[-2000:]
+    return result, float(peak.group(1))
+
+
+def assert_nothing_left(engine, out: Path, volumes_before: set[str]) -> None:
+    assert not own_containers(engine, out)
+    assert not (out / ".staging").exists()
+    assert not list(out.glob("*/.work"))
+    # No anonymous volume (podman names them by 64 hex digits) appeared. Named volumes of
+    # other runs on the shared storage (compose's) may come and go meanwhile.
+    new = {v.name for v in engine.client.volumes.list()} - volumes_before
+    assert not [name for name in new if re.fullmatch(r"[0-9a-f]{64}", name)], new
+
+
+def assert_same_results(a: Path, b: Path, team: str, kept: bool, data=None) -> None:
+    """Two runs' results for ``team`` are identical, except the measured runtime columns
+    (runtime_s, runtime_reported_s; time_elapsed in metrics.h5; seconds in the kept
+    predictions.csv), which are measured and differ from run to run."""
+    ta, tb = (pd.read_csv(x / team / "metrics.csv") for x in (a, b))
+    runtime = [c for c in ta.columns if c.startswith("runtime")]
+    pd.testing.assert_frame_equal(ta.drop(columns=runtime), tb.drop(columns=runtime))
+    with h5py.File(a / team / "metrics.h5") as fa, h5py.File(b / team / "metrics.h5") as fb:
+        assert sorted(fa) == sorted(fb)
+        for name in fa:
+            if name != "time_elapsed":
+                np.testing.assert_array_equal(fa[name][()], fb[name][()])
+    if not kept:
+        assert not (b / team / "predictions").exists()
+        return
+    pa, pb = a / team / "predictions", b / team / "predictions"
+    assert sorted(p.name for p in pa.iterdir()) == sorted(p.name for p in pb.iterdir())
+    for path in pa.glob("*.h5"):
+        assert path.read_bytes() == (pb / path.name).read_bytes(), path.name
+    ma, mb = (pd.read_csv(p / "predictions.csv").drop(columns="seconds") for p in (pa, pb))
+    pd.testing.assert_frame_equal(ma, mb)
+    from tusrec.evaluate.score import check_predictions
+
+    assert check_predictions(pb, data) == []  # `evaluate check` accepts the kept folder
+
+
+def test_runner_contains_hostile_teams(engine, hostile, val2024, tmp_path):
+    """Each hostile team gets a status while the run goes on; the good team's results are
+    those of a clean run; the runner stays under 1 GB; nothing is left behind."""
+    volumes = {v.name for v in engine.client.volumes.list()}
+    keys = hostile.data.keys
+    clean = tmp_path / "clean"
+    evaluate_run(engine, val2024, clean, {"good": hostile.images["good"]}, "--keep-predictions")
+    out = hostile.run_out
+    teams = {"good": hostile.images["good"]} | {t: hostile.images[t] for t in HOSTILE}
+    t0 = time.monotonic()
+    _, peak_all = evaluate_run(engine, val2024, out, teams, "--keep-predictions")
+    seconds = time.monotonic() - t0
+    print(f"\nall {len(teams)} teams x {len(keys)} scans: {seconds:.0f} s, runner peak {peak_all} MB")
+    assert peak_all < 1000
+    assert_same_results(clean, out, "good", kept=True, data=hostile.data)
+    for team, (_, _, status, words) in HOSTILE.items():
+        table = pd.read_csv(out / team / "metrics.csv", keep_default_na=False)
+        assert list(table["key"]) == keys, team
+        if status is not None:
+            assert list(table["status"]) == [status] * len(keys), (team, table["message"].tolist())
+        assert table["message"].str.contains(words, regex=False).all(), (team, table["message"].tolist())
+        kept = sorted(p.stem for p in (out / team / "predictions").glob("*.h5"))
+        assert kept == sorted(table.loc[table["status"] == "ok", "key"]), team  # only what scored
+    log = out / "log" / "logs" / f"{keys[0]}.log"
+    assert log.stat().st_size <= 2_000_000 + 200 and b"LAST LINE OF A HUGE LOG" in log.read_bytes()
+    assert (out / "bigmanifest" / "logs" / f"{keys[0]}.predictions.csv").stat().st_size <= 1_000_000
+    # The copier's kept file is untouched and holds what it wrote (no team wrote into it).
+    victim = out / "good" / "predictions" / f"{keys[0]}.h5"
+    assert victim.read_bytes() == (clean / "good" / "predictions" / victim.name).read_bytes()
+    assert_nothing_left(engine, out, volumes)
+    # Each attack alone (one scan): the runner's own peak memory under it.
+    peaks, judged = {}, {}
+    for team in HOSTILE:
+        alone = tmp_path / f"alone-{team}"
+        run, peaks[team] = evaluate_run(
+            engine, val2024, alone, {team: hostile.images[team]}, "--keys", keys[0]
+        )
+        judged[team] = float(JUDGED.search(run.stdout).group(1))
+        row = pd.read_csv(alone / team / "metrics.csv", keep_default_na=False).iloc[0]
+        assert row["status"] == pd.read_csv(out / team / "metrics.csv").iloc[0]["status"], (
+            team,
+            row["message"],
+        )
+        assert_nothing_left(engine, alone, volumes)
+    print("runner peak RSS (MB) per attack:", json.dumps(peaks))
+    print("judging seconds per attack:", json.dumps(judged))
+    assert max(peaks.values()) < 1000
+
+
+def _run_until(engine, command: list[str], marker: str, delay: float = 0.0) -> None:
+    """Start the runner, SIGKILL it ``delay`` s after a line containing ``marker``."""
+    env = {**engine.env, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in process.stdout:
+            if marker in line:
+                time.sleep(delay)
+                break
+        else:
+            pytest.fail(f"the runner ended before {marker!r}")
+    finally:
+        process.kill()
+        process.wait(30)
+        process.stdout.close()
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-predictions", "no-keep"])
+def test_runner_killed_anywhere_resumes_identically(engine, hostile, val2024, tmp_path, keep):
+    """SIGKILL the runner during a container, during scoring and between scans, rerun:
+    the tables (runtime columns excepted: they are measured), the kept predictions and
+    their predictions.csv are those of an uninterrupted run; no container outlives the
+    runner; the dead runs' staging and work folders are gone after the rerun."""
+    volumes = {v.name for v in engine.client.volumes.list()}
+    teams = {"good": hostile.images["slowgood"]}
+    extra = ("--keep-predictions",) if keep else ()
+    clean = tmp_path / "clean"
+    evaluate_run(engine, val2024, clean, teams, *extra)
+    out = tmp_path / "killed"
+    command = [
+        str(ROOT / "evaluate"),
+        "run",
+        "--data",
+        str(val2024),
+        "--out",
+        str(out),
+        "--time-limit",
+        "25",
+        "--memory",
+        "1g",
+        "--no-rank",
+        "--team",
+        f"good={teams['good']}",
+        *extra,
+    ]
+    _run_until(engine, command, ": running", delay=2.0)  # the first container is running
+    assert (out / ".staging").exists()
+    deadline = time.monotonic() + 15  # the watchdog removes it once the runner is gone
+    while own_containers(engine, out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not own_containers(engine, out), "a team container outlived the runner"
+    _run_until(engine, command, ": judging")  # killed while the scan is judged and scored
+    _run_until(engine, command, ": ok in")  # killed between the scans
+    evaluate_run(engine, val2024, out, teams, *extra)
+    assert_same_results(clean, out, "good", kept=keep, data=hostile.data)
+    assert len(pd.read_csv(out / "good" / "metrics.csv")) == len(hostile.data.keys)
+    assert_nothing_left(engine, out, volumes)

@@ -686,7 +686,8 @@ def add_evaluate_run(ev) -> None:
         "team image, through the Docker API (DOCKER_HOST is honoured): mount only that scan's "
         "frames, landmarks and calibration read-only at /input and an empty /output; no network, "
         "no added privileges, a memory limit, GPUs with --gpus; kill at --time-limit (status "
-        "timeout); a non-zero exit is failed, unscorable output invalid or missing. Each scan is "
+        "timeout); a non-zero exit is failed, unscorable output invalid or missing, /output over its "
+        "quota invalid. Each scan is "
         "scored at once and its predictions deleted. Writes OUT/<team>/metrics.csv and "
         "metrics.h5 (as `evaluate score`), container logs in OUT/<team>/logs/, and ranks the "
         "teams into OUT/ranking/. A rerun skips scans already judged.",
@@ -704,6 +705,21 @@ def add_evaluate_run(ev) -> None:
     run.add_argument("--memory", default="16g", help="memory limit per container (default 16g)")
     run.add_argument("--gpus", default=None, help="'all', a count or device=0,1 (default: no GPU)")
     run.add_argument("--user", default=None, help="run containers as UID:GID (default: the image's user)")
+    run.add_argument(
+        "--output-quota-margin",
+        type=float,
+        default=64.0,
+        metavar="MB",
+        help="/output may hold the scan's dense predictions (+5%%) plus this many MB; beyond it the "
+        "container is killed and the scan is invalid (default 64)",
+    )
+    run.add_argument(
+        "--tmp-size",
+        default="1g",
+        help="size of each tmpfs a container may write besides /output (/tmp, /var/tmp, /run, "
+        "/dev/shm, the image's VOLUMEs; the root filesystem is read-only; counted against "
+        "--memory) (default 1g)",
+    )
     run.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
     run.add_argument(
         "--keep-predictions", action="store_true", help="keep each team's files in OUT/<team>/predictions"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# What each misbehaving team image does (its mode is written into the image).
+# What each misbehaving team image does (its mode and payload are written into the image).
 set -u
 MODE="$(cat /opt/team/mode)"
 keys() {  # the scan keys of /input, from the val/test layout's frames/<sub>/<scan>.h5
@@ -7,6 +7,12 @@ keys() {  # the scan keys of /input, from the val/test layout's frames/<sub>/<sc
         sub="$(basename "$(dirname "$f")")"
         echo "sub${sub}__$(basename "$f" .h5)"
     done
+}
+copy_payload() {  # the payload's file of each staged scan, and its manifest if any
+    for key in $(keys); do cp --no-preserve=all "/opt/team/payload/${key}.h5" /output/; done
+    if [ -f /opt/team/payload/predictions.csv ]; then
+        cp --no-preserve=all /opt/team/payload/predictions.csv /output/
+    fi
 }
 case "$MODE" in
 sleep)
@@ -46,6 +52,54 @@ snoop)
     fi
     echo "ground truth not found"
     exit 5
+    ;;
+copy)
+    # Files the test made on the host and baked into the image: a valid prediction, or
+    # one crafted against the host (links into another team's kept file, virtual
+    # datasets, external storage, a chunk-layout bomb, malformed attributes, a manifest).
+    copy_payload
+    echo "copied: $(ls /output | tr '\n' ' ')"
+    ;;
+slow-copy)
+    sleep 4
+    copy_payload
+    echo "copied after a while"
+    ;;
+quota)
+    for key in $(keys); do head -c 4G /dev/zero >"/output/${key}.h5"; done
+    echo "wrote 4 GB per scan"
+    ;;
+sparse)
+    # 1 TB that costs no disk: whoever reads it pays.
+    for key in $(keys); do truncate -s 1T "/output/${key}.h5"; done
+    ;;
+tree)
+    # 20,000 levels, 1,000 at a time (each step's path stays under PATH_MAX; deeper than
+    # any path the host could name).
+    cd /output || exit 1
+    step="$(printf 'd/%.0s' $(seq 1000))"
+    for i in $(seq 20); do mkdir -p "$step" && cd "$step" || break; done
+    echo "made a folder tree $((i * 1000)) deep"
+    ;;
+links)
+    # Every kind of entry an unprivileged team can make, aimed at the host.
+    for key in $(keys); do ln -s /etc/shadow "/output/${key}.h5"; done
+    mkfifo /output/predictions.csv
+    ln -s / /output/root
+    ln -s /output/loop /output/loop
+    mkfifo "/output/$(printf 'odd\377\001name\n')"
+    touch "/output/$(printf '\342\200\256evil')"
+    echo "made links and fifos"
+    ;;
+log)
+    head -c 100M /dev/zero | tr '\0' x | fold -w 1000
+    echo "LAST LINE OF A HUGE LOG"
+    ;;
+big-manifest)
+    copy_payload
+    # Over the runner's 1 MB read cap, within the output quota.
+    head -c 2M /dev/urandom >/output/predictions.csv
+    echo "wrote a 2 MB manifest"
     ;;
 *)
     echo "unknown MODE $MODE" >&2
