@@ -519,11 +519,11 @@ class Watchdog:
     deadline; when this process dies, however, the pipe's end of file makes it remove every
     container of the run."""
 
-    def __init__(self, tag: str, log_path: Path):
+    def __init__(self, tag: str, log_path: Path, label: str = RUNNER_LABEL):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tusrec.evaluate.watchdog", tag, RUNNER_LABEL],
+            [sys.executable, "-m", "tusrec.evaluate.watchdog", tag, label],
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=self._log,
@@ -896,7 +896,15 @@ def run_command(args) -> int:
             tmp_size=args.tmp_size,
         )
         data = open_data(args.data)
-        tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
+        if getattr(args, "cluster", None) is None:
+            tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
+        else:  # the same units on Dask workers holding a GPU slot (tusrec.cluster)
+            from tusrec import cluster
+
+            with cluster.connect(args.cluster, gpu_slots=True) as dask:
+                tables = cluster.run_teams(
+                    dask, teams, data, args.out, limits, args.keys, args.keep_predictions
+                )
     except RunnerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
