@@ -83,14 +83,14 @@ def client():
 
 @pytest.fixture(scope="module")
 def sim_root(tmp_path_factory) -> Path:
-    """3 simulated 2024 scans of 30 frames at 120 x 160 (real SIFT features), no landmarks."""
+    """2 simulated 2024 scans of 30 frames at 120 x 160 (real SIFT features), no landmarks."""
     from tusrec.simulate.dataset import simulate_dataset
 
     root = tmp_path_factory.mktemp("sim") / "data"
     simulate_dataset(
         root,
         [50],
-        names=["LH_Par_C_DtP", "RH_Per_L_PtD", "LH_Per_S_DtP"],
+        names=["LH_Par_C_DtP", "RH_Per_L_PtD"],
         frames=30,
         image_size=(120, 160),
         landmarks=False,
@@ -114,14 +114,23 @@ def test_landmarks_on_the_cluster_are_the_serial_ones(sim_root, tmp_path, capsys
     assert "dask: local cluster of 2 workers, dashboard http://127.0.0.1:" in out
     a, b = _landmark_sets(serial), _landmark_sets(dask)
     assert list(a) == list(b) == ["landmark_050.h5"]
-    assert sorted(a["landmark_050.h5"]) == sorted(b["landmark_050.h5"]) and len(b["landmark_050.h5"]) == 3
+    assert sorted(a["landmark_050.h5"]) == sorted(b["landmark_050.h5"]) and len(b["landmark_050.h5"]) == 2
     for name, lm in a["landmark_050.h5"].items():
         assert lm.shape == (20, 3)
         np.testing.assert_array_equal(lm, b["landmark_050.h5"][name])
     assert (serial / "landmark_050.h5").read_bytes() == (dask / "landmark_050.h5").read_bytes()
-    # A rerun skips every scan, as the serial path does.
-    assert main([str(sim_root), "--out", str(dask), "--cluster", "local:2"], prog="landmarks") == 0
-    assert "0 scans extracted, 3 already done" in capsys.readouterr().out
+
+
+def test_landmarks_rerun_on_the_cluster_skips_what_is_done(client, sim_root, tmp_path):
+    from tusrec import cluster
+
+    data = open_data(sim_root)
+    first = cluster.write_data_landmarks(client, data, 5, tmp_path, keys=data.keys[:1])
+    assert list(first) == data.keys[:1] and first[data.keys[0]].shape == (5, 3)
+    second = cluster.write_data_landmarks(client, data, 5, tmp_path)
+    assert list(second) == data.keys[1:]  # the first scan is not redone
+    with h5py.File(tmp_path / "landmark_050.h5") as f:
+        assert sorted(f) == sorted(s.name for s in data.scans)
 
 
 def _predictions(data, folder: Path) -> None:
@@ -163,7 +172,9 @@ def _predictions(data, folder: Path) -> None:
     write_manifest(folder, rows)
 
 
-def test_score_on_the_cluster_is_the_serial_score(dataset_factory, tmp_path, capsys):
+def test_score_on_the_cluster_is_the_serial_score(client, dataset_factory, tmp_path):
+    from tusrec import cluster
+
     root = dataset_factory(tmp_path / "data", EVAL, ("050", "051"), ("LH_Par_C_DtP", "RH_Per_L_PtD"), 7)
     data = open_data(root)
     pred = tmp_path / "pred"
@@ -171,7 +182,7 @@ def test_score_on_the_cluster_is_the_serial_score(dataset_factory, tmp_path, cap
     serial, dask = tmp_path / "serial", tmp_path / "dask"
     common = ["score", str(pred), "--data", str(root), "--chunk", "4"]
     assert main(["evaluate", *common, "--out", str(serial)]) == 0
-    assert main(["evaluate", *common, "--out", str(dask), "--cluster", "local:2"]) == 0
+    cluster.score_predictions(client, pred, data, dask, chunk=4)
     table = pd.read_csv(serial / "metrics.csv", keep_default_na=False)
     assert list(table["status"]) == ["ok", "ok", "ok", "invalid"]
     assert "external link" in table["message"].iloc[3]
@@ -257,7 +268,7 @@ def failing_unit(x: int) -> int:
 
 
 def test_a_unit_that_keeps_failing_is_reported_not_counted(client):
-    done = map_units(client, failing_unit, [("x", (1,))], "failing", retries=1)
+    done = map_units(client, failing_unit, [("x", (1,))], "failing", retries=0)
     assert done.results == {} and "ValueError: unit 1 cannot be done" in done.failed["x"]
 
 
