@@ -133,6 +133,24 @@ def test_landmarks_rerun_on_the_cluster_skips_what_is_done(client, sim_root, tmp
         assert sorted(f) == sorted(s.name for s in data.scans)
 
 
+def test_simulate_on_the_cluster_writes_the_serial_files(client, tmp_path):
+    from tusrec import cluster
+    from tusrec.simulate.dataset import simulate_dataset
+
+    kw = dict(names=["LH_Par_C_DtP", "RH_Per_S_PtD"], frames="12-20", image_size=(60, 80), seed=3, k=4)
+    keys = simulate_dataset(tmp_path / "serial", [51], **kw)
+    assert cluster.simulate_dataset(client, tmp_path / "dask", [51], **kw) == keys
+    files = sorted(
+        p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file()
+    )
+    assert len(files) == 2 * 2 + 3  # frames and transfs of each scan, landmarks, calibration, keys
+    assert files == sorted(
+        p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*") if p.is_file()
+    )
+    for rel in files:
+        assert (tmp_path / "serial" / rel).read_bytes() == (tmp_path / "dask" / rel).read_bytes(), rel
+
+
 def _predictions(data, folder: Path) -> None:
     """Noisy ground truth for 3 scans, an external link for the 4th (invalid), a manifest."""
     from tusrec.ddf import GroundTruth, write_predictions

@@ -95,6 +95,7 @@ def add_simulate(sub) -> None:
     p.add_argument("--image-size", type=_image_size, default=(480, 640), help="HxW (default 480x640)")
     p.add_argument("--no-landmarks", action="store_true", help="skip SIFT landmark extraction")
     p.add_argument("--k", type=int, default=None, help="landmarks per scan (default 20; 100 for 2025)")
+    add_cluster_flag(p)
     p.set_defaults(run=run_simulate)
 
 
@@ -113,7 +114,14 @@ def run_simulate(args) -> int:
             if unknown:
                 raise SystemExit(f"unknown scan names for protocol {args.protocol}: {unknown}")
     t0 = time.perf_counter()
-    keys = simulate_dataset(
+    simulate = simulate_dataset
+    if args.cluster is not None:
+        from tusrec import cluster
+
+        def simulate(*a, **kw):
+            return _on_cluster(args.cluster, lambda client: cluster.simulate_dataset(client, *a, **kw))
+
+    keys = simulate(
         args.out,
         args.subjects,
         protocol=args.protocol,

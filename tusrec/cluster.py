@@ -205,8 +205,11 @@ def map_units(
                 out.results[name] = result
                 if on_result is not None:
                     on_result(name, result)
-            else:
-                err = future.exception()
+            else:  # 'error' (raised, or KilledWorker) or 'cancelled' (the scheduler dropped it)
+                try:
+                    err = future.exception()
+                except Exception as lost:
+                    err = lost
                 out.failed[name] = f"{type(err).__name__}: {err}"
                 bar.write(f"{name}: not done ({out.failed[name]})")
             future.release()
@@ -282,6 +285,80 @@ def write_data_landmarks(
     )
     _fail_if_units_failed(done, "landmark")
     return {s.key: made[s.key] for s in todo}
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def simulate_unit(
+    root: str, layout: str, subject: int, name: str, n_frames: int, seed: int, calib, image_size
+):
+    """One synthetic scan on a worker, written into the data folder (``write_scan``
+    writes each file under a temporary name and renames it when complete)."""
+    from tusrec.data import write_scan
+    from tusrec.simulate import simulate_scan
+
+    sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
+    write_scan(root, layout, subject, name, sim.frame_chunks(), sim.tforms)
+    return n_frames
+
+
+def simulate_dataset(
+    client,
+    root,
+    subjects: list[int],
+    protocol: str = "2024",
+    layout: str | None = None,
+    frames="300",
+    names: list[str] | None = None,
+    seed: int = 0,
+    calib=None,
+    image_size: tuple[int, int] = (480, 640),
+    landmarks: bool = True,
+    k: int | None = None,
+) -> list[str]:
+    """``tusrec.simulate.dataset.simulate_dataset`` with one unit per scan (and the
+    landmarks on the cluster too): the same scans, frame counts, files and keys. Each
+    scan depends only on (seed, subject, name), so where it is made does not matter."""
+    from tusrec.data import (
+        EVAL,
+        KEYS_FILE,
+        open_data,
+        open_h5,
+        scan_key,
+        write_data_calibration,
+        write_dataset_keys,
+    )
+    from tusrec.geometry import default_calibration
+    from tusrec.simulate import scan_names
+    from tusrec.simulate.dataset import FrameCount, _complete, landmark_folder
+
+    layout = layout or EVAL
+    root = Path(root)
+    calib = calib or default_calibration()
+    frames = frames if isinstance(frames, FrameCount) else FrameCount.parse(frames)
+    names = names or scan_names(protocol)
+    write_data_calibration(root, calib)
+    (root / landmark_folder(protocol, layout)).mkdir(parents=True, exist_ok=True)
+    jobs = [(s, n) for s in subjects for n in names]
+    keys = [scan_key(s, n) for s, n in jobs]
+    units = []
+    for subject, name in jobs:
+        if not _complete(root, layout, subject, name):
+            n_frames = frames.for_scan(seed, subject, name)
+            args = (str(root), layout, subject, name, n_frames, seed, calib, image_size)
+            units.append((scan_key(subject, name), args))
+    done = map_units(client, simulate_unit, units, "simulate", total=len(jobs), done=len(jobs) - len(units))
+    _fail_if_units_failed(done, "simulation")
+    if layout == EVAL:
+        earlier = []
+        if (root / KEYS_FILE).is_file():
+            with open_h5(root / KEYS_FILE) as f:
+                earlier = list(f.keys())
+        write_dataset_keys(root, [*earlier, *keys])
+    if landmarks:
+        write_data_landmarks(client, open_data(root), k=k, keys=keys)
+    return keys
 
 
 # --------------------------------------------------------------------------- scoring
