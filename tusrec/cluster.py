@@ -685,10 +685,11 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     total = len(scans) * len(teams)
     done_before = sum(len(r) for r in rows.values())
     done = map_units(client, container_unit, units, "run", merge, {GPU: 1}, total=total, done=done_before)
+    # Every unit is done: what is left are the folders of attempts whose worker died (their
+    # containers went with the worker's watchdog). Nothing reads them; they go.
     remove_tree(out / ".staging")
     for team in teams:
-        with contextlib.suppress(OSError):
-            (out / team.name / ".work").rmdir()
+        remove_tree(out / team.name / ".work")
     _fail_if_units_failed(done, "container")
     tables = {}
     for team in teams:
