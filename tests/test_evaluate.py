@@ -390,3 +390,196 @@ def test_reference_command(data_root, dataset_factory, tmp_path):
     )
     assert bad.returncode == 2 and "no ground-truth transforms" in bad.stderr
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.h5"))
+
+
+# --------------------------------------------------------------------------- compact form
+
+
+def write_compact(path, glob=None, local=None, gl_ll=None, dtype=np.float64, form="transforms"):
+    """A compact predictions file: transforms_global and/or transforms_local, form attribute."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        if form is not None:
+            f.attrs["form"] = form
+        f.attrs["runtime_seconds"] = 0.25
+        if glob is not None:
+            f.create_dataset("transforms_global", data=np.asarray(glob, dtype))
+        if local is not None:
+            f.create_dataset("transforms_local", data=np.asarray(local, dtype))
+        for name, arr in (gl_ll or {}).items():
+            f.create_dataset(name, data=arr)
+
+
+def noisy_prediction(scan, calib, seed=1):
+    """(global, local) predicted transforms (N-1, 4, 4) float64: the truth, perturbed;
+    local is consistent with global (derived as the compact spec derives it)."""
+    gt = GroundTruth.from_scan(scan, calib)
+    noise = pose6_to_matrix(
+        np.random.default_rng(seed).normal(0, [0.01] * 3 + [0.5] * 3, (scan.n_frames - 1, 6))
+    )
+    glob = gt.global_ @ noise
+    local = glob.copy()
+    local[1:] = np.linalg.inv(glob[:-1]) @ glob[1:]
+    return glob, local
+
+
+def compact_and_dense_tables(data, tmp_path, which):
+    """Score every scan from its compact file (holding ``which`` transforms) and from the
+    dense file the kit writes from the same matrices."""
+    for scan in data.scans:
+        glob, local = noisy_prediction(scan, data.calibration)
+        write_compact(
+            tmp_path / "compact" / f"{scan.key}.h5",
+            glob if "global" in which else None,
+            local if "local" in which else None,
+        )
+        lm = scan.read_landmarks() if scan.has_landmarks else None
+        write_predictions(
+            tmp_path / "dense" / f"{scan.key}.h5", glob, local, data.calibration, scan.image_size, lm
+        )
+    assert check_predictions(tmp_path / "compact", data) == []
+    compact = score_predictions(tmp_path / "compact", data, tmp_path / "sc").set_index("key")
+    dense = score_predictions(tmp_path / "dense", data, tmp_path / "sd").set_index("key")
+    return compact, dense
+
+
+@pytest.mark.parametrize("which", [("global", "local"), ("global",), ("local",)])
+def test_compact_scores_as_its_dense_file(which, dataset_factory, tmp_path):
+    """Non-480x640 images (24 x 32 and 13 x 17), N = 2 and N = 9."""
+    root = dataset_factory(tmp_path / "d1", "eval", ("050",), ("LH_Par_C_DtP", "RH_Per_L_PtD"), 9)
+    dataset_factory(
+        tmp_path / "d2", "eval", ("051",), ("LH_Par_C_DtP",), 2, image_size=(13, 17), n_landmarks=1
+    )
+    for part in ("d2",):  # one data folder: the small scans join the first
+        for sub in ("frames", "transfs", "landmarks"):
+            for p in (tmp_path / part / sub).rglob("*.h5"):
+                target = root / p.relative_to(tmp_path / part)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(p, target)
+    from tusrec.data import write_dataset_keys
+
+    write_dataset_keys(root, ["sub050__LH_Par_C_DtP", "sub050__RH_Per_L_PtD", "sub051__LH_Par_C_DtP"])
+    data = open_data(root)
+    assert {s.n_frames for s in data.scans} == {2, 9}
+    compact, dense = compact_and_dense_tables(data, tmp_path, which)
+    assert (compact["status"] == "ok").all() and (compact["form"] == "transforms").all()
+    assert (dense["form"] == "ddf").all()
+    for e in ("GPE", "GLE", "LPE", "LLE"):
+        assert (compact[e] > 0.01).all()
+        np.testing.assert_allclose(compact[e], dense[e], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(compact[f"{e}_identity"], dense[f"{e}_identity"], rtol=0, atol=1e-5)
+    if "global" in which and "local" in which:  # the same float32 field, the same kernel
+        for e in ("GPE", "LPE"):
+            assert (compact[e] == dense[e]).all()
+
+
+def test_compact_scores_as_its_dense_file_on_a_2025_rotation_scan(tmp_path):
+    from tusrec.simulate.dataset import simulate_dataset
+
+    simulate_dataset(
+        tmp_path / "data", [60], "2025", "eval", frames=12, names=["LH_rotation"], image_size=(120, 160)
+    )
+    data = open_data(tmp_path / "data")
+    compact, dense = compact_and_dense_tables(data, tmp_path, ("global",))
+    key = data.keys[0]
+    assert compact.loc[key, "status"] == "ok" and compact.loc[key, "GLE"] > 0.01
+    for e in ("GPE", "GLE", "LPE", "LLE"):
+        assert abs(compact.loc[key, e] - dense.loc[key, e]) < 1e-5, e
+
+
+def test_compact_matches_a_per_pixel_float64_computation(data_root, tmp_path):
+    data = open_data(data_root)
+    scan = data.scans[0]
+    n, h, w = scan.shape
+    glob, local = noisy_prediction(scan, data.calibration, seed=3)
+    write_compact(tmp_path / "c" / f"{scan.key}.h5", glob, local)
+    row = score_predictions(tmp_path / "c", data, tmp_path / "s", keys=[scan.key]).iloc[0]
+    # Independent: every pixel's predicted displacement (T @ T_scale @ p - T_scale @ p),
+    # looped in float64, against the brute-force true fields of tests/reference.py.
+    ts = data.calibration.T_scale
+
+    def field(transforms):
+        out = np.zeros((n - 1, 3, h * w))
+        for i in range(n - 1):
+            for y in range(1, h + 1):
+                for x in range(1, w + 1):
+                    p = np.array([x, y, 0.0, 1.0])
+                    out[i, :, (y - 1) * w + (x - 1)] = (transforms[i] @ ts @ p)[:3] - (ts @ p)[:3]
+        return out
+
+    gp, lp = field(glob), field(local)
+    lm = scan.read_landmarks()
+    idx = (lm[:, 2] - 1) * w + (lm[:, 1] - 1)
+    pred = {
+        "GP": gp,
+        "LP": lp,
+        "GL": np.stack([gp[f - 1, :, k] for f, k in zip(lm[:, 0], idx, strict=True)], axis=1),
+        "LL": np.stack([lp[f - 1, :, k] for f, k in zip(lm[:, 0], idx, strict=True)], axis=1),
+    }
+    expected, _ = reference_errors(scan, data.calibration, pred)
+    for name in ("GPE", "GLE", "LPE", "LLE"):
+        assert row[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-5), name
+
+
+def test_dense_arrays_win_over_the_transforms(data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    scan = data.scans[0]
+    with h5py.File(gt_dir / f"{scan.key}.h5", "r+") as f:  # GP/LP: the truth; transforms: not
+        f.attrs["form"] = "transforms"
+        f["transforms_global"][...] = np.eye(4)
+        f["transforms_local"][...] = np.eye(4)
+    row = score_predictions(gt_dir, data, tmp_path / "s").set_index("key").loc[scan.key]
+    assert row["status"] == "ok" and row["form"] == "ddf" and row["GPE"] < 1e-4
+    assert "form='transforms' but the file holds GP and LP: scored on its dense arrays" in row["message"]
+
+
+BAD_COMPACT = {
+    "no form": (dict(form=None), "no dataset 'GP'"),
+    "no transforms": (dict(glob=None, local=None), "form='transforms' but no dataset transforms_global or"),
+    "last row": (dict(last_row=True), "'transforms_global' frame 3: last row"),
+    "nan": (dict(nan=True), "'transforms_local' has NaN or Inf values"),
+    "singular": (dict(singular=True, local=None), "'transforms_global' frame 2 is not invertible"),
+    "float16": (dict(dtype=np.float16), "'transforms_global' has dtype float16, expected float32 or float64"),
+    "wrong shape": (dict(short=True), "'transforms_global' has shape"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_COMPACT))
+def test_bad_compact_file_is_invalid(kind, data_root, tmp_path):
+    data = open_data(data_root)
+    scan = data.scans[0]
+    glob, local = noisy_prediction(scan, data.calibration)
+    options, expected = BAD_COMPACT[kind]
+    options = dict(options)
+    if options.pop("last_row", False):
+        glob[2, 3, 0] = 1e-3
+    if options.pop("nan", False):
+        local[1, 0, 0] = np.nan
+    if options.pop("singular", False):
+        glob[1, :3, :3] = 0.0
+    if options.pop("short", False):
+        glob = glob[:-1]
+    kwargs = {"glob": glob, "local": local, **options}
+    path = tmp_path / "p" / f"{scan.key}.h5"
+    write_compact(path, kwargs.pop("glob"), kwargs.pop("local"), **kwargs)
+    problems = check_predictions(tmp_path / "p", data)
+    assert [p.key for p in problems if p.key == scan.key] and any(
+        expected in p.message for p in problems if p.key == scan.key
+    ), problems
+    row = score_predictions(tmp_path / "p", data, tmp_path / "s", keys=[scan.key]).iloc[0]
+    assert row["status"] == "invalid" and expected in row["message"]
+
+
+def test_comparison_kernel_makes_exactly_the_fields_pixel_ddfs_makes():
+    """The scorer generates true (and compact predicted) rows from field_terms; the
+    bit-identity of compact and dense scoring rests on their matching pixel_ddfs."""
+    from tusrec.ddf import pixel_ddfs
+    from tusrec.evaluate.metrics import TILE_ROWS, field_terms
+
+    rng = np.random.default_rng(5)
+    transforms = pose6_to_matrix(rng.normal(0, [0.3] * 3 + [40.0] * 3, (4, 6)))
+    for h, w in ((13, 17), (TILE_ROWS + 5, 40)):
+        a, b = field_terms(transforms, CALIB.T_scale, h, w)
+        rows = (a[:, :, None, :] + b[:, :, :, None]).reshape(4, 3, h * w)
+        assert np.array_equal(rows, pixel_ddfs(transforms, CALIB.T_scale, h, w))

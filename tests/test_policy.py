@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import h5py
 import numpy as np
 import pytest
 
@@ -104,3 +105,175 @@ def test_malformed_manifest_cells_become_notes_or_invalid(data_root, tmp_path):
     assert table.loc[keys[2], "status"] == "invalid"
     assert table.loc[keys[3], "status"] == "ok" and "\x1b" not in table.loc[keys[3], "message"]
     assert len(table.loc[keys[3], "message"]) < 700
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _replace(path, name, make):
+    """Replace dataset ``name`` of a prediction file by what make(f, name, shape) builds."""
+    with h5py.File(path, "r+") as f:
+        shape = f[name].shape
+        del f[name]
+        make(f, name, shape)
+
+
+def external_link(victim):
+    return lambda f, name, shape: f.__setitem__(name, h5py.ExternalLink(str(victim), name))
+
+
+def virtual(victim):
+    def make(f, name, shape):
+        layout = h5py.VirtualLayout(shape, np.float32)
+        layout[...] = h5py.VirtualSource(str(victim), name, shape)
+        f.create_virtual_dataset(name, layout)
+
+    return make
+
+
+def external_storage(f, name, shape):
+    f.create_dataset(name, shape, np.float32, external=[("/dev/zero", 0, int(np.prod(shape)) * 4)])
+
+
+def soft_link(f, name, shape):
+    f.create_dataset("hidden", data=np.zeros(shape, np.float32))
+    f[name] = h5py.SoftLink("/hidden")
+
+
+def chunk_bomb(f, name, shape):
+    f.create_dataset(name, shape, np.float32, chunks=(shape[0], 3, 1))  # never written
+
+
+def float16(f, name, shape):
+    f.create_dataset(name, data=np.zeros(shape, np.float16))
+
+
+def scale_offset(f, name, shape):
+    f.create_dataset(name, data=np.zeros(shape, np.float32), chunks=(1, 3, shape[2]), scaleoffset=3)
+
+
+def group(f, name, shape):
+    f.create_group(name)
+
+
+# kind -> (how to break GP of the scan's file given the victim's file, expected message)
+HOSTILE = {
+    "external link to another team's file": (
+        external_link,
+        "'GP' is an external link (to ",
+    ),
+    "external link to a missing file": (
+        lambda victim: external_link(victim.parent / "gone" / "missing.h5"),
+        "'GP' is an external link",
+    ),
+    "virtual dataset": (virtual, "'GP' is a virtual dataset"),
+    "external storage on /dev/zero": (
+        lambda victim: external_storage,
+        "'GP' keeps its data in external file(s) b'/dev/zero'",
+    ),
+    "soft link": (lambda victim: soft_link, "'GP' is a soft link"),
+    "chunk bomb": (lambda victim: chunk_bomb, "chunks per frame; at most 64 chunks may cover a frame"),
+    "float16": (lambda victim: float16, "'GP' has dtype float16, expected float32 or float64"),
+    "scale-offset filter": (lambda victim: scale_offset, "'GP' uses filter 6 (scaleoffset); allowed filters"),
+    "group instead of a dataset": (lambda victim: group, "no dataset 'GP' ('GP' is not a dataset)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_dataset_is_invalid_and_loses_nothing(kind, data_root, tmp_path):
+    data = open_data(data_root)
+    victim_dir = write_gt_folder(data, tmp_path / "victim")
+    gt_dir = write_gt_folder(data, tmp_path / "team")
+    bad = data.scans[1]
+    victim = victim_dir / f"{bad.key}.h5"
+    make, expected = HOSTILE[kind]
+    _replace(gt_dir / f"{bad.key}.h5", "GP", make(victim))
+    problems = check_predictions(gt_dir, data)
+    assert [p.key for p in problems] == [bad.key], problems
+    assert expected in problems[0].message
+    table = score_predictions(gt_dir, data, tmp_path / "scores").set_index("key")
+    assert table.loc[bad.key, "status"] == "invalid"
+    assert expected in table.loc[bad.key, "message"]
+    assert np.isnan(table.loc[bad.key, ["GPE", "LPE", "GLE", "LLE"]].astype(float)).all()
+    others = table.drop(bad.key)
+    assert (others["status"] == "ok").all() and (others["GPE"] < 1e-4).all()
+
+
+def test_symlinked_fifo_and_folder_predictions_are_not_followed(data_root, tmp_path):
+    data = open_data(data_root)
+    victim_dir = write_gt_folder(data, tmp_path / "victim")
+    gt_dir = write_gt_folder(data, tmp_path / "team")
+    k0, k1, k2 = data.keys[:3]
+    (gt_dir / f"{k0}.h5").unlink()
+    (gt_dir / f"{k0}.h5").symlink_to(victim_dir / f"{k0}.h5")
+    (gt_dir / f"{k1}.h5").unlink()
+    os.mkfifo(gt_dir / f"{k1}.h5")  # opening a fifo for reading would block the evaluation
+    (gt_dir / f"{k2}.h5").unlink()
+    (gt_dir / f"{k2}.h5").mkdir()
+    expected = {
+        k0: "is a symbolic link, not a regular file",
+        k1: "is not a regular file (a fifo)",
+        k2: "is not a regular file (a folder)",
+    }
+    problems = {p.key: p.message for p in check_predictions(gt_dir, data)}
+    assert set(problems) == set(expected)
+    table = score_predictions(gt_dir, data, tmp_path / "scores").set_index("key")
+    for key, message in expected.items():
+        assert message in problems[key]
+        assert table.loc[key, "status"] == "invalid" and message in table.loc[key, "message"]
+    assert table.loc[data.keys[3], "status"] == "ok"
+
+
+def test_malformed_attributes_are_notes(data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    write_manifest(gt_dir, [{"key": k, "frames": 7, "status": "ok"} for k in data.keys])
+    values = {
+        data.keys[0]: ("runtime_seconds", "fast"),
+        data.keys[1]: ("runtime_seconds", np.arange(3000.0)),
+        data.keys[2]: ("model", np.arange(4)),
+    }
+    for key, (name, value) in values.items():
+        with h5py.File(gt_dir / f"{key}.h5", "r+") as f:
+            f.attrs[name] = value
+    table = score_predictions(gt_dir, data, tmp_path / "scores").set_index("key")
+    assert (table["status"] == "ok").all()
+    assert (
+        "runtime unknown: attribute runtime_seconds='fast' is not a number"
+        in table.loc[data.keys[0], "message"]
+    )
+    assert math.isnan(table.loc[data.keys[0], "runtime_s"])
+    assert "attribute 'runtime_seconds' is 24000 bytes (at most 4096)" in table.loc[data.keys[1], "message"]
+    assert "attribute 'model' has shape (4,)" in table.loc[data.keys[2], "message"]
+    assert table.loc[data.keys[3], "runtime_s"] == 0.0  # write_ground_truth's runtime_seconds
+
+
+@pytest.mark.parametrize("kind", ["symlink", "huge", "binary", "duplicate keys"])
+def test_unreadable_manifest_is_the_teams_problem_only(kind, data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    manifest = gt_dir / "predictions.csv"
+    expected = {
+        "symlink": "a symbolic link, not a regular file",
+        "huge": "a manifest may have at most",
+        "binary": "not a readable CSV",
+        "duplicate keys": "duplicate key(s)",
+    }[kind]
+    if kind == "symlink":
+        target = tmp_path / "elsewhere.csv"
+        manifest.replace(target)
+        manifest.symlink_to(target)
+    elif kind == "huge":
+        with manifest.open("a") as f:
+            f.truncate(9 * 2**20)  # sparse: a 9 MiB manifest without writing 9 MiB
+    elif kind == "binary":
+        manifest.write_bytes(b'key,status\n\x00\xff"unterminated\n' * 3)
+    else:
+        text = manifest.read_text().splitlines()
+        manifest.write_text("\n".join([*text, text[1]]) + "\n")
+    problems = check_predictions(gt_dir, data)
+    assert [p.key for p in problems] == [None] and expected in problems[0].message
+    table = score_predictions(gt_dir, data, tmp_path / "scores")
+    assert (table["status"] == "ok").all()  # every file is still scored
+    assert table["message"].str.contains("manifest ignored: ").all()
+    assert table["message"].str.contains(expected, regex=False).all()

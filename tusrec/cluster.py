@@ -52,7 +52,6 @@ from tusrec.evaluate.runner import RunnerError
 LOCAL = "local"
 REMOTE = "tcp"
 GPU = "GPU"  # the Dask resource a worker holds per GPU (or per container slot on a CPU node)
-WORKER_LABEL = "tusrec.worker"  # containers of one worker process: its watchdog's label
 WORKER_GPUS_ENV = "TUSREC_WORKER_GPUS"  # device ids of the worker's own GPU(s), e.g. "2"
 UNIT_RETRIES = 2  # Dask retries of a unit that raised (an engine or file-system hiccup)
 _LOCAL_SPEC = re.compile(r"^local:(\d+)$")
@@ -463,19 +462,20 @@ def _engine():
 
 
 def _worker_watchdog():
-    """This worker process's watchdog: it removes the containers this process started
-    (label ``tusrec.worker=<its tag>``) when the process dies, and any of them past its
-    deadline. Not the run's label: on a shared engine, one worker's death must not take
-    the other workers' containers with it."""
+    """This worker process's watchdog (the runner's own): it removes the containers this
+    process started when the process dies, and any of them past its deadline. On a
+    cluster the worker process is the 'run' of the runner's ``tusrec.run`` label: the
+    watchdog acts on the process's own id, so one worker's death never takes the other
+    workers' containers on a shared engine with it, nor the redo's."""
     global _WATCHDOG
     with _LOCK:
         if _WATCHDOG is None or _WATCHDOG.process.poll() is not None:
             from tusrec.evaluate.runner import Watchdog
 
-            tag = uuid.uuid4().hex[:16]
-            log_path = Path(tempfile.gettempdir()) / f"tusrec-watchdog-{tag}.log"
-            _WATCHDOG = Watchdog(tag, log_path, label=WORKER_LABEL)
-            _WATCHDOG.tag = tag
+            run_id = uuid.uuid4().hex
+            log_path = Path(tempfile.gettempdir()) / f"tusrec-watchdog-{run_id}.log"
+            _WATCHDOG = Watchdog(run_id, log_path)
+            _WATCHDOG.run_id = run_id
         return _WATCHDOG
 
 
@@ -515,6 +515,7 @@ def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, 
     from tusrec.data import atomic_path
     from tusrec.evaluate.runner import (
         OK,
+        RUN_LABEL,
         RUNNER_LABEL,
         RunnerError,
         Watch,
@@ -547,10 +548,10 @@ def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, 
         log_path = team_dir / "logs" / f"{scan.key}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         labels = {
-            RUNNER_LABEL: tag,
+            RUNNER_LABEL: tag,  # the --out folder's: a rerun removes what a dead run left
+            RUN_LABEL: watchdog.run_id,  # this worker process's: what its watchdog acts on
             "tusrec.team": team.name,
             "tusrec.scan": scan.key,
-            WORKER_LABEL: watchdog.tag,
         }
         quota = output_quota(scan, int(limits.output_quota_margin_mb * 1e6))
         result = run_container(
@@ -636,9 +637,8 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     # What a dead run on this --out left: its containers on every engine, its folders.
     client.run(remove_run_containers, tag, workers=gpu)
     remove_tree(out / ".staging")
-    for work in out.glob("*/.work"):
-        if (work.parent / "scans").is_dir() or not any(work.parent.iterdir()):
-            remove_tree(work)
+    for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
+        remove_tree(work)
     rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
     units = []
     for scan in scans:

@@ -628,17 +628,41 @@ def write_manifest(folder: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+MAX_MANIFEST_BYTES = 8 * 2**20  # ~10,000 rows of 800 characters; a real one is ~100 B a row
+
+
 def read_manifest(folder: str | Path):
-    """predictions.csv as a pandas DataFrame indexed by key (None if there is none)."""
+    """predictions.csv as a pandas DataFrame indexed by key (None if there is none).
+
+    The manifest may come from a team: it must be a regular file (a link is not
+    followed) of at most MAX_MANIFEST_BYTES; otherwise, or if it is not a readable CSV
+    with key and status columns and unique keys, TusrecDataError. Cell values are as
+    pandas parses them (any type): tusrec.evaluate.policy.parse_declared reads them.
+    """
+    import stat
+
     import pandas as pd
 
     path = Path(folder) / MANIFEST_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        table = pd.read_csv(path, dtype={"key": str, "status": str, "device": str, "message": str})
-    except Exception as err:  # pandas raises several types for malformed CSV
-        raise TusrecDataError(f"{path}: not a readable CSV ({err})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        why = "a symbolic link, not a regular file" if os.path.islink(path) else err.strerror
+        raise TusrecDataError(f"{path}: cannot be read ({why})") from None
+    with os.fdopen(fd, "rb") as raw:
+        st = os.fstat(raw.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TusrecDataError(f"{path}: not a regular file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise TusrecDataError(
+                f"{path}: {st.st_size} bytes; a manifest may have at most {MAX_MANIFEST_BYTES}"
+            )
+        try:
+            table = pd.read_csv(raw, dtype={"key": str, "status": str, "device": str, "message": str})
+        except Exception as err:  # pandas raises several types for malformed CSV
+            raise TusrecDataError(f"{path}: not a readable CSV ({err})") from None
     missing = [c for c in ("key", "status") if c not in table.columns]
     if missing:
         raise TusrecDataError(f"{path}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")

@@ -3,21 +3,24 @@
     GPE = mean over frames 1..N-1 and all pixels of || GP_true - GP_pred ||_2   (mm)
     LPE = the same with LP;  GLE, LLE = mean over the K landmarks (mm)
 
-The true fields are generated a chunk of frames at a time from the ground-truth
-transforms and compared with the predicted arrays read chunk by chunk (numpy arrays or
-h5py datasets alike): neither a true nor a predicted GP/LP is ever held whole. Each pass
+The true fields are generated a frame and a tile of image rows at a time from the
+ground-truth transforms and compared with the predicted arrays, read a chunk of frames at
+a time (numpy arrays or h5py datasets alike) or generated from predicted transforms
+(a compact file): neither a true nor a predicted GP/LP is ever held whole. Each pass
 also yields the error of the identity prediction (all-zero DDFs), i.e. the mean true
 displacement norm, which the 2025 normalisation needs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from tusrec.ddf import DEFAULT_CHUNK, landmark_ddfs, pixel_ddfs
+from tusrec.ddf import DEFAULT_CHUNK, ddf_coefficients, landmark_ddfs, pixel_ddfs
 from tusrec.geometry import Calibration, frame_transforms, image_corners, read_calibration
 
 
@@ -51,6 +54,94 @@ def _norm_sums(d: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("fcp,fcp->fp", d, d)).sum(axis=1, dtype=np.float64)
 
 
+TILE_ROWS = 48  # image rows per tile: a (3, 48, 640) float32 tile is 369 KB, in L2 cache
+
+
+def field_terms(transforms: np.ndarray, T_scale: np.ndarray, height: int, width: int):
+    """The separable float32 terms of the DDFs of ``transforms`` (n, 4, 4):
+    along_row (n, 3, W) and down_column (n, 3, H), whose broadcast float32 sum is
+    exactly tusrec.ddf.pixel_ddfs (the same arithmetic, term by term; a test holds it)."""
+    coef = ddf_coefficients(transforms, T_scale)  # (n, 3, 3)
+    x = np.arange(1, width + 1, dtype=np.float64)
+    y = np.arange(1, height + 1, dtype=np.float64)
+    along_row = (coef[:, :, 0, None] * x + coef[:, :, 2, None]).astype(np.float32)
+    down_column = (coef[:, :, 1, None] * y).astype(np.float32)
+    return along_row, down_column
+
+
+class TransformField:
+    """A dense GP or LP given by its frame transforms, never materialised.
+
+    transforms: (N-1, 4, 4) float64; the field is (N-1, 3, H*W) float32 mm, the values
+    tusrec.ddf.pixel_ddfs gives (as the ground truth and the kit's dense files have them),
+    so pixel_errors scores it exactly as the dense file written from the same matrices.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, transforms: np.ndarray, T_scale: np.ndarray, image_size: tuple[int, int]):
+        self.transforms = np.asarray(transforms, dtype=np.float64)
+        self.T_scale = T_scale
+        self.h, self.w = image_size
+        self.shape = (len(self.transforms), 3, self.h * self.w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sel) -> np.ndarray:
+        return pixel_ddfs(self.transforms[sel], self.T_scale, self.h, self.w)
+
+
+def _tile_norm_sum(d: np.ndarray, sq: np.ndarray, out: np.ndarray) -> float:
+    """Sum over a tile's pixels of the Euclidean norm: d (3, R, W) float32, float64 sum.
+
+    Squares in float32 (as the dense comparison always has), rows summed pairwise in
+    float32 (640 values), the rest in float64: a float64 sum of every pixel costs more
+    than the rest of the pass. sq (3, R, W) and out (R, W) are scratch.
+    """
+    np.multiply(d, d, out=sq)
+    np.add(sq[0], sq[1], out=out)
+    out += sq[2]
+    np.sqrt(out, out=out)
+    return float(out.sum(axis=1).sum(dtype=np.float64))
+
+
+def _generated_rows(
+    a: np.ndarray, b: np.ndarray, r0: int, r1: int, true: np.ndarray, out: np.ndarray
+) -> None:
+    """out = predicted rows r0..r1-1 - true: the prediction made exactly as pixel_ddfs
+    makes it (float32 terms, one float32 sum), then the float32 difference."""
+    np.add(a[:, None, :], b[:, r0:r1, None], out=out)
+    out -= true
+
+
+def _stored_rows(frame: np.ndarray, r0: int, r1: int, true: np.ndarray, out: np.ndarray) -> None:
+    """out = stored rows r0..r1-1 of a frame (3, H, W) - true (float32)."""
+    np.subtract(frame[:, r0:r1], true, out=out)
+
+
+def _frame_sums(diff_rows, true_a, true_b, h: int, tiles: dict) -> tuple[float, float]:
+    """(sum of ||pred - true||, sum of ||true||) over one frame's pixels, float64.
+
+    diff_rows(r0, r1, true, out) fills out (3, r1-r0, W) with predicted minus true rows;
+    the true rows are true_a[:, None, :] + true_b[:, r0:r1, None] (float32, as pixel_ddfs
+    makes them).
+    Tiles of TILE_ROWS rows keep every pass in cache. A non-finite error sum is returned
+    as is (the caller checks).
+    """
+    err = ident = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller settles non-finite sums
+        for r0 in range(0, h, TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, h)
+            p, t, sq, out = (a[..., : r1 - r0, :] for a in tiles.values())
+            np.add(true_a[:, None, :], true_b[:, r0:r1, None], out=t)
+            ident += _tile_norm_sum(t, sq, out)
+            diff_rows(r0, r1, t, p)
+            err += _tile_norm_sum(p, sq, out)
+    return err, ident
+
+
 def pixel_errors(
     pred,
     transforms: np.ndarray,
@@ -61,36 +152,51 @@ def pixel_errors(
 ) -> ErrorPair:
     """Mean per-pixel error of a dense prediction against the fields of ``transforms``.
 
-    pred: (N-1, 3, H*W) mm (numpy array or h5py dataset). transforms: (N-1, 4, 4) true
-    T(i->0) (for GP) or T(i->i-1) (for LP). Raises PredictionValueError on a wrong shape
-    or a non-finite value (naming the first bad frame).
+    pred: (N-1, 3, H*W) mm: a numpy array, an h5py dataset (read ``chunk`` frames at a
+    time) or a TransformField (a compact prediction, generated tile by tile). transforms:
+    (N-1, 4, 4) true T(i->0) (for GP) or T(i->i-1) (for LP). The true field is generated
+    a frame and a tile of rows at a time (float32, the values of tusrec.ddf.pixel_ddfs),
+    so memory is one chunk of the prediction whatever N. Raises PredictionValueError on
+    a wrong shape or a non-finite value (naming the first bad frame).
     """
     h, w = image_size
     n = len(transforms)
     if tuple(pred.shape) != (n, 3, h * w):
         raise PredictionValueError(f"'{name}' has shape {tuple(pred.shape)}, expected {(n, 3, h * w)}")
-    size = min(chunk, n)
-    block_buf = np.empty((size, 3, h * w), dtype=np.float32)
-    true_buf = np.empty((size, 3, h * w), dtype=np.float32)
-    err_sum = 0.0
-    identity_sum = 0.0
+    rows = min(TILE_ROWS, h)
+    tiles = {
+        "p": np.empty((3, rows, w), np.float32),
+        "t": np.empty((3, rows, w), np.float32),
+        "sq": np.empty((3, rows, w), np.float32),
+        "out": np.empty((rows, w), np.float32),
+    }
+    compact = isinstance(pred, TransformField)
+    block_buf = None if compact else np.empty((min(chunk, n), 3, h * w), dtype=np.float32)
+    err_sum = identity_sum = 0.0
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        block = _read_chunk(pred, start, stop, block_buf)
-        true = pixel_ddfs(transforms[start:stop], T_scale, h, w, out=true_buf[: stop - start])
-        identity_sum += float(_norm_sums(true).sum())
-        block -= true
-        errors = _norm_sums(block)
-        if not np.isfinite(errors).all():
-            # NaN and Inf make their frame's sum non-finite; so can a finite value whose
-            # square overflows float32, which float64 settles.
-            bad = np.flatnonzero(~np.isfinite(_read_chunk(pred, start, stop, block_buf)).all(axis=(1, 2)))
-            if len(bad):
-                raise PredictionValueError(
-                    f"'{name}' has NaN or Inf values (first in frame {start + bad[0] + 1})"
-                )
-            errors = _norm_sums(block.astype(np.float64) - true)
-        err_sum += float(errors.sum())
+        true_a, true_b = field_terms(transforms[start:stop], T_scale, h, w)
+        if compact:
+            pred_a, pred_b = field_terms(pred.transforms[start:stop], pred.T_scale, h, w)
+        else:
+            block = _read_chunk(pred, start, stop, block_buf).reshape(stop - start, 3, h, w)
+        for k in range(stop - start):
+            if compact:
+                rows_of = partial(_generated_rows, pred_a[k], pred_b[k])
+            else:
+                rows_of = partial(_stored_rows, block[k])
+            err, ident = _frame_sums(rows_of, true_a[k], true_b[k], h, tiles)
+            identity_sum += ident
+            if not math.isfinite(err):
+                frame = block[k] if not compact else pred[start + k : start + k + 1][0].reshape(3, h, w)
+                if not np.isfinite(frame).all():
+                    raise PredictionValueError(
+                        f"'{name}' has NaN or Inf values (first in frame {start + k + 1})"
+                    )
+                # A finite value whose square overflows float32: float64 settles it.
+                true = (true_a[k][:, None, :] + true_b[k][:, :, None]).astype(np.float64)
+                err = float(np.sqrt(((frame.astype(np.float64) - true) ** 2).sum(axis=0)).sum())
+            err_sum += err
     count = n * h * w
     return ErrorPair(err_sum / count, identity_sum / count)
 

@@ -64,7 +64,6 @@ MAX_SMALL_CHUNKS = 4096
 MAX_ATTRIBUTE_BYTES = 4096  # runtime_seconds, model, form are scalars or short strings
 MAX_MODEL_CHARS = 200
 MAX_MESSAGE_CHARS = 500
-MAX_MANIFEST_BYTES = 8 * 2**20  # ~10,000 rows of 800 characters; a real one is ~100 B/row
 
 
 class PolicyError(TusrecDataError):

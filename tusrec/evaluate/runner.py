@@ -7,11 +7,17 @@ entrypoint through the Docker API (the ``docker`` SDK, so DOCKER_HOST is honoure
 podman's Docker-compatible service works too):
 
 - no network, no added privileges, all capabilities dropped, a memory limit, GPUs only
-  when asked for;
+  when asked for; a read-only root filesystem with bounded tmpfs for scratch;
 - the per-scan time limit is enforced from outside: on expiry the container is killed and
   the scan is ``timeout``; a non-zero exit is ``failed``; output that is missing or cannot
-  be scored is ``missing`` or ``invalid`` (tusrec.evaluate.score decides, as for
-  ``evaluate score``);
+  be scored is ``missing`` or ``invalid`` (tusrec.evaluate.score.score_file decides, in a
+  bounded worker, under the same read policy as ``evaluate score``); /output is watched
+  against a quota while the container runs (over it: killed, ``invalid``);
+- everything in /output, the logs and the team's manifest are hostile: they are walked
+  without following links, read with byte caps, and whatever they hold becomes the scan's
+  status and message (``judge`` never raises for them);
+- a watchdog process (tusrec.evaluate.watchdog) removes the run's containers when the
+  runner dies, however it dies;
 - the runtime is measured outside (container start to exit) and kept beside the one the
   container reports;
 - each scan's predictions are validated and scored at once and then deleted (unless
@@ -27,8 +33,9 @@ Output layout::
     OUT/<team>/scans/<key>.json             cached row + what it depends on (image, limit, data)
     OUT/<team>/logs/<key>.log               the container's stdout and stderr (capped)
     OUT/<team>/logs/<key>.predictions.csv   the team's own manifest, if it wrote one
-    OUT/<team>/predictions/                 only with keep_predictions
+    OUT/<team>/predictions/                 only with keep_predictions (+ predictions.csv of them all)
     OUT/ranking/                            `evaluate rank` of all teams
+    OUT/.watchdog.log                       what the watchdog said (empty unless it had trouble)
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -98,7 +106,8 @@ DEFAULT_OUTPUT_QUOTA_MARGIN_MB = 64.0
 DEFAULT_TMP_SIZE = "1g"
 QUOTA_POLL_S = 0.5
 WATCHDOG_GRACE_S = 30.0  # the watchdog kills this long after the runner should have
-RUNNER_LABEL = "tusrec.runner"
+RUNNER_LABEL = "tusrec.runner"  # value: the output folder's tag (run_tag): all runs on one --out
+RUN_LABEL = "tusrec.run"  # value: this run's own id: what its watchdog acts on
 _TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -519,11 +528,13 @@ class Watchdog:
     deadline; when this process dies, however, the pipe's end of file makes it remove every
     container of the run."""
 
-    def __init__(self, tag: str, log_path: Path, label: str = RUNNER_LABEL):
+    def __init__(self, run_id: str, log_path: Path):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tusrec.evaluate.watchdog", tag, label],
+            # Its own run's id, not the folder's tag: a dead run's watchdog still cleaning up
+            # must not touch the containers of the rerun that follows it on the same --out.
+            [sys.executable, "-m", "tusrec.evaluate.watchdog", run_id, RUN_LABEL],
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=self._log,
@@ -688,9 +699,8 @@ def _remove_leftovers(client, out: Path) -> None:
 
     remove_labelled(client, RUNNER_LABEL, run_tag(out))
     remove_tree(out / ".staging")
-    for work in out.glob("*/.work"):
-        if (work.parent / "scans").is_dir() or not any(work.parent.iterdir()):
-            remove_tree(work)
+    for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
+        remove_tree(work)
 
 
 def run_tag(out: Path) -> str:
@@ -747,8 +757,17 @@ def data_signature(*paths: Path | None) -> list:
 
 
 def runner_peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, MB (2**20 bytes).
+
+    VmHWM of /proc/self/status: the high-water mark of this program's own memory.
+    getrusage's ru_maxrss is only the fallback: Linux carries it across fork and exec, so
+    a runner started by a large process (pytest, say) would report its parent's size.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_teams(
@@ -782,14 +801,18 @@ def run_teams(
     tag = run_tag(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(client, out)
-    watchdog = Watchdog(tag, out / ".watchdog.log")
+    run_id = uuid.uuid4().hex
+    watchdog = Watchdog(run_id, out / ".watchdog.log")
     try:
-        return _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, tag, watchdog, log)
+        labels = {RUNNER_LABEL: tag, RUN_LABEL: run_id}
+        return _run(
+            teams, data, out, limits, scans, keep_predictions, client, image_ids, labels, watchdog, log
+        )
     finally:
         watchdog.close()
 
 
-def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, tag, watchdog, log):
+def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, run_labels, watchdog, log):
     staging = out / ".staging"
     rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
     margin = int(limits.output_quota_margin_mb * 1e6)
@@ -823,7 +846,7 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
             output_dir = _fresh_dir(team_dir / ".work" / scan.key)
             log_path = team_dir / "logs" / f"{scan.key}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            labels = {RUNNER_LABEL: tag, "tusrec.team": team.name, "tusrec.scan": scan.key}
+            labels = {**run_labels, "tusrec.team": team.name, "tusrec.scan": scan.key}
             log(f"{team.name} {scan.key}: running", flush=True)
             result = run_container(
                 client,
@@ -836,7 +859,9 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
                 Watch(output_dir, quota, watchdog),
             )
             log(f"{team.name} {scan.key}: judging", flush=True)
+            t_judge = time.monotonic()
             row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
+            t_judge = time.monotonic() - t_judge
             row["image"] = team.image
             row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
             if manifest is not None:
@@ -855,7 +880,8 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, t
             )
             if keep_predictions:
                 _kept_manifest(kept_dir, rows[team.name], scans)
-            bar.write(f"{team.name} {scan.key}: {row['status']} in {row['runtime_s']:.1f} s")
+            status, seconds = row["status"], row["runtime_s"]
+            bar.write(f"{team.name} {scan.key}: {status} in {seconds:.1f} s (judged in {t_judge:.2f} s)")
             bar.update()
         if staged is not None:
             remove_tree(staged)

@@ -38,9 +38,15 @@ from tusrec.data import (
     atomic_path,
     read_manifest,
 )
-from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs, pixel_ddfs
+from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs
 from tusrec.evaluate import worker
-from tusrec.evaluate.metrics import PredictionValueError, landmark_errors, pixel_errors, scan_length_mm
+from tusrec.evaluate.metrics import (
+    PredictionValueError,
+    TransformField,
+    landmark_errors,
+    pixel_errors,
+    scan_length_mm,
+)
 from tusrec.evaluate.policy import (
     FORM_DENSE,
     FORM_TRANSFORMS,
@@ -116,9 +122,7 @@ def _structure_problems(f: h5py.File, scan_shape: tuple, n_landmarks: int | None
     if dense or attrs.form != FORM_TRANSFORMS:
         wanted += [(name, _pixel_shape(scan_shape), True) for name in PREDICTION_PIXEL_SETS]
     elif not any(link_kind(f, name) is not None for name in TRANSFORM_SETS):
-        problems.append(
-            f"{_name(f)}: form='transforms' but neither {TRANSFORM_SETS[0]!r} nor {TRANSFORM_SETS[1]!r}"
-        )
+        problems.append(f"{_name(f)}: form='transforms' but no dataset {' or '.join(TRANSFORM_SETS)}")
     if n_landmarks is not None:
         required = dense or attrs.form != FORM_TRANSFORMS
         wanted += [(name, (3, n_landmarks), required) for name in PREDICTION_LANDMARK_SETS]
@@ -346,30 +350,6 @@ def scan_row(scan: Scan) -> dict:
     }
 
 
-class TransformField:
-    """A dense GP or LP generated from frame transforms, read like a dataset.
-
-    transforms: (N-1, 4, 4) float64; the field is (N-1, 3, H*W) float32 mm, made by
-    tusrec.ddf.pixel_ddfs exactly as the ground truth and the kit's dense files are, so
-    a compact file scores like the dense file written from the same matrices.
-    """
-
-    dtype = np.dtype(np.float32)
-    ndim = 3
-
-    def __init__(self, transforms: np.ndarray, T_scale: np.ndarray, image_size: tuple[int, int]):
-        self.transforms = transforms
-        self.T_scale = T_scale
-        self.h, self.w = image_size
-        self.shape = (len(transforms), 3, self.h * self.w)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read_direct(self, out: np.ndarray, sel: slice) -> None:
-        pixel_ddfs(self.transforms[sel], self.T_scale, self.h, self.w, out=out)
-
-
 def _read_transforms(f: h5py.File, name: str, n: int) -> np.ndarray | None:
     """transforms_global / transforms_local as float64 (N-1, 4, 4), checked (None if absent)."""
     if link_kind(f, name) is None:
@@ -394,9 +374,7 @@ def _read_compact(f: h5py.File, scan_shape: tuple) -> tuple[np.ndarray, np.ndarr
     glob = _read_transforms(f, "transforms_global", n)
     local = _read_transforms(f, "transforms_local", n)
     if glob is None and local is None:
-        raise PolicyError(
-            f"{_name(f)}: form='transforms' but neither 'transforms_global' nor 'transforms_local'"
-        )
+        raise PolicyError(f"{_name(f)}: form='transforms' but no dataset {' or '.join(TRANSFORM_SETS)}")
     if local is None:
         # local[i] = inv(G[i-1]) @ G[i], G[-1] = I: every G but the last is inverted.
         cond = np.linalg.cond(glob[:-1]) if n > 2 else np.ones(0)

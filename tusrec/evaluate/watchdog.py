@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-DEFAULT_LABEL = "tusrec.runner"
+DEFAULT_LABEL = "tusrec.run"
 
 
 def _remove(client, container_id: str) -> None:
@@ -44,7 +44,9 @@ def remove_labelled(client, label: str, tag: str) -> list[str]:
     import docker
 
     try:
-        found = client.containers.list(all=True, filters={"label": f"{label}={tag}"})
+        # sparse: ids from the list call alone (a full list inspects each container and fails
+        # on one that is being removed meanwhile).
+        found = client.containers.list(all=True, filters={"label": f"{label}={tag}"}, sparse=True)
     except docker.errors.DockerException:
         return []
     for container in found:
