@@ -98,6 +98,55 @@ def ground_truth(frames: int = 200, write: bool = False) -> dict:
 
 
 @bench
+def score_compact(frames: int = 200) -> dict:
+    """Scoring of a compact prediction (form=transforms) at 480 x 640: GPE and LPE from
+    the predicted matrices against the truth, as ``ground_truth`` generates GP + LP (the
+    speed to match). compute_s: the comparison in this process; score_file_s: the whole
+    per-scan judgement through the bounded worker (start-up of the worker included)."""
+    import h5py
+
+    from tusrec.data import open_data, write_scan
+    from tusrec.ddf import GroundTruth
+    from tusrec.evaluate.score import score_file, score_prediction_file
+    from tusrec.geometry import default_calibration, pose6_to_matrix, write_calibration
+
+    calib = default_calibration()
+    tforms = smooth_tforms(frames)
+    gt = GroundTruth.from_tforms(tforms, calib, (480, 640))
+    noise = pose6_to_matrix(np.random.default_rng(1).normal(0, [0.01] * 3 + [0.5] * 3, (frames - 1, 6)))
+    tmp = Path(tempfile.mkdtemp(dir=Path.cwd()))
+    try:
+        path = tmp / "compact.h5"
+        with h5py.File(path, "w") as f:
+            f.attrs["form"] = "transforms"
+            f["transforms_global"] = gt.global_ @ noise
+            f["transforms_local"] = gt.local @ noise
+        t0 = time.perf_counter()
+        errors = score_prediction_file(path, (frames, 480, 640), gt, None)
+        compute = time.perf_counter() - t0
+        write_scan(
+            tmp / "data", "eval", "050", "LH_Par_C_DtP", np.zeros((frames, 480, 640), np.uint8), tforms
+        )
+        write_calibration(tmp / "data" / "calib_matrix.csv", calib)
+        scan = open_data(tmp / "data").scans[0]
+        t0 = time.perf_counter()
+        row = score_file(scan, path, None, calib)
+        judged = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp)
+    return {
+        "frames": frames,
+        "compute_s": compute,
+        "frames_per_s": (frames - 1) / compute,
+        "score_file_s": judged,
+        "score_file_frames_per_s": (frames - 1) / judged,
+        "status": row["status"],
+        "GPE": errors["GPE"],
+        "LPE": errors["LPE"],
+    }
+
+
+@bench
 def landmarks(frames: int = 500) -> dict:
     """SIFT landmarks of one simulated 500-frame 480 x 640 scan."""
     from tusrec.data import open_data
@@ -633,6 +682,8 @@ PLAN = [
     ("ground_truth", {"frames": 1600}),
     ("ground_truth", {"frames": 200, "write": True}),
     ("ground_truth", {"frames": 1600, "write": True}),
+    ("score_compact", {"frames": 200}),
+    ("score_compact", {"frames": 1600}),
     ("landmarks", {"frames": 500}),
     ("score_setup", {"frames": 200}),
     ("score", {"frames": 200}),

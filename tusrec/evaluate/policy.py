@@ -33,6 +33,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 from h5py import h5a, h5d, h5l, h5o, h5t, h5z
 
 from tusrec.data import TusrecDataError
@@ -357,17 +358,30 @@ def clean_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 
 
 def _missing(value) -> bool:
+    """An empty cell: None, NaN, pandas' NA or blank text."""
     if value is None:
         return True
-    if isinstance(value, float | np.floating):
-        return bool(np.isnan(value))
-    return isinstance(value, str) and not value.strip()
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        missing = pd.isna(value)
+    except (TypeError, ValueError):
+        return False
+    return bool(missing) if isinstance(missing, bool | np.bool_) else False
+
+
+def _scalar(value):
+    """A one-element array as its element; other arrays stay arrays (and are refused)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.reshape(-1)[0]
+    return value
 
 
 def parse_seconds(value) -> float | None:
     """A finite, non-negative number of seconds from a number or numeric text; None if
     malformed (bools, text like 'fast', NaN, inf, negative, arrays)."""
-    if isinstance(value, bool | np.bool_):
+    value = _scalar(value)
+    if isinstance(value, bool | np.bool_ | np.ndarray):
         return None
     if isinstance(value, bytes | np.bytes_):
         value = bytes(value).decode("utf-8", errors="replace")
@@ -382,7 +396,8 @@ def parse_seconds(value) -> float | None:
 
 def parse_frames(value) -> int | None:
     """A positive whole number of frames (int, integral float or digits), else None."""
-    if isinstance(value, bool | np.bool_):
+    value = _scalar(value)
+    if isinstance(value, bool | np.bool_ | np.ndarray):
         return None
     try:
         number = float(value.strip()) if isinstance(value, str) else float(value)
