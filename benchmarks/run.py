@@ -365,19 +365,12 @@ SLEEPER_IMAGE = "localhost/tusrec-bench-sleeper:latest"
 
 def _local_cluster(workers: int, gpu: bool = False):
     """A LocalCluster as ``--cluster local:N`` makes it; returns (cluster, client, start s)."""
-    import logging
-
     import distributed
 
+    from tusrec.cluster import local_cluster
+
     t0 = time.perf_counter()
-    cluster = distributed.LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        resources={"GPU": 1} if gpu else None,
-        silence_logs=logging.ERROR,
-    )
+    cluster = local_cluster(workers, gpu)
     client = distributed.Client(cluster)
     return cluster, client, time.perf_counter() - t0
 

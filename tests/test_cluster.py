@@ -19,7 +19,6 @@ import pytest
 
 from tusrec.cli import main
 from tusrec.cluster import (
-    GPU,
     LOCAL,
     REMOTE,
     ClusterError,
@@ -44,6 +43,17 @@ def test_cluster_argument_forms():
             parse_cluster(bad)
 
 
+def test_workers_keep_glibcs_adaptive_malloc_trim(client):
+    """Dask's nanny fixes MALLOC_TRIM_THRESHOLD_ at 64 KiB, which makes SIFT 2-3x slower;
+    local:N leaves it unset, and configs/dask (the recipes' DASK_CONFIG) says the same."""
+    import dask.config
+
+    assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {None}
+    root = Path(__file__).resolve().parents[1]
+    config = dask.config.collect(paths=[str(root / "configs" / "dask")], env={})
+    assert config["distributed"]["nanny"]["pre-spawn-environ"] == {"MALLOC_TRIM_THRESHOLD_": None}
+
+
 def test_cli_rejects_a_bad_cluster(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--cluster", "local:zero"], prog="landmarks")
@@ -62,16 +72,9 @@ def test_a_container_gets_its_workers_own_gpu():
 @pytest.fixture(scope="module")
 def client():
     """Two local worker processes, one thread each, each holding a GPU slot."""
-    import logging
+    from tusrec.cluster import local_cluster
 
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        resources={GPU: 1},
-        silence_logs=logging.ERROR,
-    )
+    cluster = local_cluster(2, gpu_slots=True)  # what --cluster local:2 of `run` makes
     client = distributed.Client(cluster)
     yield client
     client.close()
@@ -190,9 +193,7 @@ def _predictions(data, folder: Path) -> None:
     write_manifest(folder, rows)
 
 
-def test_score_on_the_cluster_is_the_serial_score(client, dataset_factory, tmp_path):
-    from tusrec import cluster
-
+def test_score_on_the_cluster_is_the_serial_score(client, dataset_factory, tmp_path, capsys):
     root = dataset_factory(tmp_path / "data", EVAL, ("050", "051"), ("LH_Par_C_DtP", "RH_Per_L_PtD"), 7)
     data = open_data(root)
     pred = tmp_path / "pred"
@@ -200,7 +201,11 @@ def test_score_on_the_cluster_is_the_serial_score(client, dataset_factory, tmp_p
     serial, dask = tmp_path / "serial", tmp_path / "dask"
     common = ["score", str(pred), "--data", str(root), "--chunk", "4"]
     assert main(["evaluate", *common, "--out", str(serial)]) == 0
-    cluster.score_predictions(client, pred, data, dask, chunk=4)
+    # Through the CLI on an existing scheduler (tcp://), the module's cluster.
+    address = client.scheduler.address
+    assert address.startswith("tcp://127.0.0.1:")
+    assert main(["evaluate", *common, "--out", str(dask), "--cluster", address]) == 0
+    assert f"dask: scheduler {address}, dashboard http://" in capsys.readouterr().out
     table = pd.read_csv(serial / "metrics.csv", keep_default_na=False)
     assert list(table["status"]) == ["ok", "ok", "ok", "invalid"]
     assert "external link" in table["message"].iloc[3]
@@ -321,5 +326,6 @@ def test_slurm_recipe_job_script():
     assert "podman system service --time=0 unix://" in prologue
     assert 'export DOCKER_HOST="unix://' in prologue
     assert "cd /shared/tusrec" in prologue and "export PYTHONPATH=/shared/tusrec" in prologue
+    assert "export DASK_CONFIG=/shared/tusrec/configs/dask" in prologue
     # The container gets the job's GPU by its physical id (CUDA_VISIBLE_DEVICES may be renumbered).
     assert 'export TUSREC_WORKER_GPUS="${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}"' in prologue

@@ -95,19 +95,11 @@ def connect(spec: ClusterSpec, gpu_slots: bool = False, log=print):
     gpu_slots: each local worker holds ``GPU=1`` (container units need one). Prints the
     dashboard address when there is one.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     if spec.kind == LOCAL:
-        cluster = LocalCluster(
-            n_workers=spec.workers,
-            threads_per_worker=1,  # one unit per worker process: a worker is a slot
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # a free port: other runs may hold 8787
-            resources={GPU: 1} if gpu_slots else None,
-            silence_logs=logging.ERROR,
-        )
+        cluster = local_cluster(spec.workers, gpu_slots)
         client = Client(cluster)
     else:
         try:
@@ -123,6 +115,25 @@ def connect(spec: ClusterSpec, gpu_slots: bool = False, log=print):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def local_cluster(workers: int, gpu_slots: bool = False):
+    """The LocalCluster of ``--cluster local:N``: N worker processes of one thread each
+    (a worker is a slot), each holding ``GPU=1`` with ``gpu_slots``."""
+    import dask
+    from distributed import LocalCluster
+
+    # As configs/dask/tusrec.yaml, which the recipes' workers read through DASK_CONFIG.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",  # a free port: other runs may hold 8787
+        resources={GPU: 1} if gpu_slots else None,
+        silence_logs=logging.ERROR,
+    )
 
 
 def dashboard_link(client) -> str:
@@ -729,6 +740,7 @@ def slurm_gpu_workers(
     prologue = [
         f"cd {shared}",
         f"export PYTHONPATH={shared}",
+        f"export DASK_CONFIG={shared}/configs/dask",  # no fixed malloc trim threshold (SIFT)
         'sock="${TMPDIR:-/tmp}/tusrec-podman-${SLURM_JOB_ID}.sock"',
         'podman system service --time=0 unix://"$sock" &',
         'export DOCKER_HOST="unix://$sock"',
