@@ -281,7 +281,7 @@ def remove_tree(path: Path) -> None:
         return
     try:
         shutil.rmtree(path)
-    except Exception:
+    except Exception:  # OSError, or RecursionError on a deep tree: rm takes what is left
         subprocess.run(["rm", "-rf", "--one-file-system", "--", os.fspath(path)], check=False)
 
 
@@ -424,7 +424,7 @@ def _save_logs(container, path: Path) -> None:
                 break
         with contextlib.suppress(Exception):
             stream.close()
-    except Exception as err:
+    except Exception as err:  # the engine's errors vary; the log is not worth failing the scan for
         tail.append(f"\n[runner: could not read the logs: {clean_text(err)}]\n".encode())
     head = b"[runner: earlier output dropped]\n" if dropped else b""
     foot = f"\n[runner: stopped reading after {LOG_READ_LIMIT_BYTES} bytes]\n".encode() if stopped else b""
@@ -485,7 +485,7 @@ def run_container(
                     break
                 except FutureTimeout:
                     pass
-                except Exception:
+                except Exception:  # the engine's read timeout (limit + grace): the limit has passed
                     timed_out = True
                     status = None
                     break
@@ -599,7 +599,7 @@ def judge(
     manifest = None
     try:
         row, manifest = _judge(scan, data, output_dir, result, limits, log_path, quota)
-    except Exception as err:
+    except Exception as err:  # the boundary: whatever a team made is its own scan's problem
         row = scan_row(scan)
         row.update({e: math.nan for e in ERRORS})
         row.update(

@@ -92,7 +92,7 @@ links)
     echo "made links and fifos"
     ;;
 log)
-    head -c 300M /dev/zero | tr '\0' x | fold -w 1000
+    head -c 100M /dev/zero | tr '\0' x | fold -w 1000
     echo "LAST LINE OF A HUGE LOG"
     ;;
 big-manifest)
