@@ -8,7 +8,9 @@ nothing here asserts; the numbers are written down for the README and closing no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -372,6 +374,299 @@ def rank(teams: int = 20, scans: int = 768, resamples: int = 2000) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- --cluster (issue 14)
+
+CLUSTER_DATA = BENCH_DATA / "cluster"
+PODMAN_BASE_IMAGE = "localhost/debian-base:bookworm"  # made by .ci/containers.sh
+SLEEPER_IMAGE = "localhost/tusrec-bench-sleeper:latest"
+
+
+def _local_cluster(workers: int, gpu: bool = False):
+    """A LocalCluster as ``--cluster local:N`` makes it; returns (cluster, client, start s)."""
+    import distributed
+
+    from tusrec.cluster import local_cluster
+
+    t0 = time.perf_counter()
+    cluster = local_cluster(workers, gpu)
+    client = distributed.Client(cluster)
+    return cluster, client, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _podman_service():
+    """A podman API service on a private socket (as tests/test_containers.py starts it);
+    yields its DOCKER_HOST, or None without podman or its base image."""
+    import docker
+
+    if shutil.which("podman") is None:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-podman-"))
+    conf = tmp / "containers.conf"
+    conf.write_text(
+        '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
+    )
+    env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(conf))}
+    if subprocess.run(["podman", "image", "exists", PODMAN_BASE_IMAGE], env=env).returncode != 0:
+        yield None
+        return
+    host = f"unix://{tmp / 'podman.sock'}"
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", host],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in ("DOCKER_HOST", "CONTAINERS_CONF")}
+    try:
+        for _ in range(300):
+            try:
+                docker.DockerClient(base_url=host).ping()
+                break
+            except Exception:
+                time.sleep(0.1)
+        os.environ.update(DOCKER_HOST=host, CONTAINERS_CONF=env["CONTAINERS_CONF"])
+        yield host
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        service.terminate()
+        service.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@bench
+def cluster_scaling_setup(scans: int = 16, sleep_s: float = 5.0) -> dict:
+    """16 simulated 40-frame 120 x 160 scans, and a team image (the tests' Debian base, no
+    Python) that sleeps ``sleep_s`` and copies the scan's valid prediction (made here from
+    the ground truth) into /output. Not timed."""
+    from tusrec.cli import main
+    from tusrec.simulate.dataset import simulate_dataset
+
+    shutil.rmtree(CLUSTER_DATA, ignore_errors=True)
+    data = CLUSTER_DATA / "data"
+    simulate_dataset(data, [70], names=None, frames=40, image_size=(120, 160), landmarks=True)
+    from tusrec.data import open_data
+
+    keys = open_data(data).keys[:scans]
+    context = CLUSTER_DATA / "image"
+    main(["reference", "ground-truth", str(data), "--out", str(context / "payload"), "--keys", *keys])
+    (context / "run.sh").write_text(
+        "#!/bin/bash\n"
+        f"sleep {sleep_s}\n"
+        "for f in /input/frames/*/*.h5; do s=$(basename $(dirname $f)); k=sub${s}__$(basename $f .h5); "
+        "cp --no-preserve=all /opt/payload/$k.h5 /output/; done\n"
+    )
+    (context / "Dockerfile").write_text(
+        f"FROM {PODMAN_BASE_IMAGE}\nCOPY payload /opt/payload/\nCOPY run.sh /opt/run.sh\n"
+        'USER 10001:10001\nENTRYPOINT ["/bin/bash", "/opt/run.sh"]\n'
+    )
+    with _podman_service() as host:
+        if host is None:
+            return {"scans": len(keys), "podman": False}
+        subprocess.run(
+            ["podman", "build", "-q", "-t", SLEEPER_IMAGE, str(context)], check=True, capture_output=True
+        )
+    return {"scans": len(keys), "podman": True, "sleep_s": sleep_s}
+
+
+def sleeper_unit(seconds: float) -> float:
+    """The stand-in unit without podman: ``seconds`` of sleep through the same Dask path."""
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    return time.perf_counter() - t0
+
+
+@bench
+def cluster_scaling(workers: tuple = (0, 1, 2, 4), scans: int = 16, sleep_s: float = 5.0) -> dict:
+    """`./evaluate run` of one team on 16 scans, the team's container sleeping 5 s a scan:
+    serial (0) and on local:1, local:2, local:4 (cluster start excluded, given apart).
+    Ideal is scans x sleep / workers; efficiency = ideal / measured; the per-unit overhead
+    is measured x workers / scans - sleep (start, wait, logs, removal, judging, merge)."""
+    from tusrec.cluster import map_units, run_teams
+    from tusrec.data import open_data
+    from tusrec.evaluate.runner import Limits, Team
+    from tusrec.evaluate.runner import run_teams as serial_run
+
+    data = open_data(CLUSTER_DATA / "data")
+    keys = data.keys[:scans]
+    limits = Limits(60.0, "1g")
+    out: dict = {"scans": len(keys), "sleep_s": sleep_s, "runs": []}
+    with _podman_service() as host:
+        out["podman"] = host is not None
+        team = [Team("sleeper", SLEEPER_IMAGE)]
+        for n in workers:
+            folder = CLUSTER_DATA / f"run{n}"
+            shutil.rmtree(folder, ignore_errors=True)
+            start = 0.0
+            if n == 0:
+                if host is None:
+                    continue
+                t0 = time.perf_counter()
+                serial_run(team, data, folder, limits, keys, log=lambda *a, **k: None)
+                wall = time.perf_counter() - t0
+            else:
+                cluster, client, start = _local_cluster(n, gpu=True)
+                try:
+                    t0 = time.perf_counter()
+                    if host is not None:
+                        tables = run_teams(client, team, data, folder, limits, keys, log=lambda *a, **k: None)
+                        assert (tables["sleeper"]["status"] == "ok").all()
+                    else:
+                        map_units(
+                            client,
+                            sleeper_unit,
+                            [(k, (sleep_s,)) for k in keys],
+                            "stand-in",
+                            resources={"GPU": 1},
+                        )
+                    wall = time.perf_counter() - t0
+                finally:
+                    client.close()
+                    cluster.close()
+            slots = max(n, 1)
+            ideal = len(keys) * sleep_s / slots
+            out["runs"].append(
+                {
+                    "workers": n,
+                    "cluster_start_s": start,
+                    "wall_s": wall,
+                    "ideal_s": ideal,
+                    "efficiency": ideal / wall,
+                    "overhead_per_unit_s": wall * slots / len(keys) - sleep_s,
+                }
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+@bench
+def landmarks_cluster(scans: int = 4, frames: int = 150, workers: int = 2) -> dict:
+    """SIFT landmarks of the same scans (480 x 640): serial (which already runs 2 SIFT
+    threads) against local:2 (one SIFT thread a worker); cluster start given apart."""
+    from tusrec import cluster
+    from tusrec.data import open_data
+    from tusrec.landmarks import write_data_landmarks
+    from tusrec.simulate import scan_names
+    from tusrec.simulate.dataset import simulate_dataset
+
+    root = CLUSTER_DATA / "landmarks"
+    shutil.rmtree(root, ignore_errors=True)
+    simulate_dataset(root, [71], names=scan_names("2024")[:scans], frames=frames, landmarks=False)
+    data = open_data(root)
+    t0 = time.perf_counter()
+    serial = write_data_landmarks(data, out_dir=root / "serial")
+    serial_s = time.perf_counter() - t0
+    local, client, start = _local_cluster(workers)
+    try:
+        t0 = time.perf_counter()
+        dask = cluster.write_data_landmarks(client, data, out_dir=root / "dask")
+        dask_s = time.perf_counter() - t0
+    finally:
+        client.close()
+        local.close()
+    same = all(np.array_equal(serial[k], dask[k]) for k in serial) and serial.keys() == dask.keys()
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "scans": scans,
+        "frames": frames,
+        "workers": workers,
+        "serial_s": serial_s,
+        "cluster_s": dask_s,
+        "cluster_start_s": start,
+        "speedup": serial_s / dask_s,
+        "speedup_with_start": serial_s / (dask_s + start),
+        "identical": bool(same),
+    }
+
+
+@bench
+def score_cluster_setup(frames: int = 200, scans: int = 4) -> dict:
+    """``scans`` copies of score_setup's scan and prediction under other keys. Not timed."""
+    from tusrec.data import open_data, write_dataset_keys, write_landmarks
+
+    score_setup(frames)
+    src = BENCH_DATA / f"score{frames}"
+    root = CLUSTER_DATA / f"score{frames}x{scans}"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(src / "data", root / "data")
+    scan = open_data(root / "data").scans[0]
+    lm = scan.read_landmarks()
+    names = ["LH_Par_L_DtP", "LH_Par_C_DtP", "LH_Par_S_DtP", "LH_Per_L_DtP"][:scans]
+    (root / "pred").mkdir(parents=True)
+    for name in names:
+        for part in ("frames", "transfs"):
+            target = root / "data" / part / "090" / f"{name}.h5"
+            if not target.exists():
+                shutil.copyfile(root / "data" / part / "090" / f"{scan.name}.h5", target)
+        shutil.copyfile(next((src / "pred").glob("*.h5")), root / "pred" / f"sub090__{name}.h5")
+    write_landmarks(root / "data" / "landmark" / "landmark_090.h5", {n: lm for n in names})
+    write_dataset_keys(root / "data", [f"sub090__{n}" for n in names])
+    shutil.rmtree(src, ignore_errors=True)
+    return {
+        "frames": frames,
+        "scans": scans,
+        "prediction_GB": scans * (root / "pred" / f"sub090__{names[0]}.h5").stat().st_size / 1e9,
+    }
+
+
+@bench
+def score_cluster(frames: int = 200, scans: int = 4, workers: int = 2) -> dict:
+    """`evaluate score` of the same ``scans`` prediction files, serial and on local:2, each
+    from an empty page cache, against the raw cold read of the same files in the same run
+    (score's benchmark, over several files)."""
+    from tusrec import cluster
+    from tusrec.data import open_data
+    from tusrec.evaluate.score import score_predictions
+
+    root = CLUSTER_DATA / f"score{frames}x{scans}"
+    files = sorted((root / "pred").glob("*.h5"))
+    size = sum(p.stat().st_size for p in files)
+    data = open_data(root / "data")
+    cold = _drop_page_cache()
+    t0 = time.perf_counter()
+    buf = bytearray(64 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    raw = time.perf_counter() - t0
+    cold = _drop_page_cache() and cold
+    shutil.rmtree(root / "serial", ignore_errors=True)
+    t0 = time.perf_counter()
+    serial = score_predictions(root / "pred", data, root / "serial")
+    serial_s = time.perf_counter() - t0
+    local, client, start = _local_cluster(workers)
+    try:
+        cold = _drop_page_cache() and cold
+        t0 = time.perf_counter()
+        dask = cluster.score_predictions(client, root / "pred", data, root / "dask")
+        dask_s = time.perf_counter() - t0
+    finally:
+        client.close()
+        local.close()
+    return {
+        "frames": frames,
+        "scans": scans,
+        "workers": workers,
+        "prediction_GB": size / 1e9,
+        "cold_page_cache": cold,
+        "raw_read_GB_per_s": size / raw / 1e9,
+        "serial_s": serial_s,
+        "serial_GB_per_s": size / serial_s / 1e9,
+        "ratio_serial_to_raw": raw / serial_s,
+        "cluster_s": dask_s,
+        "cluster_start_s": start,
+        "cluster_GB_per_s": size / dask_s / 1e9,
+        "ratio_cluster_to_raw": raw / dask_s,
+        "identical": bool(serial.equals(dask)),
+    }
+
+
 def child(name: str, kwargs: dict) -> dict:
     """Run one benchmark in a fresh interpreter; add its peak resident memory."""
     code = (
@@ -415,6 +710,11 @@ PLAN = [
     ("predict", {"frames": 1600, "form": "transforms"}),
     ("predict", {"frames": 1600}),
     ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
+    ("cluster_scaling_setup", {"scans": 16, "sleep_s": 5.0}),
+    ("cluster_scaling", {"workers": [0, 1, 2, 4], "scans": 16, "sleep_s": 5.0}),
+    ("landmarks_cluster", {"scans": 4, "frames": 150, "workers": 2}),
+    ("score_cluster_setup", {"frames": 200, "scans": 4}),
+    ("score_cluster", {"frames": 200, "scans": 4, "workers": 2}),
 ]
 
 

@@ -987,3 +987,175 @@ def test_runner_killed_anywhere_resumes_identically(engine, hostile, val2024, tm
     assert_same_results(clean, out, "good", kept=keep, data=hostile.data)
     assert len(pd.read_csv(out / "good" / "metrics.csv")) == len(hostile.data.keys)
     assert_nothing_left(engine, out, volumes)
+
+
+# --------------------------------------------------------------------------- on a Dask cluster
+
+CLUSTER_TEAMS = ("extlink", "vds", "quota", "badattrs", "links")
+
+
+def _cluster_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: str, timeout: float = 600):
+    """`./evaluate run --cluster local:2 --no-rank` of ``teams``."""
+    command = [
+        str(ROOT / "evaluate"),
+        "run",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--time-limit",
+        "25",
+        "--memory",
+        "1g",
+        "--output-quota-margin",
+        str(QUOTA_MARGIN_MB),
+        "--no-rank",
+        "--cluster",
+        "local:2",
+        *extra,
+    ]
+    for name, image in teams.items():
+        command += ["--team", f"{name}={image}"]
+    return subprocess.run(command, capture_output=True, text=True, env=engine.env, timeout=timeout)
+
+
+def _same_tables(a: Path, b: Path, team: str) -> None:
+    """metrics.csv of two runs agree but for the measured runtime columns, and the same
+    scans' predictions were kept."""
+    ta, tb = (pd.read_csv(x / team / "metrics.csv", keep_default_na=False) for x in (a, b))
+    for table, out in ((ta, a), (tb, b)):
+        # A message cut at 1,000 characters may end inside the run's own work folder's path
+        # (the serial runner's too): that path is the run's, not the team's.
+        table["message"] = table["message"].str.replace(re.escape(str(out)) + r"\S*", "OUT", regex=True)
+        # What /output held when the watcher killed the container is measured, like a runtime.
+        table["message"] = table["message"].str.replace(r"quota: [\d.]+ MB >", "quota: N MB >", regex=True)
+    runtime = [c for c in ta.columns if c.startswith("runtime")]
+    pd.testing.assert_frame_equal(ta.drop(columns=runtime), tb.drop(columns=runtime))
+    kept = [sorted(p.name for p in (x / team).glob("predictions/*.h5")) for x in (a, b)]
+    assert kept[0] == kept[1], team
+
+
+def _run_containers(engine, out: Path) -> dict[str, str]:
+    """{container id: scan} of the run on ``out``, from the engine's list alone (no inspect
+    of each: a container removed meanwhile is simply not listed)."""
+    found = engine.client.containers.list(
+        all=True, sparse=True, filters={"label": f"{RUNNER_LABEL}={run_tag(out)}"}
+    )
+    return {c.id: (c.attrs.get("Labels") or {}).get("tusrec.scan") for c in found}
+
+
+def test_cluster_run_gives_the_serial_results(engine, hostile, val2024, tmp_path):
+    """`--cluster local:2`: the good team's tables, kept files and kept predictions.csv,
+    and every hostile team's statuses and messages, are those of the serial runner."""
+    volumes = {v.name for v in engine.client.volumes.list()}
+    teams = {"good": hostile.images["good"]} | {t: hostile.images[t] for t in CLUSTER_TEAMS}
+    serial, dask = tmp_path / "serial", tmp_path / "dask00"  # the same length: see _same_tables
+    evaluate_run(engine, val2024, serial, teams, "--keep-predictions")
+    run = _cluster_run(engine, val2024, dask, teams, "--keep-predictions")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "dask: local cluster of 2 workers, dashboard http://127.0.0.1:" in run.stdout
+    assert_same_results(serial, dask, "good", kept=True, data=hostile.data)
+    for team in CLUSTER_TEAMS:
+        _same_tables(serial, dask, team)
+    assert_nothing_left(engine, dask, volumes)
+    assert not list(dask.glob(".staging"))
+
+
+def test_cluster_worker_or_client_killed_mid_run(engine, hostile, val2024, tmp_path, monkeypatch):
+    """A worker SIGKILLed while its container runs: its container is removed (its watchdog),
+    the unit is redone on the other worker and counted once. The client SIGKILLed: its
+    workers and their containers go, and a rerun ends with the uninterrupted run's files."""
+    import logging
+    import threading
+
+    import distributed
+
+    from tusrec import cluster
+    from tusrec.evaluate.runner import Limits, Team
+
+    volumes = {v.name for v in engine.client.volumes.list()}
+    teams = {"good": hostile.images["slowgood"]}  # sleeps 4 s, then writes a valid prediction
+    clean = tmp_path / "clean"
+    evaluate_run(engine, val2024, clean, teams, "--keep-predictions")
+    # A worker killed mid-unit (a cluster in this process, so the test can find the worker).
+    monkeypatch.setenv("DOCKER_HOST", engine.env["DOCKER_HOST"])
+    monkeypatch.setenv("CONTAINERS_CONF", engine.env["CONTAINERS_CONF"])
+    out = tmp_path / "worker-killed"
+    local = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", resources={"GPU": 1}, silence_logs=logging.ERROR
+    )
+    client = distributed.Client(local)
+    try:
+        limits = Limits(25.0, "1g", output_quota_margin_mb=QUOTA_MARGIN_MB)
+        done: dict = {}
+        team = Team("good", teams["good"])
+
+        def run():
+            done["tables"] = cluster.run_teams(
+                client, [team], hostile.data, out, limits, keep_predictions=True
+            )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        victim = container = None
+        deadline = time.monotonic() + 120
+        while victim is None and time.monotonic() < deadline:
+            running = {scan: cid for cid, scan in _run_containers(engine, out).items()}
+            for worker, keys in client.processing().items():
+                for key in map(str, keys):
+                    scan = key.split("/", 1)[-1].rsplit("-", 1)[0] if key.startswith("run-good/") else None
+                    if scan in running:
+                        victim, container = worker, running[scan]
+            time.sleep(0.1)
+        assert victim is not None, "no container unit seen running"
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, 9)
+        gone = time.monotonic() + 20
+        while container in _run_containers(engine, out) and time.monotonic() < gone:
+            time.sleep(0.2)
+        assert container not in _run_containers(engine, out), "the dead worker's container lives on"
+        thread.join(300)
+        assert not thread.is_alive() and "tables" in done
+    finally:
+        client.close()
+        local.close()
+    assert_same_results(clean, out, "good", kept=True, data=hostile.data)
+    assert len(pd.read_csv(out / "good" / "metrics.csv")) == len(hostile.data.keys)  # counted once
+    assert_nothing_left(engine, out, volumes)
+    # The client killed while containers run, then a rerun.
+    out = tmp_path / "client-killed"
+    command = [
+        str(ROOT / "evaluate"),
+        "run",
+        "--data",
+        str(val2024),
+        "--out",
+        str(out),
+        "--time-limit",
+        "25",
+        "--memory",
+        "1g",
+        "--no-rank",
+        "--keep-predictions",
+        "--cluster",
+        "local:2",
+        "--team",
+        f"good={teams['good']}",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=engine.env)
+    try:
+        deadline = time.monotonic() + 120
+        while not _run_containers(engine, out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _run_containers(engine, out), "no container started"
+    finally:
+        process.kill()
+        process.wait(30)
+    gone = time.monotonic() + 30
+    while _run_containers(engine, out) and time.monotonic() < gone:
+        time.sleep(0.5)
+    assert not _run_containers(engine, out), "a team container outlived the killed client"
+    rerun = _cluster_run(engine, val2024, out, teams, "--keep-predictions")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert_same_results(clean, out, "good", kept=True, data=hostile.data)
+    assert_nothing_left(engine, out, volumes)

@@ -27,6 +27,40 @@ def _image_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _cluster_spec(text: str):
+    """argparse type of --cluster (tusrec.cluster is imported only when it is given: the
+    submission image has no Dask)."""
+    from tusrec.cluster import ClusterError, parse_cluster
+
+    try:
+        return parse_cluster(text)
+    except ClusterError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_cluster_flag(p) -> None:
+    p.add_argument(
+        "--cluster",
+        type=_cluster_spec,
+        default=None,
+        metavar="local:N|tcp://HOST:PORT",
+        help="run one unit per scan on Dask: N worker processes here (local:N) or an existing "
+        "scheduler's workers (tcp://HOST:PORT) (default: in this process)",
+    )
+
+
+def _on_cluster(spec, work, gpu_slots: bool = False):
+    """work(client) on the cluster of ``spec``; a cluster that cannot be used exits 2."""
+    from tusrec import cluster
+
+    try:
+        with cluster.connect(spec, gpu_slots) as client:
+            return work(client)
+    except cluster.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _add_keys_and_chunk(p) -> None:
     p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
     p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
@@ -61,6 +95,7 @@ def add_simulate(sub) -> None:
     p.add_argument("--image-size", type=_image_size, default=(480, 640), help="HxW (default 480x640)")
     p.add_argument("--no-landmarks", action="store_true", help="skip SIFT landmark extraction")
     p.add_argument("--k", type=int, default=None, help="landmarks per scan (default 20; 100 for 2025)")
+    add_cluster_flag(p)
     p.set_defaults(run=run_simulate)
 
 
@@ -79,7 +114,14 @@ def run_simulate(args) -> int:
             if unknown:
                 raise SystemExit(f"unknown scan names for protocol {args.protocol}: {unknown}")
     t0 = time.perf_counter()
-    keys = simulate_dataset(
+    simulate = simulate_dataset
+    if args.cluster is not None:
+        from tusrec import cluster
+
+        def simulate(*a, **kw):
+            return _on_cluster(args.cluster, lambda client: cluster.simulate_dataset(client, *a, **kw))
+
+    keys = simulate(
         args.out,
         args.subjects,
         protocol=args.protocol,
@@ -117,6 +159,7 @@ def add_landmarks(sub) -> None:
     )
     p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
     p.add_argument("--overwrite", action="store_true", help="redo scans that already have landmarks")
+    add_cluster_flag(p)
     p.set_defaults(run=run_landmarks)
 
 
@@ -127,7 +170,19 @@ def run_landmarks(args) -> int:
     data = open_data(args.data)
     if not data.scans:
         raise TusrecDataError(f"{args.data}: no scans found")
-    made = write_data_landmarks(data, k=args.k, out_dir=args.out, overwrite=args.overwrite, keys=args.keys)
+    if args.cluster is None:
+        made = write_data_landmarks(
+            data, k=args.k, out_dir=args.out, overwrite=args.overwrite, keys=args.keys
+        )
+    else:
+        from tusrec import cluster
+
+        made = _on_cluster(
+            args.cluster,
+            lambda client: cluster.write_data_landmarks(
+                client, data, args.k, args.out, args.overwrite, args.keys
+            ),
+        )
     skipped = len(args.keys or data.scans) - len(made)
     where = args.out or (data.root / data.landmark_path("000").parent.name)
     print(f"landmarks: {len(made)} scans extracted, {skipped} already done, in {where}")
@@ -527,6 +582,7 @@ def add_evaluate(sub) -> None:
     score.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
     score.add_argument("--out", type=Path, required=True, help="folder for metrics.csv and metrics.h5")
     _add_keys_and_chunk(score)
+    add_cluster_flag(score)
     score.set_defaults(run=run_evaluate_score)
     rank = ev.add_parser(
         "rank",
@@ -729,6 +785,7 @@ def add_evaluate_run(ev) -> None:
     run.add_argument("--bootstrap", type=int, default=2000, help="resamples per level (default 2000)")
     run.add_argument("--title", default=None, help="report title")
     run.add_argument("--synthetic", action="store_true", help="label the report SYNTHETIC DATA")
+    add_cluster_flag(run)
     run.set_defaults(run=run_evaluate_run)
 
 
@@ -778,7 +835,17 @@ def run_evaluate_score(args) -> int:
     from tusrec.evaluate.score import score_predictions, summary
 
     data = open_data(args.data)
-    table = score_predictions(args.predictions, data, args.out, args.chunk, args.keys)
+    if args.cluster is None:
+        table = score_predictions(args.predictions, data, args.out, args.chunk, args.keys)
+    else:
+        from tusrec import cluster
+
+        table = _on_cluster(
+            args.cluster,
+            lambda client: cluster.score_predictions(
+                client, args.predictions, data, args.out, args.chunk, args.keys
+            ),
+        )
     print(summary(table))
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'metrics.h5'}")
     return 0

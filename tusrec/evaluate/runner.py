@@ -922,7 +922,15 @@ def run_command(args) -> int:
             tmp_size=args.tmp_size,
         )
         data = open_data(args.data)
-        tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
+        if getattr(args, "cluster", None) is None:
+            tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
+        else:  # the same units on Dask workers holding a GPU slot (tusrec.cluster)
+            from tusrec import cluster
+
+            with cluster.connect(args.cluster, gpu_slots=True) as dask:
+                tables = cluster.run_teams(
+                    dask, teams, data, args.out, limits, args.keys, args.keep_predictions
+                )
     except RunnerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
