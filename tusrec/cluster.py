@@ -374,18 +374,10 @@ def simulate_dataset(
 # --------------------------------------------------------------------------- scoring
 
 
-def score_unit(scan, path: str, mrow, calib, limits, cache: str, signature: list, note: str) -> dict:
-    """One (team, scan) scoring on a worker: ``score_file`` (the bounded worker and read
-    policy), the row cached atomically at ``cache``; returns the row."""
-    from tusrec.data import atomic_path
-    from tusrec.evaluate.score import _join, score_file
-
-    row = score_file(scan, Path(path), mrow, calib, limits=limits)
-    if note:
-        row["message"] = _join(row["message"], note)
-    with atomic_path(Path(cache)) as tmp:
-        tmp.write_text(json.dumps({"signature": signature, "row": row}))
-    return row
+def score_unit(job) -> dict:
+    """One (team, scan) scoring on a worker: the serial path's own ScoringJob (score_file,
+    the bounded worker and read policy; the row cached atomically); returns the row."""
+    return job.run()
 
 
 def score_predictions(
@@ -398,57 +390,24 @@ def score_predictions(
     limits=None,
 ) -> pd.DataFrame:
     """``tusrec.evaluate.score.score_predictions`` with one unit per scan on the cluster:
-    the same checks, the same per-scan cache (a scan cached by either path is not scored
-    again by the other), the same rows in the same order, the same files."""
-    from tusrec.data import MANIFEST_FILE, TusrecDataError, read_manifest
+    the same plan (checks, per-scan cache: a scan cached by either path is not scored
+    again by the other), the same jobs, the same rows in the same order, the same files."""
     from tusrec.ddf import DEFAULT_CHUNK
-    from tusrec.evaluate.score import ScoreLimits, file_signature, prediction_path, write_metrics
+    from tusrec.evaluate.score import ScoreLimits, plan_scoring, write_metrics
 
     limits = replace(limits or ScoreLimits(), chunk=chunk or DEFAULT_CHUNK)
-    folder, out_dir = Path(folder), Path(out_dir)
-    if not folder.is_dir():
-        raise TusrecDataError(f"{folder}: predictions folder not found")
-    if not any(folder.glob("*.h5")) and not os.path.lexists(folder / MANIFEST_FILE):
-        raise TusrecDataError(f"{folder}: empty predictions folder (expected <key>.h5 files)")
-    scans = data.select(keys)
-    missing_gt = [s.key for s in scans if not s.has_tforms]
-    if missing_gt:
-        raise TusrecDataError(
-            f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
-            "scoring needs the transfs/ folder of the validation layout"
-        )
-    try:
-        manifest, note = read_manifest(folder), ""
-    except TusrecDataError as err:  # the team's manifest is the team's problem
-        manifest, note = None, f"manifest ignored: {err}"
-    calib = data.calibration
-    cache_dir = out_dir / "scans"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict] = {}
-    units = []
-    for scan in scans:
-        path = prediction_path(folder, scan.key)
-        mrow = manifest.loc[scan.key] if manifest is not None and scan.key in manifest.index else None
-        signature = file_signature(path, scan.tforms_path, scan.landmark_path, folder / MANIFEST_FILE)
-        signature.append(["limits", limits.memory_mb, limits.chunk])
-        cache = cache_dir / f"{scan.key}.json"
-        if cache.exists():
-            cached = json.loads(cache.read_text())
-            if cached.get("signature") == signature:
-                rows[scan.key] = cached["row"]
-                continue
-        units.append((scan.key, (scan, str(path), mrow, calib, limits, str(cache), signature, note)))
+    plan = plan_scoring(folder, data, out_dir, limits, keys)
     done = map_units(
         client,
         score_unit,
-        units,
+        [(job.scan.key, (job,)) for job in plan.jobs],
         "score",
-        lambda key, row: rows.__setitem__(key, row),
-        total=len(scans),
-        done=len(rows),
+        lambda key, row: plan.rows.__setitem__(key, row),
+        total=len(plan.scans),
+        done=len(plan.rows),
     )
-    table = pd.DataFrame([rows[s.key] for s in scans if s.key in rows])
-    write_metrics(table, out_dir)
+    table = plan.table()
+    write_metrics(table, Path(out_dir))
     _fail_if_units_failed(done, "scoring")
     return table
 

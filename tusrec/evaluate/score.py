@@ -534,22 +534,53 @@ def score_file(scan: Scan, path: str | Path, declared, calib, *, limits: ScoreLi
     return row
 
 
-def score_predictions(
+@dataclass
+class ScoringJob:
+    """One scan's scoring as score_predictions plans it: run() scores the file with
+    score_file (bounded worker, read policy), caches the row atomically at ``cache`` and
+    returns it. The same jobs run in this process or, one unit each, on a Dask cluster
+    (tusrec.cluster), so both paths give the same rows and caches."""
+
+    scan: Scan
+    path: Path
+    declared: object  # the team's manifest row (pandas Series) or None
+    calib: object
+    limits: ScoreLimits
+    cache: Path
+    signature: list
+    note: str = ""
+
+    def run(self) -> dict:
+        row = score_file(self.scan, self.path, self.declared, self.calib, limits=self.limits)
+        if self.note:
+            row["message"] = _join(row["message"], self.note)
+        with atomic_path(self.cache) as tmp:
+            tmp.write_text(json.dumps({"signature": self.signature, "row": row}))
+        return row
+
+
+@dataclass
+class ScoringPlan:
+    """What a scoring of a predictions folder needs done: the scans in table order, the
+    rows already cached (by key) and a job for every other scan."""
+
+    scans: list[Scan]
+    rows: dict[str, dict]
+    jobs: list[ScoringJob]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([self.rows[s.key] for s in self.scans if s.key in self.rows])
+
+
+def plan_scoring(
     folder: str | Path,
     data: TusrecData,
     out_dir: str | Path,
-    chunk: int = DEFAULT_CHUNK,
+    limits: ScoreLimits,
     keys: list[str] | None = None,
-    limits: ScoreLimits | None = None,
-) -> pd.DataFrame:
-    """Score every scan; write metrics.csv and the organisers' metrics.h5 into out_dir.
-
-    Every file is untrusted: each is scored by score_file in a bounded worker (limits;
-    its chunk is ``chunk``). Per scan results are cached in out_dir/scans/<key>.json
-    together with the sizes and times of the files they came from, so a rerun scores
-    only what changed.
-    """
-    limits = replace(limits or ScoreLimits(), chunk=chunk)
+) -> ScoringPlan:
+    """Check the folder and the ground truth, read the cached rows of out_dir/scans/ whose
+    input files (sizes and times) are unchanged, and plan a job for every other scan."""
     folder, out_dir = Path(folder), Path(out_dir)
     if not folder.is_dir():
         raise TusrecDataError(f"{folder}: predictions folder not found")
@@ -569,8 +600,8 @@ def score_predictions(
     calib = data.calibration
     cache_dir = out_dir / "scans"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for scan in tqdm(scans, desc="score", unit="scan", disable=None):
+    plan = ScoringPlan(scans, {}, [])
+    for scan in scans:
         path = prediction_path(folder, scan.key)
         mrow = manifest.loc[scan.key] if manifest is not None and scan.key in manifest.index else None
         signature = file_signature(path, scan.tforms_path, scan.landmark_path, folder / MANIFEST_FILE)
@@ -579,16 +610,35 @@ def score_predictions(
         if cache.exists():
             cached = json.loads(cache.read_text())
             if cached.get("signature") == signature:
-                rows.append(cached["row"])
+                plan.rows[scan.key] = cached["row"]
                 continue
-        row = score_file(scan, path, mrow, calib, limits=limits)
-        if manifest_note:
-            row["message"] = _join(row["message"], manifest_note)
-        with atomic_path(cache) as tmp:
-            tmp.write_text(json.dumps({"signature": signature, "row": row}))
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    write_metrics(table, out_dir)
+        plan.jobs.append(ScoringJob(scan, path, mrow, calib, limits, cache, signature, manifest_note))
+    return plan
+
+
+def score_predictions(
+    folder: str | Path,
+    data: TusrecData,
+    out_dir: str | Path,
+    chunk: int = DEFAULT_CHUNK,
+    keys: list[str] | None = None,
+    limits: ScoreLimits | None = None,
+) -> pd.DataFrame:
+    """Score every scan; write metrics.csv and the organisers' metrics.h5 into out_dir.
+
+    Every file is untrusted: each is scored by score_file in a bounded worker (limits;
+    its chunk is ``chunk``). Per scan results are cached in out_dir/scans/<key>.json
+    together with the sizes and times of the files they came from, so a rerun scores
+    only what changed.
+    """
+    limits = replace(limits or ScoreLimits(), chunk=chunk)
+    plan = plan_scoring(folder, data, out_dir, limits, keys)
+    for job in tqdm(
+        plan.jobs, desc="score", unit="scan", initial=len(plan.rows), total=len(plan.scans), disable=None
+    ):
+        plan.rows[job.scan.key] = job.run()
+    table = plan.table()
+    write_metrics(table, Path(out_dir))
     return table
 
 
