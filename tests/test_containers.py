@@ -697,6 +697,36 @@ def test_runner_judges_every_team_and_goes_on(engine, images, val2024, tmp_path)
     assert cached["signature"]["image"] == engine.client.images.get(SUBMISSION).id
 
 
+def test_runner_judges_compact_and_dense_teams_alike(engine, images, val2024, tmp_path):
+    """The same predictor handing in the compact form (a team image whose CMD asks for
+    --format transforms) and the dense one (the image's default) gets the same status and
+    the same four errors from `./evaluate run`, under the same limits and quota."""
+    context = tmp_path / "compact-image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {SUBMISSION}\n"
+        'CMD ["--input", "/input", "--output", "/output", "--time-limit", "105", "--format", "transforms"]\n'
+    )
+    compact = "localhost/tusrec-compact:test"
+    podman(engine, "build", "-t", compact, str(context))
+    try:
+        out = tmp_path / "run"
+        evaluate_run(engine, val2024, out, {"dense": SUBMISSION, "compact": compact}, "--keep-predictions")
+        tables = {team: pd.read_csv(out / team / "metrics.csv") for team in ("dense", "compact")}
+        for team, table in tables.items():
+            assert (table["status"] == "ok").all(), (team, table["message"].tolist())
+        errors = ["GPE", "GLE", "LPE", "LLE"]
+        np.testing.assert_allclose(tables["compact"][errors], tables["dense"][errors], rtol=0, atol=1e-6)
+        for key in open_data(val2024).keys:
+            with h5py.File(out / "compact" / "predictions" / f"{key}.h5") as c:
+                assert c.attrs["form"] == "transforms" and "GP" not in c
+            with h5py.File(out / "dense" / "predictions" / f"{key}.h5") as d:
+                assert d.attrs["form"] == "ddf" and "GP" in d
+        assert not own_containers(engine, out)
+    finally:
+        podman(engine, "rmi", "-f", compact, check=False)
+
+
 # --------------------------------------------------------------------------- hostile teams
 
 QUOTA_MARGIN_MB = 4  # the runs below: /output may hold a 40-frame dense prediction + 4 MB
