@@ -338,9 +338,6 @@ def file_signature(*paths: Path | None) -> list:
     return out
 
 
-_signature = file_signature  # the name the container runner imported before it was public
-
-
 def scan_row(scan: Scan) -> dict:
     """The descriptive part of a scan's row: key, subject, pattern, frames."""
     return {
@@ -640,11 +637,6 @@ def score_predictions(
     table = plan.table()
     write_metrics(table, Path(out_dir))
     return table
-
-
-def _score_one(scan: Scan, path: Path, mrow, calib, chunk: int) -> dict:
-    """score_file under the name the container runner imported before it was public."""
-    return score_file(scan, path, mrow, calib, limits=ScoreLimits(chunk=chunk))
 
 
 def write_metrics(table: pd.DataFrame, out_dir: Path) -> None:
