@@ -582,12 +582,7 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     scans = data.select(keys)
     if not scans:
         raise TusrecDataError(f"{data.root}: no scans found")
-    missing_gt = [s.key for s in scans if not s.has_tforms]
-    if missing_gt:
-        raise TusrecDataError(
-            f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
-            "the runner scores every scan and needs the transfs/ folder"
-        )
+    data.require_ground_truth(scans, "the runner scores every scan and needs the transfs/ folder")
     client.wait_for_workers(1, timeout=300)
     gpu = _gpu_workers(client)
     if not gpu:

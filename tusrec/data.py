@@ -339,6 +339,15 @@ class TusrecData:
         """The scans with these keys (all scans if None); an unknown key is an error."""
         return [self.scan(k) for k in keys] if keys else list(self.scans)
 
+    def require_ground_truth(self, scans: list[Scan], why: str) -> None:
+        """Raise, naming the first, if any of ``scans`` has no tforms; ``why`` ends the
+        message (what needs the transfs/ folder)."""
+        missing = [s.key for s in scans if not s.has_tforms]
+        if missing:
+            raise TusrecDataError(
+                f"{self.root}: no ground truth for {len(missing)} scan(s) (e.g. {missing[0]}): {why}"
+            )
+
     def landmark_path(self, subject: str) -> Path:
         """Where landmark_<sub>.h5 of a subject is (or is to be written)."""
         return self.root / landmark_dir(self.root, self.layout) / f"landmark_{subject}.h5"

@@ -790,12 +790,7 @@ def run_teams(
     scans = data.select(keys)
     if not scans:
         raise TusrecDataError(f"{data.root}: no scans found")
-    missing_gt = [s.key for s in scans if not s.has_tforms]
-    if missing_gt:
-        raise TusrecDataError(
-            f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
-            "the runner scores every scan and needs the transfs/ folder"
-        )
+    data.require_ground_truth(scans, "the runner scores every scan and needs the transfs/ folder")
     client = client or _client()
     image_ids = _image_ids(client, teams)
     tag = run_tag(out)

@@ -584,12 +584,7 @@ def plan_scoring(
     if not any(folder.glob("*.h5")) and not os.path.lexists(folder / MANIFEST_FILE):
         raise TusrecDataError(f"{folder}: empty predictions folder (expected <key>.h5 files)")
     scans = data.select(keys)
-    missing_gt = [s.key for s in scans if not s.has_tforms]
-    if missing_gt:
-        raise TusrecDataError(
-            f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
-            "scoring needs the transfs/ folder of the validation layout"
-        )
+    data.require_ground_truth(scans, "scoring needs the transfs/ folder of the validation layout")
     try:
         manifest, manifest_note = read_manifest(folder), ""
     except TusrecDataError as err:  # the team's manifest is the team's problem

@@ -253,12 +253,7 @@ def show_predictions(
     scans = data.select(keys) if keys else data.scans
     if not scans:
         raise TusrecDataError(f"{data.root}: no scans found")
-    missing_gt = [s.key for s in scans if not s.has_tforms]
-    if missing_gt:
-        raise TusrecDataError(
-            f"{data.root}: no ground truth for {len(missing_gt)} scan(s) (e.g. {missing_gt[0]}): "
-            "showing needs the transfs/ folder of the validation layout"
-        )
+    data.require_ground_truth(scans, "showing needs the transfs/ folder of the validation layout")
     out.mkdir(parents=True, exist_ok=True)
     poses: dict[str, PredictedPoses] = {}
     truths: dict[str, GroundTruth] = {}
