@@ -74,7 +74,7 @@ CMD ["evaluate", "--help"]
 
 # --------------------------------------------------------------------------- submission
 # The default target (the last stage): the predictor, its libraries and the weights; nothing
-# else. These are the modules it imports (tusrec.predict never imports evaluate, train or
+# else. These are the modules it imports (tusrec.predict never imports scoring, ranking, harness, train or
 # simulate; tests/test_containers.py checks this list against what it really imports).
 FROM libs AS submission
 COPY tusrec/__init__.py tusrec/__main__.py tusrec/cli.py tusrec/data.py tusrec/geometry.py tusrec/ddf.py \

@@ -62,10 +62,10 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
 
     from tusrec.data import open_data
     from tusrec.ddf import landmark_ddfs
-    from tusrec.evaluate.metrics import landmark_errors, transform_pixel_error
-    from tusrec.evaluate.score import scan_row
     from tusrec.geometry import compose_local, frame_transforms
     from tusrec.model.ensemble import combine, load_members, members_local_transforms, read_scan_input
+    from tusrec.scoring.metrics import landmark_errors, transform_pixel_error
+    from tusrec.scoring.score import scan_row
 
     torch.set_num_threads(1)
     members = load_members(weights)
@@ -112,7 +112,7 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
 
 def fs_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Mean errors and identity-normalised scores per model, through the ranking code."""
-    from tusrec.evaluate.rank import combine_teams, scan_scores
+    from tusrec.ranking.rank import combine_teams, scan_scores
 
     data = combine_teams(tables)
     scores = scan_scores(data, "identity")

@@ -107,8 +107,8 @@ def score_compact(frames: int = 200) -> dict:
 
     from tusrec.data import open_data, write_scan
     from tusrec.ddf import GroundTruth
-    from tusrec.evaluate.score import score_file, score_prediction_file
     from tusrec.geometry import default_calibration, pose6_to_matrix, write_calibration
+    from tusrec.scoring.score import score_file, score_prediction_file
 
     calib = default_calibration()
     tforms = smooth_tforms(frames)
@@ -224,7 +224,7 @@ def score(frames: int) -> dict:
     speed of the same prediction file. Both start from an empty page cache when the
     machine allows it (``cold``), so the raw figure is the disk's own read speed."""
     from tusrec.data import open_data
-    from tusrec.evaluate.score import score_predictions
+    from tusrec.scoring.score import score_predictions
 
     root = BENCH_DATA / f"score{frames}"
     pred = next((root / "pred").glob("*.h5"))
@@ -343,10 +343,10 @@ def rank(teams: int = 20, scans: int = 768, resamples: int = 2000) -> dict:
     """`evaluate rank` on synthetic teams: the vectorised bootstrap (scan- and subject-level,
     ranks, Kendall's tau, rank frequencies), the pairwise tests and the whole analysis
     without figures. Imports are warmed up first, so the times are the computation's."""
-    from tusrec.evaluate.rank import aggregate_then_rank, combine_teams, scan_scores
-    from tusrec.evaluate.report import analyse
-    from tusrec.evaluate.stats import all_pairwise, bootstrap
-    from tusrec.evaluate.synthetic import synthetic_tables
+    from tusrec.ranking.rank import aggregate_then_rank, combine_teams, scan_scores
+    from tusrec.ranking.report import analyse
+    from tusrec.ranking.stats import all_pairwise, bootstrap
+    from tusrec.ranking.synthetic import synthetic_tables
 
     data = combine_teams(synthetic_tables(teams, subjects=max(1, scans // 24), failure_rate=0.01, seed=0))
     scores = scan_scores(data, "minmax")
@@ -487,10 +487,11 @@ def cluster_scaling(workers: tuple = (0, 1, 2, 4), scans: int = 16, sleep_s: flo
     serial (0) and on local:1, local:2, local:4 (cluster start excluded, given apart).
     Ideal is scans x sleep / workers; efficiency = ideal / measured; the per-unit overhead
     is measured x workers / scans - sleep (start, wait, logs, removal, judging, merge)."""
-    from tusrec.cluster import map_units, run_teams
+    from tusrec.cluster import map_units
+    from tusrec.harness.cluster import run_teams
     from tusrec.data import open_data
-    from tusrec.evaluate.runner import Limits, Team
-    from tusrec.evaluate.runner import run_teams as serial_run
+    from tusrec.harness.runner import Limits, Team
+    from tusrec.harness.runner import run_teams as serial_run
 
     data = open_data(CLUSTER_DATA / "data")
     keys = data.keys[:scans]
@@ -564,7 +565,7 @@ def landmarks_cluster(scans: int = 4, frames: int = 150, workers: int = 2) -> di
     local, client, start = _local_cluster(workers)
     try:
         t0 = time.perf_counter()
-        dask = cluster.write_data_landmarks(client, data, out_dir=root / "dask")
+        dask = write_data_landmarks(data, out_dir=root / "dask", client=client)
         dask_s = time.perf_counter() - t0
     finally:
         client.close()
@@ -621,7 +622,7 @@ def score_cluster(frames: int = 200, scans: int = 4, workers: int = 2) -> dict:
     (score's benchmark, over several files)."""
     from tusrec import cluster
     from tusrec.data import open_data
-    from tusrec.evaluate.score import score_predictions
+    from tusrec.scoring.score import score_predictions
 
     root = CLUSTER_DATA / f"score{frames}x{scans}"
     files = sorted((root / "pred").glob("*.h5"))
@@ -644,7 +645,7 @@ def score_cluster(frames: int = 200, scans: int = 4, workers: int = 2) -> dict:
     try:
         cold = _drop_page_cache() and cold
         t0 = time.perf_counter()
-        dask = cluster.score_predictions(client, root / "pred", data, root / "dask")
+        dask = score_predictions(root / "pred", data, root / "dask", client=client)
         dask_s = time.perf_counter() - t0
     finally:
         client.close()

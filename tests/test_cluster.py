@@ -125,24 +125,23 @@ def test_landmarks_on_the_cluster_are_the_serial_ones(sim_root, tmp_path, capsys
 
 
 def test_landmarks_rerun_on_the_cluster_skips_what_is_done(client, sim_root, tmp_path):
-    from tusrec import cluster
+    from tusrec.landmarks import write_data_landmarks
 
     data = open_data(sim_root)
-    first = cluster.write_data_landmarks(client, data, 5, tmp_path, keys=data.keys[:1])
+    first = write_data_landmarks(data, 5, tmp_path, keys=data.keys[:1], client=client)
     assert list(first) == data.keys[:1] and first[data.keys[0]].shape == (5, 3)
-    second = cluster.write_data_landmarks(client, data, 5, tmp_path)
+    second = write_data_landmarks(data, 5, tmp_path, client=client)
     assert list(second) == data.keys[1:]  # the first scan is not redone
     with h5py.File(tmp_path / "landmark_050.h5") as f:
         assert sorted(f) == sorted(s.name for s in data.scans)
 
 
 def test_simulate_on_the_cluster_writes_the_serial_files(client, tmp_path):
-    from tusrec import cluster
     from tusrec.simulate.dataset import simulate_dataset
 
     kw = dict(names=["LH_Par_C_DtP", "RH_Per_S_PtD"], frames="12-20", image_size=(60, 80), seed=3, k=4)
     keys = simulate_dataset(tmp_path / "serial", [51], **kw)
-    assert cluster.simulate_dataset(client, tmp_path / "dask", [51], **kw) == keys
+    assert simulate_dataset(tmp_path / "dask", [51], **kw, client=client) == keys
     files = sorted(
         p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file()
     )
@@ -218,7 +217,7 @@ def test_score_on_the_cluster_is_the_serial_score(client, dataset_factory, tmp_p
     for cache in (serial / "scans").glob("*.json"):
         assert json.loads(cache.read_text()) == json.loads((dask / "scans" / cache.name).read_text())
     # A cache written by one path is taken by the other: the serial rerun scores nothing.
-    from tusrec.evaluate import score as score_module
+    from tusrec.scoring import score as score_module
 
     calls = []
     original = score_module.score_file

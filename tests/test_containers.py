@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 
 from tusrec.data import EVAL, TRAIN, open_data
-from tusrec.evaluate.runner import (
+from tusrec.harness.runner import (
     OUTPUT_MAX_ENTRIES,
     RUNNER_LABEL,
     Limits,
@@ -203,7 +203,7 @@ def test_any_manifest_is_a_note_or_a_row(raw):
 def test_hostile_output_is_judged_not_raised(dataset_factory, tmp_path):
     """The runner's judgement of what a container left: links, fifos, sockets, odd names,
     a manifest fifo, a malformed manifest: each a status and a message."""
-    from tusrec.evaluate.runner import ContainerResult, judge
+    from tusrec.harness.runner import ContainerResult, judge
 
     root = dataset_factory(tmp_path / "val", EVAL, ("050",), ("LH_Par_C_DtP",), 7)
     data = open_data(root)
@@ -258,7 +258,12 @@ def test_submission_stage_copies_what_the_predictor_imports_and_no_more():
         assert any(path == c.removesuffix(".py") or path.startswith(c + "/") for c in copied) or (
             f"{path}/__init__.py" in copied
         ), f"{module} is imported by the predictor but not copied into the submission stage"
-    assert not any(c.startswith(("tusrec/evaluate", "tusrec/train", "tusrec/simulate")) for c in copied)
+    assert not any(
+        c.startswith(
+            ("tusrec/scoring", "tusrec/ranking", "tusrec/harness", "tusrec/train", "tusrec/simulate")
+        )
+        for c in copied
+    )
 
 
 def test_dockerfiles_are_clean_under_hadolint():
@@ -565,7 +570,8 @@ def test_image_predicts_a_read_only_folder_and_is_scored(engine, images, val2025
         SUBMISSION,
         "-c",
         "import importlib.util as u; "
-        "print([m for m in ('tusrec.evaluate', 'tusrec.train', 'scipy', 'docker') if u.find_spec(m)])",
+        "rooms = ('tusrec.scoring', 'tusrec.ranking', 'tusrec.harness', 'tusrec.train', 'scipy', 'docker'); "
+        "print([m for m in rooms if u.find_spec(m)])",
     )
     assert missing.stdout.strip() == "[]"
     user = podman(
@@ -906,7 +912,7 @@ def assert_same_results(a: Path, b: Path, team: str, kept: bool, data=None) -> N
         assert path.read_bytes() == (pb / path.name).read_bytes(), path.name
     ma, mb = (pd.read_csv(p / "predictions.csv").drop(columns="seconds") for p in (pa, pb))
     pd.testing.assert_frame_equal(ma, mb)
-    from tusrec.evaluate.score import check_predictions
+    from tusrec.scoring.score import check_predictions
 
     assert check_predictions(pb, data) == []  # `evaluate check` accepts the kept folder
 
@@ -1100,8 +1106,8 @@ def test_cluster_worker_or_client_killed_mid_run(engine, hostile, val2024, tmp_p
 
     import distributed
 
-    from tusrec import cluster
-    from tusrec.evaluate.runner import Limits, Team
+    from tusrec.harness import cluster as harness_cluster
+    from tusrec.harness.runner import Limits, Team
 
     volumes = {v.name for v in engine.client.volumes.list()}
     teams = {"good": hostile.images["slowgood"]}  # sleeps 4 s, then writes a valid prediction
@@ -1121,7 +1127,7 @@ def test_cluster_worker_or_client_killed_mid_run(engine, hostile, val2024, tmp_p
         team = Team("good", teams["good"])
 
         def run():
-            done["tables"] = cluster.run_teams(
+            done["tables"] = harness_cluster.run_teams(
                 client, [team], hostile.data, out, limits, keep_predictions=True
             )
 

@@ -13,10 +13,10 @@ import pytest
 
 from tusrec.data import open_data, write_manifest
 from tusrec.ddf import GroundTruth, write_ground_truth, write_predictions
-from tusrec.evaluate import metrics_for_scan
-from tusrec.evaluate.metrics import pixel_errors, scan_length_mm
-from tusrec.evaluate.score import check_predictions, score_predictions
 from tusrec.geometry import default_calibration, pose6_to_matrix
+from tusrec.scoring import metrics_for_scan
+from tusrec.scoring.metrics import pixel_errors, scan_length_mm
+from tusrec.scoring.score import check_predictions, score_predictions
 
 from .reference import global_ddfs, local_ddfs, mean_point_error
 
@@ -575,7 +575,7 @@ def test_comparison_kernel_makes_exactly_the_fields_pixel_ddfs_makes():
     """The scorer generates true (and compact predicted) rows from field_terms; the
     bit-identity of compact and dense scoring rests on their matching pixel_ddfs."""
     from tusrec.ddf import pixel_ddfs
-    from tusrec.evaluate.metrics import TILE_ROWS, field_terms
+    from tusrec.scoring.metrics import TILE_ROWS, field_terms
 
     rng = np.random.default_rng(5)
     transforms = pose6_to_matrix(rng.normal(0, [0.3] * 3 + [40.0] * 3, (4, 6)))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tusrec.cli import main
-from tusrec.evaluate.score import summary
+from tusrec.scoring.score import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tusrec.data import open_data, write_manifest
 from tusrec.ddf import GroundTruth, write_ground_truth
-from tusrec.evaluate.score import check_predictions, score_predictions
+from tusrec.scoring.score import check_predictions, score_predictions
 
 SETTINGS = settings(
     max_examples=40,

@@ -12,7 +12,7 @@ import pytest
 
 from tusrec.data import open_data, write_manifest
 from tusrec.ddf import write_ground_truth
-from tusrec.evaluate.score import ScoreLimits, check_predictions, run_bounded, score_file, score_predictions
+from tusrec.scoring.score import ScoreLimits, check_predictions, run_bounded, score_file, score_predictions
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from tusrec.data import TusrecDataError, open_data
-from tusrec.evaluate.score import check_predictions, score_predictions
 from tusrec.model import ensemble
 from tusrec.model.ensemble import WeightsError, combine, load_members, save_member, windows
 from tusrec.model.network import ModelConfig, TrackerlessNet
 from tusrec.predict import core, predict_folder
+from tusrec.scoring.score import check_predictions, score_predictions
 
 from .tiny import TINY
 

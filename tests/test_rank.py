@@ -1,4 +1,4 @@
-"""Scores, ranking and statistics of `evaluate rank` (tusrec.evaluate.rank / stats), on
+"""Scores, ranking and statistics of `evaluate rank` (tusrec.ranking.rank / stats), on
 small hand-made tables whose answers are worked out here or by scipy independently."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import scipy.stats
 from statsmodels.stats.multitest import multipletests
 
-from tusrec.evaluate import rank as rk
-from tusrec.evaluate import stats as st
-from tusrec.evaluate.synthetic import synthetic_tables
+from tusrec.ranking import rank as rk
+from tusrec.ranking import stats as st
+from tusrec.ranking.synthetic import synthetic_tables
 
 ERR = list(rk.ERRORS)
 
@@ -106,7 +106,7 @@ def test_unknown_normalisation():
     data = combined({"A": table({"all": [1.0]}), "B": table({"all": [2.0]})})
     with pytest.raises(rk.RankingError, match="unknown normalisation 'zscores'"):
         rk.scan_scores(data, "zscores")
-    from tusrec.evaluate.report import analyse
+    from tusrec.ranking.report import analyse
 
     with pytest.raises(rk.RankingError, match="unknown normalisation"):
         analyse(data, "zscore")  # sensitivity-only method: not a ranking choice

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from tusrec.cli import main
-from tusrec.evaluate.rank import RankingError, combine_teams, load_teams, read_team_table
-from tusrec.evaluate.report import FIGURES, analyse, write_report
-from tusrec.evaluate.synthetic import synthetic_tables
+from tusrec.ranking.rank import RankingError, combine_teams, load_teams, read_team_table
+from tusrec.ranking.report import FIGURES, analyse, write_report
+from tusrec.ranking.synthetic import synthetic_tables
 
 QUALITY = {"precise": 0.15, "good": 0.3, "fair": 0.5, "poor": 0.9}
 
@@ -203,7 +203,7 @@ def test_rank_help_imports_no_analysis_code():
     code = (
         "import sys\nfrom tusrec.cli import main\n"
         "try:\n    main(['evaluate', 'rank', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-        "names = ('matplotlib', 'scipy.stats', 'pandas', 'tusrec.evaluate.report')\n"
+        "names = ('matplotlib', 'scipy.stats', 'pandas', 'tusrec.ranking.report')\n"
         "heavy = [m for m in names if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
@@ -248,7 +248,7 @@ def test_figures_keep_legends_off_titles_and_captions_inside(tmp_path, teams):
     and no line drawn across the categories of the pattern breakdown."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from tusrec.evaluate.report import make_figures
+    from tusrec.ranking.report import make_figures
 
     tables = synthetic_tables(teams, subjects=2, seed=4)
     data = combine_teams({k: read_team_table_frame(v) for k, v in tables.items()})
@@ -353,8 +353,8 @@ def _chain(local: np.ndarray) -> np.ndarray:
 def test_ranking_scored_predictions_of_four_quality_levels(tmp_path, dataset_factory, synth):
     from tusrec.data import open_data
     from tusrec.ddf import GroundTruth, write_predictions
-    from tusrec.evaluate.score import score_predictions
     from tusrec.geometry import pose6_to_matrix
+    from tusrec.scoring.score import score_predictions
 
     root = dataset_factory(tmp_path / "data", subjects=("050", "051"), names=synth.NAMES_2024[:3], n_frames=8)
     data = open_data(root)
@@ -399,7 +399,7 @@ def test_ranking_scored_predictions_of_four_quality_levels(tmp_path, dataset_fac
     assert list(pd.read_csv(written["leaderboard.csv"])["team"]) == expected
 
     # the qualitative section: the best, median and worst scan of 'coarse' by its final score
-    from tusrec.evaluate.report import qualitative_choice
+    from tusrec.ranking.report import qualitative_choice
 
     out = tmp_path / "qualitative-report"
     args = ["evaluate", "rank", "--out", str(out), "--bootstrap", "20", "--normalisation", "identity"]

@@ -116,10 +116,9 @@ def run_simulate(args) -> int:
     t0 = time.perf_counter()
     simulate = simulate_dataset
     if args.cluster is not None:
-        from tusrec import cluster
 
         def simulate(*a, **kw):
-            return _on_cluster(args.cluster, lambda client: cluster.simulate_dataset(client, *a, **kw))
+            return _on_cluster(args.cluster, lambda client: simulate_dataset(*a, **kw, client=client))
 
     keys = simulate(
         args.out,
@@ -175,12 +174,10 @@ def run_landmarks(args) -> int:
             data, k=args.k, out_dir=args.out, overwrite=args.overwrite, keys=args.keys
         )
     else:
-        from tusrec import cluster
-
         made = _on_cluster(
             args.cluster,
-            lambda client: cluster.write_data_landmarks(
-                client, data, args.k, args.out, args.overwrite, args.keys
+            lambda client: write_data_landmarks(
+                data, k=args.k, out_dir=args.out, overwrite=args.overwrite, keys=args.keys, client=client
             ),
         )
     skipped = len(args.keys or data.scans) - len(made)
@@ -790,13 +787,13 @@ def add_evaluate_run(ev) -> None:
 
 
 def run_evaluate_run(args) -> int:
-    from tusrec.evaluate.runner import run_command
+    from tusrec.harness.runner import run_command
 
     return run_command(args)
 
 
 def run_evaluate_rank(args) -> int:
-    from tusrec.evaluate.report import rank_command
+    from tusrec.ranking.report import rank_command
 
     a = args
     return rank_command(
@@ -816,7 +813,7 @@ def run_evaluate_rank(args) -> int:
 
 def run_evaluate_check(args) -> int:
     from tusrec.data import open_data
-    from tusrec.evaluate.score import check_predictions
+    from tusrec.scoring import check_predictions
 
     data = open_data(args.data)
     problems = check_predictions(args.predictions, data, values=not args.no_values)
@@ -832,18 +829,16 @@ def run_evaluate_check(args) -> int:
 
 def run_evaluate_score(args) -> int:
     from tusrec.data import open_data
-    from tusrec.evaluate.score import score_predictions, summary
+    from tusrec.scoring import score_predictions, summary
 
     data = open_data(args.data)
     if args.cluster is None:
         table = score_predictions(args.predictions, data, args.out, args.chunk, args.keys)
     else:
-        from tusrec import cluster
-
         table = _on_cluster(
             args.cluster,
-            lambda client: cluster.score_predictions(
-                client, args.predictions, data, args.out, args.chunk, args.keys
+            lambda client: score_predictions(
+                args.predictions, data, args.out, args.chunk, args.keys, client=client
             ),
         )
     print(summary(table))

@@ -676,7 +676,7 @@ def read_manifest(folder: str | Path):
     The manifest may come from a team: it must be a regular file (a link is not
     followed) of at most MAX_MANIFEST_BYTES; otherwise, or if it is not a readable CSV
     with key and status columns and unique keys, TusrecDataError. Cell values are as
-    pandas parses them (any type): tusrec.evaluate.policy.parse_declared reads them.
+    pandas parses them (any type): tusrec.scoring.policy.parse_declared reads them.
     """
     import stat
 

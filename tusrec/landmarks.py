@@ -108,34 +108,62 @@ def extract_landmarks(
     return np.array(chosen, dtype=np.int64).reshape(-1, 3)
 
 
+def landmarks_unit(scan: Scan, k: int | None) -> np.ndarray:
+    """One scan's landmarks as a cluster unit: (K, 3) int64, one SIFT thread (the Dask
+    worker is the unit of parallelism)."""
+    return extract_landmarks(scan, k, workers=1)
+
+
 def write_data_landmarks(
     data: TusrecData,
     k: int | None = None,
     out_dir: Path | None = None,
     overwrite: bool = False,
     keys: list[str] | None = None,
+    client=None,
 ) -> dict[str, np.ndarray]:
     """Extract landmarks for the scans of a data folder and write landmark_<sub>.h5.
 
     Files go to the data folder's own landmark folder, or to ``out_dir``. Scans that
     already have a landmark dataset there are skipped unless ``overwrite``; each scan's
     landmarks are written as soon as they are found, so an interrupted run resumes.
+    With a Dask ``client`` each scan is one unit on the cluster (``landmarks_unit``) and
+    this process writes each result as it arrives: the same function, the same arrays,
+    the same files (each rewritten atomically, datasets sorted by name).
     Returns the landmarks extracted in this run, by scan key.
     """
     scans = data.select(keys)
+
+    def path_of(scan: Scan) -> Path:
+        if out_dir is not None:
+            return Path(out_dir) / f"landmark_{scan.subject}.h5"
+        return data.landmark_path(scan.subject)
+
+    todo = [s for s in scans if overwrite or not h5_has_dataset(path_of(s), s.name)]
     made: dict[str, np.ndarray] = {}
+
+    def keep(scan: Scan, lm: np.ndarray) -> None:
+        write_landmarks(path_of(scan), {scan.name: lm})
+        made[scan.key] = lm
+
+    if client is not None:
+        from tusrec.cluster import fail_if_units_failed, map_units
+
+        by_key = {s.key: s for s in todo}
+        done = map_units(
+            client,
+            landmarks_unit,
+            [(s.key, (s, k)) for s in todo],
+            "landmarks",
+            lambda key, lm: keep(by_key[key], lm),
+            total=len(scans),
+            done=len(scans) - len(todo),
+        )
+        fail_if_units_failed(done, "landmark")
+        return {s.key: made[s.key] for s in todo}
     total = sum(s.n_frames - 1 for s in scans)
     with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:
-        for scan in scans:
-            path = (
-                Path(out_dir) / f"landmark_{scan.subject}.h5"
-                if out_dir is not None
-                else data.landmark_path(scan.subject)
-            )
-            if not overwrite and h5_has_dataset(path, scan.name):
-                bar.update(scan.n_frames - 1)
-                continue
-            lm = extract_landmarks(scan, k, progress=bar.update)
-            write_landmarks(path, {scan.name: lm})
-            made[scan.key] = lm
+        bar.update(total - sum(s.n_frames - 1 for s in todo))
+        for scan in todo:
+            keep(scan, extract_landmarks(scan, k, progress=bar.update))
     return made

@@ -2,7 +2,7 @@
 
 ``predict_folder`` is what ``./predict`` (the container's entrypoint) runs;
 ``predict_ddfs(frames, landmark, data_path_calib, device)`` is the organisers' template
-interface. This package never imports tusrec.evaluate.
+interface. This package never imports tusrec.scoring, tusrec.ranking or tusrec.harness.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 matplotlib without pyplot (each function returns a Figure the caller saves). Every
 figure is titled with the scan and says SYNTHETIC DATA in red when the data are
-synthetic (the ranking report's ``stamp``). Coordinates are the first frame's image mm:
+synthetic (``tusrec.plotting``, as the ranking report). Coordinates are the first frame's image mm:
 x along the image columns, y along the rows (depth, drawn downwards), z = x cross y
 (out of the first frame's plane).
 """
@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from tusrec.evaluate.figures import stamp
+from tusrec.plotting import stamp, synthetic_label
 from tusrec.show.poses import DENSE, PredictedPoses
 from tusrec.show.volume import Volume, frame_corners_mm
 
@@ -36,17 +36,7 @@ def header(sub, title: str, synthetic: bool) -> None:
     """Title and SYNTHETIC DATA label (as the report's ``stamp`` draws them) in a subfigure
     of their own: with subfigures, constrained layout keeps no room for a suptitle."""
     if synthetic:
-        sub.text(
-            0.01,
-            0.92,
-            "SYNTHETIC DATA",
-            color="white",
-            fontsize=12,
-            fontweight="bold",
-            ha="left",
-            va="top",
-            bbox={"facecolor": "#c00000", "edgecolor": "none", "boxstyle": "square,pad=0.2"},
-        )
+        synthetic_label(sub, 0.01, 0.92)
     sub.text(0.01, 0.38 if synthetic else 0.7, title, fontsize=13, fontweight="bold", ha="left", va="top")
 
 

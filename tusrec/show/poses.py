@@ -30,8 +30,8 @@ import numpy as np
 
 from tusrec.data import PREDICTION_PIXEL_SETS, Scan, TusrecDataError, open_h5
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, pixel_ddfs
-from tusrec.evaluate.metrics import _norm_sums
 from tusrec.geometry import compose_local, local_from_global
+from tusrec.scoring.metrics import _norm_sums
 
 DENSE, COMPACT = "ddf", "transforms"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
@@ -111,12 +111,12 @@ def check_prediction_file(path: Path, scan: Scan) -> tuple[str, list[str]]:
     """(form, problems) of one predictions file, before any of it is used.
 
     The file must be a regular file (links are not followed), HDF5, opened read-only.
-    Dense files: ``tusrec.evaluate.score.check_structure`` (datasets, shapes, dtypes; GL/LL
+    Dense files: ``tusrec.scoring.score.check_structure`` (datasets, shapes, dtypes; GL/LL
     are not needed here, so K is not checked). Compact files: the matrices' shapes, finite
     values, last rows within 1e-6 of (0, 0, 0, 1), and invertibility of the matrices a
     derivation needs. Values of dense arrays are checked as they are read.
     """
-    from tusrec.evaluate.score import check_structure
+    from tusrec.scoring.score import check_structure
 
     path = Path(path)
     _plain_file(path)
@@ -270,7 +270,7 @@ def _read_compact(f: h5py.File, gt: GroundTruth, chunk: int) -> PredictedPoses:
         for s in range(0, len(pred), chunk):
             e = min(s + chunk, len(pred))
             # the DDF is affine in (T - I): the difference of the two fields is the field of
-            # pred - true + I (as tusrec.evaluate.metrics.transform_pixel_error computes it)
+            # pred - true + I (as tusrec.scoring.metrics.transform_pixel_error computes it)
             diff = pred[s:e] - truth[s:e] + np.eye(4)
             err[s:e] = _norm_sums(pixel_ddfs(diff, ts, h, w)) / (h * w)
         errors.append(err)

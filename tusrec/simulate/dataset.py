@@ -65,13 +65,16 @@ def simulate_dataset(
     image_size: tuple[int, int] = (480, 640),
     landmarks: bool = True,
     k: int | None = None,
+    client=None,
 ) -> list[str]:
     """Simulate scans into ``root`` in the real layout; returns the keys written.
 
     subjects: subject numbers (0..999). names: scan names (default: every name of the
     protocol). Scans already complete on disk are kept, so a rerun finishes what an
     interrupted run left. With ``landmarks``, the SIFT landmark files are made by the
-    same code as the ``landmarks`` command.
+    same code as the ``landmarks`` command. With a Dask ``client`` each scan is one unit
+    on the cluster (``simulate_unit``; the landmarks too): a scan depends only on (seed,
+    subject, name), so the files are the same wherever it is made.
     """
     from tusrec.landmarks import write_data_landmarks
     from tusrec.simulate import scan_names, simulate_scan
@@ -91,14 +94,29 @@ def simulate_dataset(
     jobs = [(s, n) for s in subjects for n in names]
     keys = [scan_key(s, n) for s, n in jobs]
     counts = [frames.for_scan(seed, s, n) for s, n in jobs]
-    with tqdm(total=sum(counts), unit="frame", desc="simulate", disable=None) as bar:
-        for (subject, name), n_frames in zip(jobs, counts, strict=True):
-            if _complete(root, layout, subject, name):
-                bar.update(n_frames)
-                continue
-            sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
-            chunks = (_counted(c, bar) for c in sim.frame_chunks())
-            write_scan(root, layout, subject, name, chunks, sim.tforms)
+    todo = [
+        (subject, name, n_frames)
+        for (subject, name), n_frames in zip(jobs, counts, strict=True)
+        if not _complete(root, layout, subject, name)
+    ]
+    if client is not None:
+        from tusrec.cluster import fail_if_units_failed, map_units
+
+        units = [
+            (scan_key(subject, name), (str(root), layout, subject, name, n, seed, calib, image_size))
+            for subject, name, n in todo
+        ]
+        done = map_units(
+            client, simulate_unit, units, "simulate", total=len(jobs), done=len(jobs) - len(units)
+        )
+        fail_if_units_failed(done, "simulation")
+    else:
+        with tqdm(total=sum(counts), unit="frame", desc="simulate", disable=None) as bar:
+            bar.update(sum(counts) - sum(n for _, _, n in todo))
+            for subject, name, n_frames in todo:
+                sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
+                chunks = (_counted(c, bar) for c in sim.frame_chunks())
+                write_scan(root, layout, subject, name, chunks, sim.tforms)
     if layout == EVAL:
         # Scans simulated into this folder earlier (another protocol, say) stay listed.
         earlier = []
@@ -107,8 +125,28 @@ def simulate_dataset(
                 earlier = list(f.keys())
         write_dataset_keys(root, [*earlier, *keys])
     if landmarks:
-        write_data_landmarks(open_data(root), k=k, keys=keys)
+        write_data_landmarks(open_data(root), k=k, keys=keys, client=client)
     return keys
+
+
+def simulate_unit(
+    root: str,
+    layout: str,
+    subject: int,
+    name: str,
+    n_frames: int,
+    seed: int,
+    calib: Calibration,
+    image_size: tuple[int, int],
+) -> int:
+    """One synthetic scan as a cluster unit, written into the data folder (``write_scan``
+    writes each file under a temporary name and renames it when complete); returns
+    n_frames."""
+    from tusrec.simulate import simulate_scan
+
+    sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
+    write_scan(root, layout, subject, name, sim.frame_chunks(), sim.tforms)
+    return n_frames
 
 
 def _counted(chunk: np.ndarray, bar: tqdm) -> np.ndarray:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from tusrec.data import open_data
-from tusrec.evaluate.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.geometry import compose_local
 from tusrec.model.ensemble import Member, members_local_transforms, save_member
 from tusrec.model.inputs import normalise_frames, normalise_ncc
 from tusrec.model.network import build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
+from tusrec.scoring.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
 from tusrec.train.config import TrainConfig, TrainError
 from tusrec.train.distributed import Context, context

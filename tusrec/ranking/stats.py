@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tusrec.evaluate.rank import (
+from tusrec.ranking.rank import (
     ERRORS,
     SCORES,
     Ranking,

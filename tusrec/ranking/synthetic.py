@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from tusrec.data import SCAN_NAMES_2024, SCAN_NAMES_2025
-from tusrec.evaluate.rank import ERRORS
+from tusrec.ranking.rank import ERRORS
 
 NAMES_2024, NAMES_2025 = SCAN_NAMES_2024, SCAN_NAMES_2025
 

@@ -39,15 +39,16 @@ from tusrec.data import (
     read_manifest,
 )
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs
-from tusrec.evaluate import worker
-from tusrec.evaluate.metrics import (
+from tusrec.geometry import compose_local
+from tusrec.scoring import worker
+from tusrec.scoring.metrics import (
     PredictionValueError,
     TransformField,
     landmark_errors,
     pixel_errors,
     scan_length_mm,
 )
-from tusrec.evaluate.policy import (
+from tusrec.scoring.policy import (
     FORM_DENSE,
     FORM_TRANSFORMS,
     PolicyError,
@@ -59,7 +60,6 @@ from tusrec.evaluate.policy import (
     read_attributes,
     regular_file_problem,
 )
-from tusrec.geometry import compose_local
 
 OK, FAILED, TIMEOUT, INVALID, MISSING = "ok", "failed", "timeout", "invalid", "missing"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
@@ -212,7 +212,7 @@ def check_predictions(
     Checks: the folder exists and has predictions; every scan of the data has a file or a
     manifest row saying it failed; no file belongs to no scan; the manifest (if any) names
     only known scans, agrees with the files and has the right frame counts; every file is
-    a regular HDF5 file whose datasets pass the read policy (tusrec.evaluate.policy); with
+    a regular HDF5 file whose datasets pass the read policy (tusrec.scoring.policy); with
     ``values``, no NaN or Inf and valid transforms. Each file is read in a bounded worker
     process (``limits``), so a hostile file costs its own scan a problem, nothing more.
     """
@@ -299,7 +299,7 @@ class ScoreLimits:
 
 
 def run_bounded(fn, args: tuple, limits: ScoreLimits, seconds: float):
-    """fn(*args) in a bounded worker (tusrec.evaluate.worker) with limits.memory_mb of
+    """fn(*args) in a bounded worker (tusrec.scoring.worker) with limits.memory_mb of
     address space and ``seconds`` of wall time.
 
     Returns (result, None) or (None, reason): the reason says why there is no result
@@ -482,7 +482,7 @@ def score_file(scan: Scan, path: str | Path, declared, calib, *, limits: ScoreLi
     path: the scan's prediction file (it may be missing, a link, anything). declared:
     the team's manifest row (pandas Series / dict, any cell types) or an outcome the
     runner imposes ({'status': 'failed'|'timeout', 'message', 'seconds'}), or None;
-    parsed defensively (tusrec.evaluate.policy.parse_declared). calib: the data's
+    parsed defensively (tusrec.scoring.policy.parse_declared). calib: the data's
     Calibration. The file is read, under the read policy, in a worker process with
     ``limits`` (memory and wall-time caps) that is handed only this path, the scan's
     ground truth and landmarks; a worker that fails, dies or runs out of time makes the
@@ -615,16 +615,35 @@ def score_predictions(
     chunk: int = DEFAULT_CHUNK,
     keys: list[str] | None = None,
     limits: ScoreLimits | None = None,
+    client=None,
 ) -> pd.DataFrame:
     """Score every scan; write metrics.csv and the organisers' metrics.h5 into out_dir.
 
     Every file is untrusted: each is scored by score_file in a bounded worker (limits;
     its chunk is ``chunk``). Per scan results are cached in out_dir/scans/<key>.json
     together with the sizes and times of the files they came from, so a rerun scores
-    only what changed.
+    only what changed. With a Dask ``client`` each planned job is one unit on the
+    cluster (``score_unit``): the same plan, jobs, rows, order and files (a scan cached
+    by either path is not scored again by the other).
     """
-    limits = replace(limits or ScoreLimits(), chunk=chunk)
+    limits = replace(limits or ScoreLimits(), chunk=chunk or DEFAULT_CHUNK)
     plan = plan_scoring(folder, data, out_dir, limits, keys)
+    if client is not None:
+        from tusrec.cluster import fail_if_units_failed, map_units
+
+        done = map_units(
+            client,
+            score_unit,
+            [(job.scan.key, (job,)) for job in plan.jobs],
+            "score",
+            plan.rows.__setitem__,
+            total=len(plan.scans),
+            done=len(plan.rows),
+        )
+        table = plan.table()
+        write_metrics(table, Path(out_dir))
+        fail_if_units_failed(done, "scoring")  # after writing what was done: a rerun does the rest
+        return table
     for job in tqdm(
         plan.jobs, desc="score", unit="scan", initial=len(plan.rows), total=len(plan.scans), disable=None
     ):
@@ -632,6 +651,11 @@ def score_predictions(
     table = plan.table()
     write_metrics(table, Path(out_dir))
     return table
+
+
+def score_unit(job: ScoringJob) -> dict:
+    """One (team, scan) scoring as a cluster unit: the serial path's own job; the row."""
+    return job.run()
 
 
 def write_metrics(table: pd.DataFrame, out_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The runner's watchdog: no team container outlives its deadline or the runner.
 
-Started by ``tusrec.evaluate.runner`` at the beginning of a run, in its own session (so a
+Started by ``tusrec.harness.runner`` at the beginning of a run, in its own session (so a
 signal to the runner's process group does not reach it), with its standard input a pipe
 whose only writer is the runner. The runner writes one line per container::
 
@@ -12,7 +12,7 @@ passed, and when the pipe reaches end of file -- the runner finished, crashed or
 SIGKILLed: the kernel closes its end in every case -- it kills and removes every container
 carrying the run's label ``tusrec.runner=<tag>`` and exits. It acts on nothing else.
 
-    python -m tusrec.evaluate.watchdog TAG [LABEL]
+    python -m tusrec.harness.watchdog TAG [LABEL]
 """
 
 from __future__ import annotations

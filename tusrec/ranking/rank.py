@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from tusrec.data import TusrecDataError, parse_scan_key
-from tusrec.evaluate.score import DESCRIPTIVE, ERRORS, STATUSES
+from tusrec.scoring.score import DESCRIPTIVE, ERRORS, STATUSES
 
 # The five scores of docs/conventions.md section 4: weights of the normalised errors (in ERRORS order).
 SCORE_WEIGHTS: dict[str, tuple[float, float, float, float]] = {

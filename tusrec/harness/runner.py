@@ -10,13 +10,13 @@ podman's Docker-compatible service works too):
   when asked for; a read-only root filesystem with bounded tmpfs for scratch;
 - the per-scan time limit is enforced from outside: on expiry the container is killed and
   the scan is ``timeout``; a non-zero exit is ``failed``; output that is missing or cannot
-  be scored is ``missing`` or ``invalid`` (tusrec.evaluate.score.score_file decides, in a
+  be scored is ``missing`` or ``invalid`` (tusrec.scoring.score.score_file decides, in a
   bounded worker, under the same read policy as ``evaluate score``); /output is watched
   against a quota while the container runs (over it: killed, ``invalid``);
 - everything in /output, the logs and the team's manifest are hostile: they are walked
   without following links, read with byte caps, and whatever they hold becomes the scan's
   status and message (``judge`` never raises for them);
-- a watchdog process (tusrec.evaluate.watchdog) removes the run's containers when the
+- a watchdog process (tusrec.harness.watchdog) removes the run's containers when the
   runner dies, however it dies;
 - the runtime is measured outside (container start to exit) and kept beside the one the
   container reports;
@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from tusrec.cluster import ClusterError
 from tusrec.data import (
     CALIB_FILE,
     EVAL,
@@ -80,7 +81,7 @@ from tusrec.data import (
     write_landmarks,
     write_manifest,
 )
-from tusrec.evaluate.score import (
+from tusrec.scoring import (
     ERRORS,
     FAILED,
     INVALID,
@@ -524,7 +525,7 @@ def _image_volumes(client, image: str) -> tuple[str, ...]:
 
 
 class Watchdog:
-    """The run's watchdog process (tusrec.evaluate.watchdog): told of each container's
+    """The run's watchdog process (tusrec.harness.watchdog): told of each container's
     deadline; when this process dies, however, the pipe's end of file makes it remove every
     container of the run."""
 
@@ -534,7 +535,7 @@ class Watchdog:
         self.process = subprocess.Popen(
             # Its own run's id, not the folder's tag: a dead run's watchdog still cleaning up
             # must not touch the containers of the rerun that follows it on the same --out.
-            [sys.executable, "-m", "tusrec.evaluate.watchdog", run_id, RUN_LABEL],
+            [sys.executable, "-m", "tusrec.harness.watchdog", run_id, RUN_LABEL],
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=self._log,
@@ -695,7 +696,7 @@ def _image_ids(client, teams: list[Team]) -> dict[str, str]:
 def _remove_leftovers(client, out: Path) -> None:
     """What an interrupted run on the same output folder left: its containers (only those
     carrying its label), its staging folder and its work folders."""
-    from tusrec.evaluate.watchdog import remove_labelled
+    from tusrec.harness.watchdog import remove_labelled
 
     remove_labelled(client, RUNNER_LABEL, run_tag(out))
     remove_tree(out / ".staging")
@@ -919,14 +920,15 @@ def run_command(args) -> int:
         data = open_data(args.data)
         if getattr(args, "cluster", None) is None:
             tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
-        else:  # the same units on Dask workers holding a GPU slot (tusrec.cluster)
+        else:  # the same units on Dask workers holding a GPU slot (tusrec.harness.cluster)
             from tusrec import cluster
+            from tusrec.harness import cluster as harness_cluster
 
             with cluster.connect(args.cluster, gpu_slots=True) as dask:
-                tables = cluster.run_teams(
+                tables = harness_cluster.run_teams(
                     dask, teams, data, args.out, limits, args.keys, args.keep_predictions
                 )
-    except RunnerError as err:
+    except (RunnerError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, table in tables.items():
@@ -934,7 +936,7 @@ def run_command(args) -> int:
     print(f"per-team tables in {args.out}/<team>/metrics.csv, container logs in {args.out}/<team>/logs/")
     if args.no_rank:
         return 0
-    from tusrec.evaluate.report import rank_command
+    from tusrec.ranking.report import rank_command
 
     team_args = [f"{name}={Path(args.out) / name}" for name in tables]
     return rank_command(

@@ -18,8 +18,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
-from tusrec.evaluate.rank import ERRORS, Ranking
-from tusrec.evaluate.stats import FACTOR_LABELS, LEVEL_LABELS, Bootstrap, Pairwise
+from tusrec.plotting import stamp
+from tusrec.ranking.rank import ERRORS, Ranking
+from tusrec.ranking.stats import FACTOR_LABELS, LEVEL_LABELS, Bootstrap, Pairwise
 
 _halo = [withStroke(linewidth=4, foreground="white")]  # keeps a line visible over a dense cloud
 
@@ -47,28 +48,6 @@ def team_colours(n: int) -> list:
         order = [*range(0, 20, 2), *range(1, 20, 2)]
         return [colormaps["tab20"](order[i]) for i in range(n)]
     return [colormaps["hsv"](i / n) for i in range(n)]
-
-
-def stamp(fig: Figure, title: str, synthetic: bool) -> None:
-    """Figure title (wrapped to the figure's width), with a red SYNTHETIC DATA label on a
-    line of its own above it when synthetic."""
-    width = fig.get_size_inches()[0]
-    text = textwrap.fill(title, max(30, int(width * 8.5)))
-    if synthetic:
-        text = "\n" + text  # the empty first line is where the label goes
-    sup = fig.suptitle(text, fontsize=13, fontweight="bold", x=0.01, ha="left", va="top", linespacing=2.0)
-    if synthetic:
-        fig.text(
-            0.01,
-            sup.get_position()[1],
-            "SYNTHETIC DATA",
-            color="white",
-            fontsize=12,
-            fontweight="bold",
-            ha="left",
-            va="top",
-            bbox={"facecolor": "#c00000", "edgecolor": "none", "boxstyle": "square,pad=0.2"},
-        )
 
 
 def _names(teams: list[str], ranking: Ranking) -> list[str]:

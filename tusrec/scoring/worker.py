@@ -1,6 +1,6 @@
 """Bounded workers: run one function on one team's file in a capped child process.
 
-A single long-lived *server* process (``python -m tusrec.evaluate.worker``, started on
+A single long-lived *server* process (``python -m tusrec.scoring.worker``, started on
 first use) has numpy, h5py and the scoring code imported and nothing else: it never
 opens a team's file itself. For each job it forks a child, which sets its limits
 (RLIMIT_AS memory cap, no core file, no file writes), runs the function and reports a
@@ -33,7 +33,7 @@ import threading
 import time
 
 _HEADER = struct.Struct(">Q")
-PRELOAD = ("tusrec.evaluate.score",)
+PRELOAD = ("tusrec.scoring.score",)
 MAX_RESULT_BYTES = 1 << 20  # a row of numbers and messages; anything longer is refused
 
 
@@ -69,8 +69,8 @@ def _child(write_fd: int, module: str, name: str, args: tuple, memory_mb: int, s
     cpu = int(2 * seconds) + 10  # backstop if the server dies: two threads' worth of the wall cap
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
     from tusrec.data import TusrecDataError
-    from tusrec.evaluate.metrics import PredictionValueError
-    from tusrec.evaluate.policy import clean_text
+    from tusrec.scoring.metrics import PredictionValueError
+    from tusrec.scoring.policy import clean_text
 
     try:
         fn = getattr(importlib.import_module(module), name)
@@ -184,7 +184,7 @@ class WorkerServer:
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         return subprocess.Popen(
-            [sys.executable, "-c", "from tusrec.evaluate.worker import serve; serve()"],
+            [sys.executable, "-c", "from tusrec.scoring.worker import serve; serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

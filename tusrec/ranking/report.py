@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from tusrec.data import atomic_path
-from tusrec.evaluate.rank import (
+from tusrec.ranking.rank import (
     ERRORS,
     NORMALISATIONS,
     SCORES,
@@ -53,7 +53,7 @@ from tusrec.evaluate.rank import (
     scan_scores,
     sensitivity,
 )
-from tusrec.evaluate.stats import (
+from tusrec.ranking.stats import (
     Bootstrap,
     Pairwise,
     all_pairwise,
@@ -382,7 +382,7 @@ FIGURES = {
 def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
     """Yield (name, Figure) for every figure of the report (FIGURES; the significance
     figures only with two teams or more)."""
-    from tusrec.evaluate import figures as fg
+    from tusrec.ranking import figures as fg
 
     a = analysis
     prefix = f"{title} - " if title else ""
@@ -433,7 +433,7 @@ def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAU
         ),
     )
     if len(a.patterns):
-        from tusrec.evaluate.stats import factors_present, metric_values, pattern_labels
+        from tusrec.ranking.stats import factors_present, metric_values, pattern_labels
 
         panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
         labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
