@@ -8,11 +8,12 @@
 #
 # Idempotent: what is installed, configured or running is kept. The node is this machine
 # (`hostname`), with its CPUs and memory as `slurmd -C` finds them, in one partition
-# ("tusrec", the default one). It declares 2 GPUs as GRES that are NOT GPUs: /dev/null and
+# ("tusrec", the default one); jobs run in cgroups (v1) where its controllers are mounted.
+# It declares 2 GPUs as GRES that are NOT GPUs: /dev/null and
 # /dev/zero stand in for /dev/nvidia0 and /dev/nvidia1, so that Slurm allocates and
 # numbers them as it does real ones (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES) and the recipe's
-# `--gres=gpu:1` jobs run unchanged; nothing can compute on them. No cgroups (proctrack
-# linuxproc, task/none), no accounting database: a test cluster, not a site's.
+# `--gres=gpu:1` jobs run unchanged; nothing can compute on them. No accounting database:
+# a test cluster, not a site's.
 # Each step prints its time in seconds.
 set -euo pipefail
 
@@ -22,6 +23,9 @@ MARK="# written by tusrec scripts/slurm-one-node.sh"
 CLUSTER=tusrec-test
 PARTITION=tusrec
 LOG_DIR=/var/log/slurm
+CHANGED=0 # set by put when a settings file changed
+EPILOG="$CONF_DIR/tusrec-epilog.sh"
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
 now() { date +%s.%N; }
 step() { # step NAME COMMAND...: run it, print how long it took
@@ -54,23 +58,62 @@ install_packages() {
     fi
 }
 
-configure() {
-    if [ -f "$CONF" ] && ! grep -qxF "$MARK" "$CONF"; then
-        echo "slurm-one-node: $CONF exists and is not this script's: left alone, not starting" >&2
+put() { # put FILE: write stdin to FILE (atomically) unless it holds that already; refuse a
+    # file this script did not write (a site's own configuration is left alone)
+    local file="$1" tmp="$1.tmp.$$"
+    if [ -f "$file" ] && ! grep -qxF "$MARK" "$file"; then
+        echo "slurm-one-node: $file exists and is not this script's: left alone, not starting" >&2
         exit 4
     fi
+    { echo "$MARK"; cat; } >"$tmp"
+    if cmp -s "$tmp" "$file"; then
+        rm -f "$tmp"
+    else
+        mv "$tmp" "$file"
+        CHANGED=1
+    fi
+}
+
+configure() {
+    install -d -o munge -g munge -m 0700 /etc/munge
     [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
     chown munge:munge /etc/munge/munge.key
     chmod 0400 /etc/munge/munge.key
     mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
     chown slurm:slurm /var/spool/slurmctld "$LOG_DIR"
-    local host node
+    local host node proctrack=proctrack/linuxproc task=task/none
     host="$(hostname -s)"
     # e.g. "NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105"
     node="$(slurmd -C | head -n 1)"
-    local tmp="$CONF.tmp.$$"
-    cat >"$tmp" <<EOF
-$MARK
+    if [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/freezer ] && [ -d /sys/fs/cgroup/cpuset ]; then
+        # cgroup v1 controllers (as here): each job in its own cgroups, as on a site's cluster
+        # (its cores and memory constrained; processes tracked and killed by cgroup). Devices
+        # are not constrained: the stand-in GPUs are /dev/null and /dev/zero.
+        proctrack=proctrack/cgroup
+        task=task/cgroup
+        put "$CONF_DIR/cgroup.conf" <<EOF
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+ConstrainCores=yes
+ConstrainRAMSpace=yes
+ConstrainDevices=no
+EOF
+    else
+        # cgroup v2 without systemd is not what Slurm 22.05 supports well: processes are
+        # tracked by parent id instead, and nothing is constrained.
+        echo "slurm-one-node: no cgroup v1 controllers: jobs without cgroups (proctrack/linuxproc)" >&2
+    fi
+    # The recipe's epilog (scripts/slurm-epilog.sh), with the podman settings of this machine
+    # (CONTAINERS_CONF at `up`; make test-slurm passes .ci/containers.sh's).
+    {
+        echo "#!/bin/bash"
+        echo "$MARK"
+        [ -z "${CONTAINERS_CONF:-}" ] || echo "export CONTAINERS_CONF=$(printf %q "$CONTAINERS_CONF")"
+        tail -n +2 "$HERE/slurm-epilog.sh"
+    } >"$EPILOG.tmp.$$"
+    chmod 0755 "$EPILOG.tmp.$$"
+    if cmp -s "$EPILOG.tmp.$$" "$EPILOG"; then rm -f "$EPILOG.tmp.$$"; else mv "$EPILOG.tmp.$$" "$EPILOG"; fi
+    put "$CONF" <<EOF
 # A one-node test cluster; its two GPUs are stand-ins (see gres.conf).
 ClusterName=$CLUSTER
 SlurmctldHost=$host
@@ -83,33 +126,37 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType=$proctrack
+TaskPlugin=$task
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
 ReturnToService=2
+Epilog=$EPILOG
 $node Gres=gpu:2 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
-    mv "$tmp" "$CONF"
-    cat >"$CONF_DIR/gres.conf.tmp.$$" <<EOF
-$MARK
+    put "$CONF_DIR/gres.conf" <<EOF
 # Not GPUs: two character devices that exist everywhere, so that Slurm allocates and numbers
 # "gpu" GRES (SLURM_JOB_GPUS=0 or 1) as it would /dev/nvidia0 and /dev/nvidia1.
 AutoDetect=off
 Name=gpu File=/dev/null
 Name=gpu File=/dev/zero
 EOF
-    mv "$CONF_DIR/gres.conf.tmp.$$" "$CONF_DIR/gres.conf"
+}
+
+running() { # running PID: the process runs (a zombie does not: PID 1 here may reap late)
+    local state
+    state="$(ps -o stat= -p "$1" 2>/dev/null || true)"
+    [ -n "$state" ] && [ "${state#Z}" = "$state" ]
 }
 
 alive() { # alive PIDFILE: the process it names runs
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+    [ -s "$1" ] && running "$(cat "$1")"
 }
 
 start_munge() {
@@ -121,6 +168,10 @@ start_munge() {
 }
 
 start_slurm() {
+    if [ "$CHANGED" = 1 ]; then # new settings (plugins): the daemons start again to read them
+        stop_daemon /run/slurmd.pid
+        stop_daemon /run/slurmctld.pid
+    fi
     alive /run/slurmctld.pid || /usr/sbin/slurmctld
     alive /run/slurmd.pid || /usr/sbin/slurmd
 }
@@ -153,6 +204,19 @@ up() {
     sinfo -N -o '%N %P %t %c %m %G'
 }
 
+stop_daemon() { # stop_daemon PIDFILE: SIGTERM to the daemon it names, and wait (10 s at most)
+    local pid
+    if alive "$1"; then
+        pid="$(cat "$1")"
+        kill "$pid"
+        for _ in $(seq 100); do
+            running "$pid" || break
+            sleep 0.1
+        done
+        echo "slurm-one-node: stopped $(basename "$1" .pid) (pid $pid)"
+    fi
+}
+
 down() {
     need_root
     if alive /run/slurmctld.pid; then
@@ -163,17 +227,9 @@ down() {
             sleep 0.5
         done
     fi
-    local pidfile pid
+    local pidfile
     for pidfile in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-        if alive "$pidfile"; then
-            pid="$(cat "$pidfile")"
-            kill "$pid"
-            for _ in $(seq 100); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-            echo "slurm-one-node: stopped $(basename "$pidfile" .pid) (pid $pid)"
-        fi
+        stop_daemon "$pidfile"
     done
 }
 

@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tusrec.cluster import SLURM_JOB_LABEL
 from tusrec.data import open_data
+from tusrec.evaluate.runner import RUNNER_LABEL, run_tag
 
 pytest.importorskip("distributed")
 
@@ -38,6 +40,7 @@ TEST_PARTITION = "tusrec"
 JOBS = 2
 BASE_IMAGE = os.environ.get("TUSREC_TEST_BASE_IMAGE", "localhost/debian-base:bookworm")
 TEAM_IMAGE = "localhost/tusrec-slurm-copier:test"
+SLEEPER_IMAGE = "localhost/tusrec-slurm-sleeper:test"
 PODMAN_CONF = '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
 
 
@@ -49,10 +52,13 @@ def slurm_partition() -> str:
     """The partition to run the recipe's jobs in, or a skip that says why there is none."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         pytest.skip("no Slurm here (sbatch/sinfo not found): `make test-slurm` brings up a one-node Slurm")
-    try:
-        config = _slurm("scontrol", "show", "config")
-    except (subprocess.SubprocessError, OSError) as err:
-        pytest.skip(f"Slurm does not answer (scontrol show config: {err}): `make test-slurm` starts it")
+    # `scontrol ping` answers at once; the other commands retry a controller that is down
+    # for about 10 s.
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    if " is UP" not in ping.stdout:
+        answer = ((ping.stdout + ping.stderr).strip().splitlines() or ["no answer"])[0]
+        pytest.skip(f"Slurm does not answer (scontrol ping: {answer}): `make test-slurm` starts it")
+    config = _slurm("scontrol", "show", "config")
     name = next(
         (line.split("=", 1)[1].strip() for line in config.splitlines() if line.startswith("ClusterName")), ""
     )
@@ -252,7 +258,8 @@ def test_score_on_slurm_is_the_serial_score(slurm, scored_data, tmp_path):
     assert sum(_units_by_worker(slurm.client, since, "score").values()) == 4
     table = pd.read_csv(serial / "metrics.csv", keep_default_na=False)
     assert list(table["status"]) == ["ok", "ok", "ok", "invalid"]
-    assert (serial / "metrics.csv").read_bytes() == (dask / "metrics.csv").read_bytes()
+    for name in ("metrics.csv", "metrics.h5"):
+        assert (serial / name).read_bytes() == (dask / name).read_bytes(), name
     with h5py.File(serial / "metrics.h5") as fa, h5py.File(dask / "metrics.h5") as fb:
         assert sorted(fa) == sorted(fb)
         for name in fa:
@@ -362,3 +369,73 @@ def test_run_on_slurm_gives_the_serial_results(slurm, engine, team_image, scored
             dask / "copier" / "predictions" / name
         ).read_bytes()
     assert not (dask / ".staging").exists() and not (dask / "copier" / ".work").exists()
+
+
+def test_a_job_cancelled_mid_unit_leaves_no_container(slurm, engine, scored_data, tmp_path):
+    """scancel of a worker's job while its container runs: the unit is redone on the other
+    worker and counted once, and the epilog (scripts/slurm-epilog.sh) removes the container,
+    which podman placed outside the job's cgroups and which would otherwise run on
+    unwatched. Last in this file: it leaves the cluster one worker."""
+    import docker
+
+    context = tmp_path / "sleeper"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f'FROM {BASE_IMAGE}\nUSER 10001:10001\nENTRYPOINT ["sleep", "3600"]\n'
+    )
+    subprocess.run(
+        ["podman", "build", "-q", "-t", SLEEPER_IMAGE, str(context)],
+        check=True,
+        capture_output=True,
+        env=engine,
+    )
+    client = docker.DockerClient(base_url=engine["DOCKER_HOST"])
+
+    keys = open_data(scored_data).keys[:2]
+    out = tmp_path / "out"
+
+    def sleepers() -> dict:
+        """{container id: the Slurm job label} of this run's containers (only those: the
+        engine's storage is shared with other runs, other tests' included)."""
+        label = f"{RUNNER_LABEL}={run_tag(out)}"
+        found = client.containers.list(all=True, sparse=True, filters={"label": label})
+        return {c.id: (c.attrs.get("Labels") or {}).get(SLURM_JOB_LABEL) for c in found}
+
+    command = ["./evaluate", "run", "--team", f"slurmsleeper={SLEEPER_IMAGE}", "--data", str(scored_data)]
+    command += [
+        "--out",
+        str(out),
+        "--time-limit",
+        "10",
+        "--no-rank",
+        "--keys",
+        *keys,
+        "--cluster",
+        slurm.address,
+    ]
+    run = subprocess.Popen(
+        command, cwd=ROOT, env=engine, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not sleepers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = sleepers()
+        assert started, "no container started"
+        victim, job = next(iter(started.items()))
+        assert job in slurm.jobs  # the label names the worker's own job
+        t0 = time.perf_counter()
+        subprocess.run(["scancel", job], check=True)
+        while victim in sleepers() and time.perf_counter() - t0 < 60:
+            time.sleep(0.2)
+        gone = time.perf_counter() - t0
+        print(f"\nslurm: job {job} cancelled; its container removed by the epilog {gone:.1f} s later")
+        assert victim not in sleepers(), "the cancelled job's container is still there after 60 s"
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-3000:]
+    table = pd.read_csv(out / "slurmsleeper" / "metrics.csv", keep_default_na=False)
+    assert list(table["key"]) == keys and list(table["status"]) == ["timeout", "timeout"]  # each once
+    assert sleepers() == {}

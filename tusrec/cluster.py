@@ -53,6 +53,7 @@ LOCAL = "local"
 REMOTE = "tcp"
 GPU = "GPU"  # the Dask resource a worker holds per GPU (or per container slot on a CPU node)
 WORKER_GPUS_ENV = "TUSREC_WORKER_GPUS"  # device ids of the worker's own GPU(s), e.g. "2"
+SLURM_JOB_LABEL = "tusrec.slurm.job"  # on a container a Slurm job's worker started: the job id
 UNIT_RETRIES = 2  # Dask retries of a unit that raised (an engine or file-system hiccup)
 _LOCAL_SPEC = re.compile(r"^local:(\d+)$")
 _TCP_SPEC = re.compile(r"^tcp://[^\s/:]+:\d+$")
@@ -523,6 +524,11 @@ def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, 
             "tusrec.team": team.name,
             "tusrec.scan": scan.key,
         }
+        if os.environ.get("SLURM_JOB_ID"):
+            # A cancelled job's container outlives it (podman puts it outside the job's
+            # cgroups) and its watchdog: the job's epilog removes it by this label
+            # (scripts/slurm-epilog.sh).
+            labels[SLURM_JOB_LABEL] = os.environ["SLURM_JOB_ID"]
         quota = output_quota(scan, int(limits.output_quota_margin_mb * 1e6))
         result = run_container(
             engine,
