@@ -47,12 +47,14 @@ test: setup
 test-containers: setup
 	CONTAINERS_CONF="$$(bash .ci/containers.sh | tail -n 1)" $(PY) -m pytest -q tests/test_containers.py
 
-# The README's Slurm recipe run for real (as root): a one-node Slurm from Debian's packages
-# (scripts/slurm-one-node.sh up), tests/test_slurm.py against it, then the daemons stopped
-# again, pass or fail. About 2.5 min on a 2-core machine; not part of `make test` or CI.
+# The README's Slurm recipe run for real (as root): podman as for test-containers, a one-node
+# Slurm from Debian's packages (scripts/slurm-one-node.sh up; its epilog gets the same podman
+# settings), tests/test_slurm.py against it, then the daemons stopped again, pass or fail.
+# About 3.5 min on a 2-core machine; not part of `make test` or CI (README, Slurm).
 test-slurm: setup
-	scripts/slurm-one-node.sh up
-	CONTAINERS_CONF="$$(bash .ci/containers.sh | tail -n 1)" $(PY) -m pytest -q -s -rs tests/test_slurm.py; \
+	conf="$$(bash .ci/containers.sh | tail -n 1)"; \
+		CONTAINERS_CONF="$$conf" scripts/slurm-one-node.sh up && \
+		CONTAINERS_CONF="$$conf" $(PY) -m pytest -q -s -rs tests/test_slurm.py; \
 		rc=$$?; scripts/slurm-one-node.sh down; exit $$rc
 
 lint: setup
