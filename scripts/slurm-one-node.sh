@@ -8,13 +8,14 @@
 #
 # Idempotent: what is installed, configured or running is kept. The node is this machine
 # (`hostname`), with its CPUs and memory as `slurmd -C` finds them, in one partition
-# ("tusrec", the default one); jobs run in cgroups (v1) where its controllers are mounted.
-# It declares 2 GPUs as GRES that are NOT GPUs: /dev/null and
-# /dev/zero stand in for /dev/nvidia0 and /dev/nvidia1, so that Slurm allocates and
-# numbers them as it does real ones (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES) and the recipe's
-# `--gres=gpu:1` jobs run unchanged; nothing can compute on them. No accounting database:
-# a test cluster, not a site's.
-# Each step prints its time in seconds.
+# ("tusrec", the default one); jobs run in cgroups (v1) where its controllers are mounted,
+# and end with the recipe's epilog (scripts/slurm-epilog.sh). It declares 2 GPUs as GRES
+# that are NOT GPUs: /dev/null and /dev/zero stand in for /dev/nvidia0 and /dev/nvidia1, so
+# that Slurm allocates and numbers them as it does real ones (SLURM_JOB_GPUS,
+# CUDA_VISIBLE_DEVICES) and the recipe's `--gres=gpu:1` jobs run unchanged; nothing can
+# compute on them. No accounting database: a test cluster, not a site's. Each step prints
+# its time in seconds. A slurm.conf (or gres.conf, cgroup.conf, epilog) that this script did
+# not write is left alone: it stops instead.
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -75,6 +76,14 @@ put() { # put FILE: write stdin to FILE (atomically) unless it holds that alread
 }
 
 configure() {
+    local file
+    for file in "$CONF" "$CONF_DIR/gres.conf" "$CONF_DIR/cgroup.conf" "$EPILOG"; do
+        # all checked before any is written
+        if [ -f "$file" ] && ! grep -qxF "$MARK" "$file"; then
+            echo "slurm-one-node: $file exists and is not this script's: left alone, not starting" >&2
+            exit 4
+        fi
+    done
     install -d -o munge -g munge -m 0700 /etc/munge
     [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
     chown munge:munge /etc/munge/munge.key
