@@ -1,7 +1,7 @@
 """The README's Slurm recipe, run for real: ``slurm_gpu_workers`` (dask-jobqueue's
 SLURMCluster) with ``cluster.scale(jobs=2)`` on a live Slurm, then ``./landmarks``,
 ``./evaluate score`` and ``./evaluate run`` with ``--cluster tcp://`` its scheduler, each
-against the serial path.
+against the serial path; last, a job cancelled while its container runs.
 
 It runs only on the one-node test cluster of scripts/slurm-one-node.sh (`make test-slurm`
 brings it up, runs this file and stops it), or on the partition named by
@@ -9,7 +9,8 @@ TUSREC_SLURM_PARTITION: a `make test` on a site's login node must not submit job
 Elsewhere every test is skipped, saying why. The cluster's "GPUs" are the one-node
 script's stand-in GRES (two character devices that are not GPUs), so the GPU slot and the
 id mapping (SLURM_JOB_GPUS -> TUSREC_WORKER_GPUS -> --gpus device=N) are Slurm's own, but
-no container computes on a GPU here, and the jobs run as root (rootful podman, no cgroups).
+no container computes on a GPU here. The jobs run as root (rootful podman), in cgroups (v1)
+where the machine has them.
 """
 
 from __future__ import annotations
