@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup demo test test-containers lint bench bench-accuracy bench-gpu clean
+.PHONY: setup demo test test-containers test-slurm lint bench bench-accuracy bench-gpu clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,16 @@ test: setup
 # The images and the organisers' runner in podman (installs it and makes a base image once).
 test-containers: setup
 	CONTAINERS_CONF="$$(bash .ci/containers.sh | tail -n 1)" $(PY) -m pytest -q tests/test_containers.py
+
+# The README's Slurm recipe run for real (as root): podman as for test-containers, a one-node
+# Slurm from Debian's packages (scripts/slurm-one-node.sh up; its epilog gets the same podman
+# settings), tests/test_slurm.py against it, then the daemons stopped again, pass or fail.
+# About 3.5 min on a 2-core machine; not part of `make test` or CI (README, Slurm).
+test-slurm: setup
+	conf="$$(bash .ci/containers.sh | tail -n 1)"; \
+		CONTAINERS_CONF="$$conf" scripts/slurm-one-node.sh up && \
+		CONTAINERS_CONF="$$conf" $(PY) -m pytest -q -s -rs tests/test_slurm.py; \
+		rc=$$?; scripts/slurm-one-node.sh down; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check tusrec tests benchmarks

@@ -43,6 +43,7 @@ LOCAL = "local"
 REMOTE = "tcp"
 GPU = "GPU"  # the Dask resource a worker holds per GPU (or per container slot on a CPU node)
 WORKER_GPUS_ENV = "TUSREC_WORKER_GPUS"  # device ids of the worker's own GPU(s), e.g. "2"
+SLURM_JOB_LABEL = "tusrec.slurm.job"  # on a container a Slurm job's worker started: the job id
 UNIT_RETRIES = 2  # Dask retries of a unit that raised (an engine or file-system hiccup)
 _LOCAL_SPEC = re.compile(r"^local:(\d+)$")
 _TCP_SPEC = re.compile(r"^tcp://[^\s/:]+:\d+$")

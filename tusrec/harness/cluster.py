@@ -23,7 +23,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from tusrec.cluster import GPU, ClusterError, fail_if_units_failed, map_units, worker_gpus
+from tusrec.cluster import (
+    GPU,
+    SLURM_JOB_LABEL,
+    ClusterError,
+    fail_if_units_failed,
+    map_units,
+    worker_gpus,
+)
 from tusrec.data import TusrecDataError, atomic_path
 from tusrec.harness.runner import (
     OK,
@@ -136,6 +143,11 @@ def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, 
             "tusrec.team": team.name,
             "tusrec.scan": scan.key,
         }
+        if os.environ.get("SLURM_JOB_ID"):
+            # A cancelled job's container outlives it (podman puts it outside the job's
+            # cgroups) and its watchdog: the job's epilog removes it by this label
+            # (scripts/slurm-epilog.sh).
+            labels[SLURM_JOB_LABEL] = os.environ["SLURM_JOB_ID"]
         quota = output_quota(scan, int(limits.output_quota_margin_mb * 1e6))
         result = run_container(
             engine,
