@@ -5,6 +5,7 @@ without it, and when the kernel refuses the hint."""
 
 import os
 import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -84,25 +85,55 @@ def test_ranges_of_compressed_chunks_are_their_stored_bytes(arrays):
         assert zlib.decompress(stored) == data[start : start + 2].tobytes()
 
 
-def test_each_frame_is_asked_for_once_and_ahead_of_the_reader(arrays, monkeypatch):
+def _union(asked) -> list[tuple[int, int]]:
+    """The byte intervals [a, b) that the hints cover, merged."""
+    out: list[list[int]] = []
+    for o, n in sorted(asked):
+        if out and o <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], o + n)
+        else:
+            out.append([o, o + n])
+    return [tuple(x) for x in out]
+
+
+def test_each_frame_is_asked_for_once_ahead_of_the_reader_in_pieces(arrays, monkeypatch):
     path, _ = arrays
     asked = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, advice: asked.append((o, n, advice)))
+
+    def record(fd, offset, length, advice):
+        assert (fd, advice) == (99, os.POSIX_FADV_WILLNEED)
+        asked.append((offset, length))
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
     frame = 3 * P * 4
+    piece = 1000  # not a divisor of a frame: pieces cross frame boundaries
     with h5py.File(path, "r") as f:
         ds = f["contiguous"]
         base = ds.id.get_offset()
-        ahead = ReadAhead(fd=99, window_bytes=4 * frame)
+        ahead = ReadAhead(fd=99, window_bytes=4 * frame, piece_bytes=piece)
         ahead(ds, 0, 2)  # the reader is at frames 0-1: 0-1 and the 4 frames after
-        assert asked == [(base, 6 * frame, os.POSIX_FADV_WILLNEED)]
-        ahead(ds, 2, 4)  # 2-3 asked already; 6-7 are new
-        assert asked[-1] == (base + 6 * frame, 2 * frame, os.POSIX_FADV_WILLNEED)
+        ahead(ds, 2, 4)  # 2-5 asked already; 6-7 are new
         ahead(ds, 2, 4)  # nothing new
-        assert len(asked) == 2
-        for s in range(4, N, 2):
+        ahead.close(drop=False)  # the hinting thread gives what it was asked, then stops
+        assert _union(asked) == [(base, base + 8 * frame)]
+        assert max(n for _, n in asked) == piece
+        ahead = ReadAhead(fd=99, window_bytes=4 * frame, piece_bytes=piece)
+        asked.clear()
+        for s in range(0, N, 2):
             ahead(ds, s, s + 2)
-    covered = sorted((o - base) // frame + i for o, n, _ in asked for i in range(n // frame))
-    assert covered == list(range(N))  # every frame once, none past the end
+        ahead.close(drop=False)
+    assert _union(asked) == [(base, base + N * frame)]  # every frame, none past the end
+    assert sum(n for _, n in asked) == N * frame  # each byte once
+
+
+def test_hint_pieces_are_the_kernels_read_ahead_size(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    with open(path, "rb") as f:
+        dev = os.fstat(f.fileno()).st_dev
+        sysfs = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        expected = int(Path(sysfs).read_text()) * 1024 if os.path.exists(sysfs) else 128 << 10
+        assert readahead.hint_piece_bytes(f.fileno()) == expected
 
 
 def _dense_prediction(data, tmp_path, layout):
@@ -137,6 +168,9 @@ def test_scores_are_the_same_bit_for_bit_with_and_without_read_ahead(
     calls = []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a) or real(*a))
+    # A tiny file is scored before the hinting thread has started: let it finish its hints.
+    close = ReadAhead.close
+    monkeypatch.setattr(ReadAhead, "close", lambda self, drop=True: close(self, drop=False))
     with_hints = score_prediction_file(path, scan.shape, gt, lm, chunk=2, readahead_bytes=1 << 20)
     assert calls  # the hints were given
     calls.clear()

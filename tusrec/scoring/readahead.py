@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
+from pathlib import Path
 
 import h5py
 from h5py import h5d
@@ -61,17 +64,35 @@ def frame_byte_ranges(ds: h5py.Dataset, start: int, stop: int) -> list[tuple[int
     return [(o, n) for o, n in merged]
 
 
+def hint_piece_bytes(fd: int) -> int:
+    """The most one WILLNEED hint makes the kernel read: its read-ahead size for the
+    file's device (``/sys/class/bdi/MAJ:MIN/read_ahead_kb``; since Linux 5.x a larger
+    hint reads only that much), else 128 KiB (the kernel's default, a safe lower bound)."""
+    try:
+        dev = os.fstat(fd).st_dev
+        text = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+        return max(4096, int(text) * 1024)
+    except (OSError, ValueError):
+        return 128 << 10
+
+
 class ReadAhead:
     """``prefetch(ds, start, stop)``: the reader is about to read frames start..stop-1 of
     ``ds``; ask the kernel for those and for the frames of the next ``window_bytes``
     (each frame asked for once). fd: the descriptor the file was opened on (the read
-    policy's own). Safe to call from the threads that score GP and LP side by side: each
-    dataset's window is its own, and a hint needs no lock."""
+    policy's own). The hints are given by a thread of its own, in pieces the kernel reads
+    whole (``hint_piece_bytes``): a hint blocks while the disk's queue is full, which
+    must not stall the scorer. Safe to call from the threads that score GP and LP side by
+    side (one queue, in the order asked). ``close()`` (or ``with``) stops the thread."""
 
-    def __init__(self, fd: int, window_bytes: int = WINDOW_BYTES):
+    def __init__(self, fd: int, window_bytes: int = WINDOW_BYTES, piece_bytes: int | None = None):
         self.fd = fd
         self.window_bytes = window_bytes
+        self.piece_bytes = piece_bytes or hint_piece_bytes(fd)
         self._asked: dict[str, int] = {}  # dataset name -> frames asked for so far
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self.enabled = _WILLNEED is not None
 
     def __call__(self, ds: h5py.Dataset, start: int, stop: int) -> None:
@@ -81,12 +102,45 @@ class ReadAhead:
         frame_bytes = max(1, math.prod(ds.shape[1:]) * ds.dtype.itemsize)
         ahead = max(stop - start, self.window_bytes // frame_bytes)
         end = min(n, stop + ahead)
-        begin = max(start, self._asked.get(ds.name, 0))
-        if begin >= end:
-            return
-        self._asked[ds.name] = end
+        with self._lock:
+            begin = max(start, self._asked.get(ds.name, 0))
+            if begin >= end:
+                return
+            self._asked[ds.name] = end
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._hint, name="readahead", daemon=True)
+                self._thread.start()
         try:
-            for offset, length in frame_byte_ranges(ds, begin, end):
-                os.posix_fadvise(self.fd, offset, length, _WILLNEED)
-        except Exception:  # a refused hint, an index h5py cannot walk: the read itself decides
+            ranges = frame_byte_ranges(ds, begin, end)
+        except Exception:  # an index h5py cannot walk: the read itself will say what is wrong
             self.enabled = False
+            return
+        self._queue.put(ranges)
+
+    def _hint(self) -> None:
+        while (ranges := self._queue.get()) is not None:
+            for offset, length in ranges:
+                for piece in range(offset, offset + length, self.piece_bytes):
+                    if not self.enabled:
+                        break
+                    try:
+                        n = min(self.piece_bytes, offset + length - piece)
+                        os.posix_fadvise(self.fd, piece, n, _WILLNEED)
+                    except OSError:  # a hint the kernel refuses: nothing is lost
+                        self.enabled = False
+
+    def close(self, drop: bool = True) -> None:
+        """Stop the hinting thread and wait for it; hints not given yet are dropped (the
+        scorer is done), or with ``drop=False`` given first."""
+        if self._thread is not None:
+            if drop:
+                self.enabled = False
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,6 +15,7 @@ no numbers (the ranking scores it 0). One bad scan never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -441,7 +442,9 @@ def score_prediction_file(
             prefetch = None
         out["form"] = FORM_DENSE if compact is None else FORM_TRANSFORMS
         try:
-            with ThreadPoolExecutor(max_workers=2) as pool:
+            with ThreadPoolExecutor(max_workers=2) as pool, contextlib.ExitStack() as stack:
+                if prefetch is not None:
+                    stack.callback(prefetch.close)
                 # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
                 # most of the work, so two cores score nearly twice as fast.
                 pending = {
