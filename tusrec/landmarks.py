@@ -121,6 +121,7 @@ def write_data_landmarks(
     overwrite: bool = False,
     keys: list[str] | None = None,
     client=None,
+    threads: int = 2,
 ) -> dict[str, np.ndarray]:
     """Extract landmarks for the scans of a data folder and write landmark_<sub>.h5.
 
@@ -129,7 +130,9 @@ def write_data_landmarks(
     landmarks are written as soon as they are found, so an interrupted run resumes.
     With a Dask ``client`` each scan is one unit on the cluster (``landmarks_unit``) and
     this process writes each result as it arrives: the same function, the same arrays,
-    the same files (each rewritten atomically, datasets sorted by name).
+    the same files (each rewritten atomically, datasets sorted by name). threads: SIFT
+    threads of the in-process path (2, the fastest on 2 cores: benchmarks/run.py
+    landmarks_cluster measures 1 and 2 threads against local:2 side by side).
     Returns the landmarks extracted in this run, by scan key.
     """
     scans = data.select(keys)
@@ -165,5 +168,5 @@ def write_data_landmarks(
     with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:
         bar.update(total - sum(s.n_frames - 1 for s in todo))
         for scan in todo:
-            keep(scan, extract_landmarks(scan, k, progress=bar.update))
+            keep(scan, extract_landmarks(scan, k, workers=threads, progress=bar.update))
     return made

@@ -12,7 +12,6 @@ client only merges the rows into the tables, in the serial path's order.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -31,23 +30,23 @@ from tusrec.cluster import (
     map_units,
     worker_gpus,
 )
-from tusrec.data import TusrecDataError, atomic_path
+from tusrec.data import TusrecDataError
 from tusrec.harness.runner import (
-    OK,
     RUN_LABEL,
     RUNNER_LABEL,
     Limits,
+    PendingRun,
     RunnerError,
     Watch,
     Watchdog,
     _client,
     _fresh_dir,
     _image_ids,
-    _json_value,
     _kept_manifest,
-    data_signature,
     judge,
     output_quota,
+    plan_runs,
+    record_judgement,
     remove_tree,
     run_container,
     run_tag,
@@ -107,17 +106,19 @@ class SupersededError(RuntimeError):
     (this unit's client died), so this attempt writes nothing."""
 
 
-def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, signature: dict, keep: bool):
+def container_unit(run: PendingRun, image_id: str, data, out: str, limits, tag: str, keep: bool):
     """One (team, scan) container run on a worker holding a GPU slot; returns its row.
 
     Everything tusrec.harness.runner does for one scan, on this worker's engine: the scan
     staged alone, the container with the run's limits (``--gpus`` mapped to this worker's
     own device), killed from here at the time limit or over the /output quota, judged
-    (the scorer's bounded worker), its log and manifest kept, its prediction kept or
-    deleted, the row cached. The staging and work folders are this attempt's own (a
-    unique name), so an attempt on a dead worker shares nothing with its redo.
+    (the scorer's bounded worker), then recorded as the serial runner records it
+    (``record_judgement``: log and manifest kept, prediction kept or deleted, the row
+    cached). The staging and work folders are this attempt's own (a unique name), so an
+    attempt on a dead worker shares nothing with its redo.
     """
 
+    team, scan = run.team, run.scan
     engine = _engine()
     found = engine.images.get(team.image).id
     if found != image_id:
@@ -162,19 +163,7 @@ def container_unit(team, image_id: str, scan, data, out: str, limits, tag: str, 
         if not output_dir.is_dir():
             raise SupersededError(f"{team.name} {scan.key}: work folder removed by a newer run")
         row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
-        row["image"] = team.image
-        row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
-        if manifest is not None:
-            with atomic_path(log_path.with_suffix(".predictions.csv")) as tmp:
-                tmp.write_bytes(manifest)
-        prediction = output_dir / f"{scan.key}.h5"
-        if keep and row["status"] == OK:
-            kept_dir = team_dir / "predictions"
-            kept_dir.mkdir(exist_ok=True)
-            os.replace(prediction, kept_dir / prediction.name)  # judged a regular file
-        with atomic_path(team_dir / "scans" / f"{scan.key}.json") as tmp:
-            tmp.write_text(json.dumps({"signature": signature, "row": row}, default=_json_value))
-        return row
+        return record_judgement(run, row, manifest, output_dir, team_dir, keep)
     finally:
         remove_tree(output_dir)  # the dense arrays: GB per scan
         remove_tree(staged)
@@ -217,39 +206,11 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     remove_tree(out / ".staging")
     for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
         remove_tree(work)
-    rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
+    rows, pending = plan_runs(teams, scans, data, out, limits, image_ids, keep_predictions)
     units = []
-    for scan in scans:
-        depends = data_signature(
-            scan.frames_path, scan.tforms_path, scan.landmark_path, data.calibration_path
-        )
-        for team in teams:
-            kept_dir = out / team.name / "predictions"
-            signature = {"image": image_ids[team.name], "time_limit_s": limits.time_limit_s, "data": depends}
-            cache = out / team.name / "scans" / f"{scan.key}.json"
-            if cache.exists():
-                cached = json.loads(cache.read_text())
-                row = cached.get("row") or {}
-                lost = (
-                    keep_predictions
-                    and row.get("status") == OK
-                    and not (kept_dir / f"{scan.key}.h5").is_file()
-                )
-                if cached.get("signature") == signature and not lost:
-                    rows[team.name][scan.key] = row
-                    continue
-            args = (
-                team,
-                image_ids[team.name],
-                scan,
-                data,
-                str(out),
-                limits,
-                tag,
-                signature,
-                keep_predictions,
-            )
-            units.append((f"{team.name}/{scan.key}", args))
+    for run in pending:
+        args = (run, image_ids[run.team.name], data, str(out), limits, tag, keep_predictions)
+        units.append((f"{run.team.name}/{run.scan.key}", args))
 
     def merge(name: str, row: dict) -> None:
         team_name, key = name.split("/", 1)

@@ -757,6 +757,76 @@ def data_signature(*paths: Path | None) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """One (team, scan) container run that a run still has to do, with the signature its
+    cached row will carry (image id, time limit, the scan's data files)."""
+
+    team: Team
+    scan: Scan
+    signature: dict
+
+
+def plan_runs(
+    teams: list[Team],
+    scans: list[Scan],
+    data: TusrecData,
+    out: Path,
+    limits: Limits,
+    image_ids: dict[str, str],
+    keep_predictions: bool,
+) -> tuple[dict[str, dict[str, dict]], list[PendingRun]]:
+    """What is judged already and what is left, for the serial runner and the cluster alike.
+
+    A scan's cached row (OUT/<team>/scans/<key>.json) is taken when it was judged for the
+    same image, time limit and data files, and, with ``keep_predictions``, its kept file is
+    still there when it was ``ok`` (a lost kept prediction is redone). Returns (rows:
+    {team: {key: cached row}}, the runs left in the serial order: scan by scan, the
+    teams in the order given).
+    """
+    rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
+    pending = []
+    for scan in scans:
+        depends = data_signature(
+            scan.frames_path, scan.tforms_path, scan.landmark_path, data.calibration_path
+        )
+        for team in teams:
+            signature = {"image": image_ids[team.name], "time_limit_s": limits.time_limit_s, "data": depends}
+            cache = out / team.name / "scans" / f"{scan.key}.json"
+            if cache.exists():
+                cached = json.loads(cache.read_text())
+                row = cached.get("row") or {}
+                kept = out / team.name / "predictions" / f"{scan.key}.h5"
+                lost = keep_predictions and row.get("status") == OK and not kept.is_file()
+                if cached.get("signature") == signature and not lost:
+                    rows[team.name][scan.key] = row
+                    continue
+            pending.append(PendingRun(team, scan, signature))
+    return rows, pending
+
+
+def record_judgement(
+    run: PendingRun, row: dict, manifest: bytes | None, output_dir: Path, team_dir: Path, keep: bool
+) -> dict:
+    """After ``judge``: the row completed (the image, no path of the work folder in its
+    message), the team's manifest kept beside the log, the prediction moved into
+    ``predictions/`` when kept and ``ok``, and the row cached atomically with its
+    signature. The work folder is the caller's to remove. Returns the row."""
+    key = run.scan.key
+    row["image"] = run.team.image
+    row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
+    if manifest is not None:
+        with atomic_path(team_dir / "logs" / f"{key}.predictions.csv") as tmp:
+            tmp.write_bytes(manifest)
+    if keep and row["status"] == OK:
+        kept_dir = team_dir / "predictions"
+        kept_dir.mkdir(exist_ok=True)
+        os.replace(output_dir / f"{key}.h5", kept_dir / f"{key}.h5")  # judged a regular file
+    with atomic_path(team_dir / "scans" / f"{key}.json") as tmp:
+        tmp.write_text(json.dumps({"signature": run.signature, "row": row}, default=_json_value))
+    return row
+
+
 def runner_peak_rss_mb() -> float:
     """This process's peak resident memory so far, MB (2**20 bytes).
 
@@ -810,35 +880,20 @@ def run_teams(
 
 def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, run_labels, watchdog, log):
     staging = out / ".staging"
-    rows: dict[str, dict[str, dict]] = {t.name: {} for t in teams}
+    rows, pending = plan_runs(teams, scans, data, out, limits, image_ids, keep_predictions)
     margin = int(limits.output_quota_margin_mb * 1e6)
     bar = tqdm(total=len(scans) * len(teams), desc="run", unit="container", disable=None)
+    bar.update(sum(len(r) for r in rows.values()))
     for scan in scans:
-        depends = data_signature(
-            scan.frames_path, scan.tforms_path, scan.landmark_path, data.calibration_path
-        )
+        runs = [r for r in pending if r.scan is scan]
+        if not runs:
+            continue
         quota = output_quota(scan, margin)
-        staged = None
-        for team in teams:
+        staged = staging / scan.key
+        stage_scan(scan, data, staged)
+        for run in runs:
+            team = run.team
             team_dir = out / team.name
-            kept_dir = team_dir / "predictions"
-            signature = {"image": image_ids[team.name], "time_limit_s": limits.time_limit_s, "data": depends}
-            cache = team_dir / "scans" / f"{scan.key}.json"
-            if cache.exists():
-                cached = json.loads(cache.read_text())
-                row = cached.get("row") or {}
-                lost = (
-                    keep_predictions
-                    and row.get("status") == OK
-                    and not (kept_dir / f"{scan.key}.h5").is_file()
-                )
-                if cached.get("signature") == signature and not lost:
-                    rows[team.name][scan.key] = row
-                    bar.update()
-                    continue
-            if staged is None:
-                staged = staging / scan.key
-                stage_scan(scan, data, staged)
             output_dir = _fresh_dir(team_dir / ".work" / scan.key)
             log_path = team_dir / "logs" / f"{scan.key}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -858,29 +913,18 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, r
             t_judge = time.monotonic()
             row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
             t_judge = time.monotonic() - t_judge
-            row["image"] = team.image
-            row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
-            if manifest is not None:
-                with atomic_path(log_path.with_suffix(".predictions.csv")) as tmp:
-                    tmp.write_bytes(manifest)
-            prediction = output_dir / f"{scan.key}.h5"
-            if keep_predictions and row["status"] == OK:
-                kept_dir.mkdir(exist_ok=True)
-                os.replace(prediction, kept_dir / prediction.name)  # judged a regular file
+            record_judgement(run, row, manifest, output_dir, team_dir, keep_predictions)
             remove_tree(output_dir)  # the dense arrays: GB per scan
-            with atomic_path(cache) as tmp:
-                tmp.write_text(json.dumps({"signature": signature, "row": row}, default=_json_value))
             rows[team.name][scan.key] = row
             write_metrics(
                 pd.DataFrame([rows[team.name][s.key] for s in scans if s.key in rows[team.name]]), team_dir
             )
             if keep_predictions:
-                _kept_manifest(kept_dir, rows[team.name], scans)
+                _kept_manifest(team_dir / "predictions", rows[team.name], scans)
             status, seconds = row["status"], row["runtime_s"]
             bar.write(f"{team.name} {scan.key}: {status} in {seconds:.1f} s (judged in {t_judge:.2f} s)")
             bar.update()
-        if staged is not None:
-            remove_tree(staged)
+        remove_tree(staged)
     bar.close()
     remove_tree(staging)
     for team in teams:

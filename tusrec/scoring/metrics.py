@@ -149,6 +149,7 @@ def pixel_errors(
     image_size: tuple[int, int],
     chunk: int = DEFAULT_CHUNK,
     name: str = "GP",
+    prefetch=None,
 ) -> ErrorPair:
     """Mean per-pixel error of a dense prediction against the fields of ``transforms``.
 
@@ -157,7 +158,9 @@ def pixel_errors(
     (N-1, 4, 4) true T(i->0) (for GP) or T(i->i-1) (for LP). The true field is generated
     a frame and a tile of rows at a time (float32, the values of tusrec.ddf.pixel_ddfs),
     so memory is one chunk of the prediction whatever N. Raises PredictionValueError on
-    a wrong shape or a non-finite value (naming the first bad frame).
+    a wrong shape or a non-finite value (naming the first bad frame). prefetch: called
+    as prefetch(pred, start, stop) before each block of a stored prediction is read (a
+    tusrec.scoring.readahead.ReadAhead: the kernel reads ahead while this computes).
     """
     h, w = image_size
     n = len(transforms)
@@ -179,6 +182,8 @@ def pixel_errors(
         if compact:
             pred_a, pred_b = field_terms(pred.transforms[start:stop], pred.T_scale, h, w)
         else:
+            if prefetch is not None:
+                prefetch(pred, start, stop)
             block = _read_chunk(pred, start, stop, block_buf).reshape(stop - start, 3, h, w)
         for k in range(stop - start):
             if compact:

@@ -141,6 +141,7 @@ def open_prediction(path: str | Path, chunk_cache_bytes: int = 0) -> Iterator[h5
         except Exception as err:  # h5py raises OSError, ValueError, ... for a non-HDF5 file
             raise PolicyError(f"{path}: cannot be opened as an HDF5 file ({err})") from None
         f._policy_name = str(path)  # messages name the path, not the file object
+        f._policy_fd = raw.fileno()  # the descriptor HDF5 reads through (read-ahead hints)
         try:
             yield f
         finally:

@@ -15,6 +15,7 @@ no numbers (the ranking scores it 0). One bad scan never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from tusrec.scoring.policy import (
     read_attributes,
     regular_file_problem,
 )
+from tusrec.scoring.readahead import WINDOW_BYTES, ReadAhead
 
 OK, FAILED, TIMEOUT, INVALID, MISSING = "ok", "failed", "timeout", "invalid", "missing"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
@@ -279,7 +281,9 @@ class ScoreLimits:
 
     memory_mb: address-space cap of the worker (RLIMIT_AS, MiB). time_s: wall-time cap
     (None: base_s + s_per_gigapixel * (N-1)*H*W / 1e9, i.e. proportional to the scan).
-    chunk: frames per scoring chunk. isolate=False reads in this process (debugging only).
+    chunk: frames per scoring chunk. readahead_mb: how far ahead of the scorer the kernel
+    is asked to read a dense file (per pixel set, MiB of page cache; 0: not asked;
+    tusrec.scoring.readahead). isolate=False reads in this process (debugging only).
     """
 
     memory_mb: int = 2048
@@ -289,6 +293,7 @@ class ScoreLimits:
     base_s: float = 120.0
     s_per_gigapixel: float = 600.0
     chunk: int = DEFAULT_CHUNK
+    readahead_mb: int = WINDOW_BYTES >> 20
     isolate: bool = True
 
     def seconds_for(self, scan_shape: tuple[int, int, int]) -> float:
@@ -395,10 +400,12 @@ def score_prediction_file(
     gt: GroundTruth,
     landmarks: np.ndarray | None,
     chunk: int = DEFAULT_CHUNK,
+    readahead_bytes: int = WINDOW_BYTES,
 ) -> dict:
     """Errors of one prediction file under the read policy, dense or compact.
 
     scan_shape: (N, H, W). gt: the scan's ground truth. landmarks: (K, 3) or None.
+    readahead_bytes: the read-ahead window of a dense file's GP and LP (0: none).
     Returns GPE/GLE/LPE/LLE, their identity counterparts, runtime_file_s, model, form and
     notes (list of str). Raises PolicyError / PredictionValueError / TusrecDataError.
     This is what the bounded worker runs; it opens nothing but ``path``.
@@ -423,6 +430,8 @@ def score_prediction_file(
             spans = {f[name].chunks[0] if f[name].chunks else 1 for name in sources}
             span = spans.pop() if len(spans) == 1 else 1
             step = -(-chunk // span) * span  # chunk rounded up to whole chunks (< chunk + 16)
+            # The disk reads the next frames while these are scored (only a hint to the kernel).
+            prefetch = ReadAhead(f._policy_fd, readahead_bytes) if readahead_bytes > 0 else None
         else:
             glob, local = compact
             sources = {
@@ -430,13 +439,18 @@ def score_prediction_file(
                 "LP": TransformField(local, ts, gt.image_size),
             }
             step = chunk
+            prefetch = None
         out["form"] = FORM_DENSE if compact is None else FORM_TRANSFORMS
         try:
-            with ThreadPoolExecutor(max_workers=2) as pool:
+            with ThreadPoolExecutor(max_workers=2) as pool, contextlib.ExitStack() as stack:
+                if prefetch is not None:
+                    stack.callback(prefetch.close)
                 # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
                 # most of the work, so two cores score nearly twice as fast.
                 pending = {
-                    name: pool.submit(pixel_errors, sources[name], transforms, ts, gt.image_size, step, name)
+                    name: pool.submit(
+                        pixel_errors, sources[name], transforms, ts, gt.image_size, step, name, prefetch
+                    )
                     for name, transforms in (("GP", gt.global_), ("LP", gt.local))
                 }
                 for name, future in pending.items():
@@ -516,7 +530,7 @@ def score_file(scan: Scan, path: str | Path, declared, calib, *, limits: ScoreLi
     if problem:
         row.update(status=INVALID, message=_join(problem, *d.notes))
         return row
-    job = (str(path), scan.shape, gt, landmarks, limits.chunk)
+    job = (str(path), scan.shape, gt, landmarks, limits.chunk, int(limits.readahead_mb) << 20)
     result, failure = run_bounded(score_prediction_file, job, limits, limits.seconds_for(scan.shape))
     if failure is not None:
         why = failure if str(path) in failure else f"{path}: {failure}"
