@@ -238,6 +238,25 @@ def test_single_team_report(tmp_path):
     assert "Needs two teams or more" in page and "it needs two teams or more" in page
 
 
+def test_report_when_no_scan_of_any_team_was_scored(tmp_path):
+    """Every container timed out (the runner's table: no errors, no identity errors):
+    the ranking still writes its report, each team empty, and says why."""
+    tables = synthetic_tables({"late": 0.3, "later": 0.5}, subjects=2, seed=4)
+    args = ["evaluate", "rank", "--out", str(tmp_path / "report"), "--bootstrap", "50"]
+    for name, table in tables.items():
+        table["status"] = "timeout"
+        for column in [c for c in table.columns if c.startswith(("GPE", "GLE", "LPE", "LLE"))]:
+            table[column] = np.nan
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "metrics.csv", index=False)
+        args += ["--team", f"{name}={tmp_path / name / 'metrics.csv'}"]
+    assert main(args) == 0
+    board = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
+    assert set(board["team"]) == {"late", "later"}
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Mean FS per pattern" in page and "timeout" in page
+
+
 def _overlaps(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 

@@ -748,7 +748,9 @@ def report_html(
         wide = a.patterns[a.patterns["metric"] == "FS"].pivot_table(
             index=["factor", "level"], columns="team", values="mean", sort=False
         )
-        wide = wide[[data.teams[t] for t in a.ranking.order]].reset_index()
+        # reindex, not select: pivot_table drops a team whose every mean is NaN (no scan
+        # of it was scored), and the table still shows it, empty
+        wide = wide.reindex(columns=[data.teams[t] for t in a.ranking.order]).reset_index()
         wide.columns.name = None
         parts.append("<h3>Mean FS per pattern</h3>")
         parts.append(_table_html(wide, "patterns"))
