@@ -610,7 +610,10 @@ def judge(
         )
     row["runtime_s"] = result.seconds
     row["exit_code"] = result.exit_code
-    return {k: clean_text(v) if isinstance(v, str) else v for k, v in row.items()}, manifest
+    # The work folder's path goes before the cut at MESSAGE_LIMIT: it is the runner's (soon
+    # gone, and another on each attempt), so a cut must never land inside it.
+    work = f"{output_dir}/"
+    return {k: clean_text(v.replace(work, "")) if isinstance(v, str) else v for k, v in row.items()}, manifest
 
 
 def _judge(scan, data, output_dir, result, limits, log_path, quota):
@@ -808,13 +811,12 @@ def plan_runs(
 def record_judgement(
     run: PendingRun, row: dict, manifest: bytes | None, output_dir: Path, team_dir: Path, keep: bool
 ) -> dict:
-    """After ``judge``: the row completed (the image, no path of the work folder in its
-    message), the team's manifest kept beside the log, the prediction moved into
+    """After ``judge`` (whose messages hold no path of the work folder): the row completed
+    (the image), the team's manifest kept beside the log, the prediction moved into
     ``predictions/`` when kept and ``ok``, and the row cached atomically with its
     signature. The work folder is the caller's to remove. Returns the row."""
     key = run.scan.key
     row["image"] = run.team.image
-    row["message"] = str(row.get("message", "")).replace(f"{output_dir}/", "")  # a path soon gone
     if manifest is not None:
         with atomic_path(team_dir / "logs" / f"{key}.predictions.csv") as tmp:
             tmp.write_bytes(manifest)
