@@ -100,13 +100,17 @@ def ground_truth(frames: int = 200, write: bool = False) -> dict:
 @bench
 def score_compact(frames: int = 200) -> dict:
     """Scoring of a compact prediction (form=transforms) at 480 x 640: GPE and LPE from
-    the predicted matrices against the truth, as ``ground_truth`` generates GP + LP (the
-    speed to match). compute_s: the comparison in this process; score_file_s: the whole
-    per-scan judgement through the bounded worker (start-up of the worker included)."""
+    the predicted matrices against the truth (metrics.rigid_pixel_errors), against the
+    ground truth's GP + LP generation (compute only, as ``ground_truth``: the speed to
+    match) measured in the same process, and the comparison of the two generated float32
+    fields (pixel_errors of a TransformField, what compact scoring did before). compute_s:
+    the scoring in this process; score_file_s: the whole per-scan judgement through the
+    bounded worker (start-up of the worker included)."""
     import h5py
 
     from tusrec.data import open_data, write_scan
     from tusrec.ddf import GroundTruth
+    from tusrec.evaluate.metrics import TransformField, pixel_errors
     from tusrec.evaluate.score import score_file, score_prediction_file
     from tusrec.geometry import default_calibration, pose6_to_matrix, write_calibration
 
@@ -122,8 +126,20 @@ def score_compact(frames: int = 200) -> dict:
             f["transforms_global"] = gt.global_ @ noise
             f["transforms_local"] = gt.local @ noise
         t0 = time.perf_counter()
+        for _ in gt.iter_pixel_ddfs():
+            pass
+        generation = time.perf_counter() - t0
+        t0 = time.perf_counter()
         errors = score_prediction_file(path, (frames, 480, 640), gt, None)
         compute = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fields = pixel_errors(
+            TransformField(gt.global_ @ noise, calib.T_scale, (480, 640)),
+            gt.global_,
+            calib.T_scale,
+            (480, 640),
+        )
+        fields_s = time.perf_counter() - t0  # GP only: one of the two fields
         write_scan(
             tmp / "data", "eval", "050", "LH_Par_C_DtP", np.zeros((frames, 480, 640), np.uint8), tforms
         )
@@ -138,6 +154,11 @@ def score_compact(frames: int = 200) -> dict:
         "frames": frames,
         "compute_s": compute,
         "frames_per_s": (frames - 1) / compute,
+        "ground_truth_generation_s": generation,
+        "ground_truth_frames_per_s": (frames - 1) / generation,
+        "ratio_to_ground_truth": generation / compute,
+        "generated_fields_frames_per_s": (frames - 1) / (2 * fields_s),
+        "generated_fields_GPE_difference": abs(fields.error - errors["GPE"]),
         "score_file_s": judged,
         "score_file_frames_per_s": (frames - 1) / judged,
         "status": row["status"],

@@ -42,9 +42,9 @@ from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs
 from tusrec.evaluate import worker
 from tusrec.evaluate.metrics import (
     PredictionValueError,
-    TransformField,
     landmark_errors,
     pixel_errors,
+    rigid_pixel_errors,
     scan_length_mm,
 )
 from tusrec.evaluate.policy import (
@@ -424,19 +424,19 @@ def score_prediction_file(
             span = spans.pop() if len(spans) == 1 else 1
             step = -(-chunk // span) * span  # chunk rounded up to whole chunks (< chunk + 16)
         else:
+            # Rigid: the errors follow from the matrices (metrics.rigid_pixel_errors),
+            # without generating either dense field.
             glob, local = compact
-            sources = {
-                "GP": TransformField(glob, ts, gt.image_size),
-                "LP": TransformField(local, ts, gt.image_size),
-            }
+            sources = {"GP": glob, "LP": local}
             step = chunk
         out["form"] = FORM_DENSE if compact is None else FORM_TRANSFORMS
         try:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
                 # most of the work, so two cores score nearly twice as fast.
+                errors = pixel_errors if compact is None else rigid_pixel_errors
                 pending = {
-                    name: pool.submit(pixel_errors, sources[name], transforms, ts, gt.image_size, step, name)
+                    name: pool.submit(errors, sources[name], transforms, ts, gt.image_size, step, name)
                     for name, transforms in (("GP", gt.global_), ("LP", gt.local))
                 }
                 for name, future in pending.items():
