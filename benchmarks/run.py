@@ -359,6 +359,38 @@ def predict(frames: int, form: str = "ddf") -> dict:
     }
 
 
+def _demo_commands(demo: Path) -> list[str]:
+    """The commands of `make demo` (its recipe as `make -n` prints it, continuation lines
+    joined), with the demo folder at ``demo``; the set-up of the venv left out."""
+    out = subprocess.run(
+        ["make", "-s", "-n", "-o", ".venv/.installed", "demo", f"DEMO={demo}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = out.replace("\\\n", " ").splitlines()
+    return [c for c in lines if c.strip() and not c.startswith("echo ")]
+
+
+@bench
+def demo() -> dict:
+    """`make demo` once the venv exists, command by command (a process each, as make runs
+    them), in a fresh folder: seconds per step, the whole, and the disk it leaves."""
+    folder = (BENCH_DATA / "demo").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    steps = []
+    t00 = time.perf_counter()
+    for command in _demo_commands(folder):
+        t0 = time.perf_counter()
+        subprocess.run(command, shell=True, cwd=ROOT, check=True, capture_output=True)
+        steps.append({"command": command.replace(str(folder), "demo")[:160], "s": time.perf_counter() - t0})
+    total = time.perf_counter() - t00
+    disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"total_s": total, "disk_MB": disk / 1e6, "steps": steps, "load_average": os.getloadavg()[0]}
+
+
 @bench
 def rank(teams: int = 20, scans: int = 768, resamples: int = 2000) -> dict:
     """`evaluate rank` on synthetic teams: the vectorised bootstrap (scan- and subject-level,
@@ -731,6 +763,7 @@ PLAN = [
     ("predict", {"frames": 1600, "form": "transforms"}),
     ("predict", {"frames": 1600}),
     ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
+    ("demo", {}),
     ("cluster_scaling_setup", {"scans": 16, "sleep_s": 5.0}),
     ("cluster_scaling", {"workers": [0, 1, 2, 4], "scans": 16, "sleep_s": 5.0}),
     ("landmarks_cluster", {"scans": 4, "frames": 150, "workers": 2}),
