@@ -296,6 +296,32 @@ def predict_setup(frames: int) -> dict:
     return {"frames": frames, "weights": "shipped" if (SHIPPED_WEIGHTS / MANIFEST).is_file() else "untrained"}
 
 
+def _predictor_paths(root: Path, weights: Path, repeats: int = 3) -> dict:
+    """Members one by one on torch's threads (workers=1: the predictor before members ran
+    side by side) against side by side (the CPU default), interleaved in one process,
+    ``repeats`` times each: read and network seconds, and whether the transforms agree to
+    the last bit."""
+    from tusrec.data import open_data
+    from tusrec.model.ensemble import load_members
+    from tusrec.predict.core import Predictor
+
+    scan = open_data(root / "data").scans[0]
+    members = load_members(weights)
+    paths = {"one_by_one": Predictor(members, "cpu", workers=1), "side_by_side": Predictor(members, "cpu")}
+    runs: dict = {name: [] for name in paths}
+    local = {}
+    for _ in range(repeats):
+        for name, predictor in paths.items():
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            inputs = predictor.read_preprocessed(scan)
+            t1 = time.perf_counter()
+            local[name] = predictor.predict_local(inputs, float("inf")).local
+            t2 = time.perf_counter()
+            runs[name].append({"read_s": t1 - t0, "network_s": t2 - t1, "total_s": t2 - t0, "load": load})
+    return {**runs, "bit_identical": bool(np.array_equal(local["one_by_one"], local["side_by_side"]))}
+
+
 @bench
 def predict(frames: int, form: str = "ddf") -> dict:
     """End-to-end `predict` of one scan, split into reading, network and writing. Dense
@@ -323,6 +349,7 @@ def predict(frames: int, form: str = "ddf") -> dict:
         "output_bytes": size,
     }
     if form != "ddf":
+        result["one_by_one_vs_side_by_side"] = _predictor_paths(root, weights)
         command = root / "pred-command"
         shutil.rmtree(command, ignore_errors=True)
         argv = [str(ROOT / "predict"), "--input", str(root / "data"), "--output", str(command)]
