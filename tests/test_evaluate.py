@@ -270,6 +270,21 @@ def test_rigid_pixel_errors_against_brute_force(case):
         assert abs(dense.error - got.error) < 1e-6 and abs(dense.identity - got.identity) < 1e-6
 
 
+def test_row_sums_where_euler_maclaurin_meets_the_pixel_sum():
+    """Rows whose zero lies from 0 to 20 pixels (complex distance) from a 640-pixel row,
+    inside or beyond its ends: each row's sum against the sum of its 640 values."""
+    from tusrec.evaluate.metrics import NEAR_ZERO_PX, row_norm_sums
+
+    rng = np.random.default_rng(0)
+    n, h, w = 200, 40, 640
+    slope = 10.0 ** rng.uniform(-3, 0, n)
+    x0, d = rng.uniform(-30, w + 30, (n, h)), rng.uniform(0, 5 * NEAR_ZERO_PX, (n, h))
+    offset, rest = -x0 * slope[:, None], (d * slope[:, None]) ** 2
+    x = np.arange(1, w + 1.0)
+    exact = np.sqrt((slope[:, None, None] * x + offset[..., None]) ** 2 + rest[..., None]).sum(axis=-1)
+    np.testing.assert_allclose(row_norm_sums(slope, offset, rest, w), exact, rtol=1e-11, atol=0)
+
+
 def test_rigid_pixel_errors_equal_the_dense_path_on_a_scan(data_root):
     """On a simulated scan's ground truth, GP and LP: the fast path against a float64 sum
     of every pixel (to 1e-9, relative) and against the float32 fields the dense file
