@@ -19,10 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 # 50, never trained on), extract its SIFT landmarks, predict it with the shipped ensemble
 # and with its best single member, validate and score both and the identity prediction,
 # and rank the three as teams in a report. Reruns keep finished work.
+# (Both protocols' scans in one simulate command: one interpreter and one anatomy set-up.)
 demo: setup
 	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --frames 150 --no-landmarks \
-		--scans LH_Par_C_DtP,RH_Per_L_PtD,LH_Per_S_DtP,RH_Par_L_PtD
-	$(PY) -m tusrec simulate $(DEMO)/data --subjects 50 --frames 150 --no-landmarks --protocol 2025
+		--scans LH_Par_C_DtP,RH_Per_L_PtD,LH_Per_S_DtP,RH_Par_L_PtD,LH_rotation,RH_rotation
 	./landmarks $(DEMO)/data
 	$(PY) -m tusrec info $(DEMO)/data
 	$(PY) -m tusrec weights

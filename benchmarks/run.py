@@ -100,14 +100,18 @@ def ground_truth(frames: int = 200, write: bool = False) -> dict:
 @bench
 def score_compact(frames: int = 200) -> dict:
     """Scoring of a compact prediction (form=transforms) at 480 x 640: GPE and LPE from
-    the predicted matrices against the truth, as ``ground_truth`` generates GP + LP (the
-    speed to match). compute_s: the comparison in this process; score_file_s: the whole
-    per-scan judgement through the bounded worker (start-up of the worker included)."""
+    the predicted matrices against the truth (metrics.rigid_pixel_errors), against the
+    ground truth's GP + LP generation (compute only, as ``ground_truth``: the speed to
+    match) measured in the same process, and the comparison of the two generated float32
+    fields (pixel_errors of a TransformField, what compact scoring did before). compute_s:
+    the scoring in this process; score_file_s: the whole per-scan judgement through the
+    bounded worker (start-up of the worker included)."""
     import h5py
 
     from tusrec.data import open_data, write_scan
     from tusrec.ddf import GroundTruth
     from tusrec.geometry import default_calibration, pose6_to_matrix, write_calibration
+    from tusrec.scoring.metrics import TransformField, pixel_errors
     from tusrec.scoring.score import score_file, score_prediction_file
 
     calib = default_calibration()
@@ -122,8 +126,20 @@ def score_compact(frames: int = 200) -> dict:
             f["transforms_global"] = gt.global_ @ noise
             f["transforms_local"] = gt.local @ noise
         t0 = time.perf_counter()
+        for _ in gt.iter_pixel_ddfs():
+            pass
+        generation = time.perf_counter() - t0
+        t0 = time.perf_counter()
         errors = score_prediction_file(path, (frames, 480, 640), gt, None)
         compute = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fields = pixel_errors(
+            TransformField(gt.global_ @ noise, calib.T_scale, (480, 640)),
+            gt.global_,
+            calib.T_scale,
+            (480, 640),
+        )
+        fields_s = time.perf_counter() - t0  # GP only: one of the two fields
         write_scan(
             tmp / "data", "eval", "050", "LH_Par_C_DtP", np.zeros((frames, 480, 640), np.uint8), tforms
         )
@@ -138,6 +154,11 @@ def score_compact(frames: int = 200) -> dict:
         "frames": frames,
         "compute_s": compute,
         "frames_per_s": (frames - 1) / compute,
+        "ground_truth_generation_s": generation,
+        "ground_truth_frames_per_s": (frames - 1) / generation,
+        "ratio_to_ground_truth": generation / compute,
+        "generated_fields_frames_per_s": (frames - 1) / (2 * fields_s),
+        "generated_fields_GPE_difference": abs(fields.error - errors["GPE"]),
         "score_file_s": judged,
         "score_file_frames_per_s": (frames - 1) / judged,
         "status": row["status"],
@@ -275,6 +296,32 @@ def predict_setup(frames: int) -> dict:
     return {"frames": frames, "weights": "shipped" if (SHIPPED_WEIGHTS / MANIFEST).is_file() else "untrained"}
 
 
+def _predictor_paths(root: Path, weights: Path, repeats: int = 3) -> dict:
+    """Members one by one on torch's threads (workers=1: the predictor before members ran
+    side by side) against side by side (the CPU default), interleaved in one process,
+    ``repeats`` times each: read and network seconds, and whether the transforms agree to
+    the last bit."""
+    from tusrec.data import open_data
+    from tusrec.model.ensemble import load_members
+    from tusrec.predict.core import Predictor
+
+    scan = open_data(root / "data").scans[0]
+    members = load_members(weights)
+    paths = {"one_by_one": Predictor(members, "cpu", workers=1), "side_by_side": Predictor(members, "cpu")}
+    runs: dict = {name: [] for name in paths}
+    local = {}
+    for _ in range(repeats):
+        for name, predictor in paths.items():
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            inputs = predictor.read_preprocessed(scan)
+            t1 = time.perf_counter()
+            local[name] = predictor.predict_local(inputs, float("inf")).local
+            t2 = time.perf_counter()
+            runs[name].append({"read_s": t1 - t0, "network_s": t2 - t1, "total_s": t2 - t0, "load": load})
+    return {**runs, "bit_identical": bool(np.array_equal(local["one_by_one"], local["side_by_side"]))}
+
+
 @bench
 def predict(frames: int, form: str = "ddf") -> dict:
     """End-to-end `predict` of one scan, split into reading, network and writing. Dense
@@ -302,6 +349,7 @@ def predict(frames: int, form: str = "ddf") -> dict:
         "output_bytes": size,
     }
     if form != "ddf":
+        result["one_by_one_vs_side_by_side"] = _predictor_paths(root, weights)
         command = root / "pred-command"
         shutil.rmtree(command, ignore_errors=True)
         argv = [str(ROOT / "predict"), "--input", str(root / "data"), "--output", str(command)]
@@ -336,6 +384,38 @@ def predict(frames: int, form: str = "ddf") -> dict:
         "ratio_ddf_to_raw_write": float(row["write_s"]) / raw,
         "output_GB": size / 1e9,
     }
+
+
+def _demo_commands(demo: Path) -> list[str]:
+    """The commands of `make demo` (its recipe as `make -n` prints it, continuation lines
+    joined), with the demo folder at ``demo``; the set-up of the venv left out."""
+    out = subprocess.run(
+        ["make", "-s", "-n", "-o", ".venv/.installed", "demo", f"DEMO={demo}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = out.replace("\\\n", " ").splitlines()
+    return [c for c in lines if c.strip() and not c.startswith("echo ")]
+
+
+@bench
+def demo() -> dict:
+    """`make demo` once the venv exists, command by command (a process each, as make runs
+    them), in a fresh folder: seconds per step, the whole, and the disk it leaves."""
+    folder = (BENCH_DATA / "demo").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    steps = []
+    t00 = time.perf_counter()
+    for command in _demo_commands(folder):
+        t0 = time.perf_counter()
+        subprocess.run(command, shell=True, cwd=ROOT, check=True, capture_output=True)
+        steps.append({"command": command.replace(str(folder), "demo")[:160], "s": time.perf_counter() - t0})
+    total = time.perf_counter() - t00
+    disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"total_s": total, "disk_MB": disk / 1e6, "steps": steps, "load_average": os.getloadavg()[0]}
 
 
 @bench
@@ -802,6 +882,7 @@ PLAN = [
     ("predict", {"frames": 1600, "form": "transforms"}),
     ("predict", {"frames": 1600}),
     ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
+    ("demo", {}),
     ("cluster_scaling_setup", {"scans": 16, "sleep_s": 5.0}),
     ("cluster_scaling", {"workers": [0, 1, 2, 4], "scans": 16, "sleep_s": 5.0}),
     ("landmarks_cluster", {"scans": 4, "frames": 80, "workers": 2, "repeats": 3}),

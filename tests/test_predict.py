@@ -114,9 +114,55 @@ def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, mo
     monkeypatch.setattr(core, "ddf_reserve_s", lambda *args: 0.0)
     data = open_data(data_root)
     for batched in (False, True):  # one by one, and as a batched pass alike
-        predictor = core.Predictor(load_members(weights), "cpu", time_limit_s=30.0, batched=batched)
+        predictor = core.Predictor(
+            load_members(weights), "cpu", time_limit_s=30.0, batched=batched, workers=1
+        )
         row = predictor.predict_scan(data.scans[0], data.calibration, tmp_path / f"{batched}.h5")
-        assert row["members"] == 1 and "1 member(s) skipped for time" in row["message"], batched
+        assert row["members"] == 1 and "1 member(s) skipped for time" in row["message"], (
+            batched,
+            row["message"],
+        )
+    # Side by side (two workers, each member sleeping 4 s on the real clock: the jumping
+    # clock would add the two threads' jumps): members 0 and 1 end at 4 s + their compute
+    # (4 s of slack under the 8 s limit), member 2 would start then and end past it.
+    monkeypatch.setattr(time, "perf_counter", real_clock)
+
+    def sleepy(members, *args, **kwargs):
+        time.sleep(4.0 * len(members))
+        return real(members, *args, **kwargs)
+
+    monkeypatch.setattr(core, "members_local_transforms", sleepy)
+    three = load_members(make_weights(tmp_path / "three", n=3, seed=5))
+    predictor = core.Predictor(three, "cpu", time_limit_s=8.0, workers=2)
+    row = predictor.predict_scan(data.scans[0], data.calibration, tmp_path / "side.h5")
+    assert row["members"] == 2 and row["message"] == "1 member(s) skipped for time"
+
+
+def test_members_side_by_side_give_the_same_prediction_bit_for_bit(data_root, weights):
+    """Members in two threads (one intra-op thread each) and the scan read by two threads:
+    the inputs and the combined transforms of one by one on one intra-op thread, to the
+    last bit. Against one by one on torch's default threads: the same up to float32
+    rounding (torch's kernels may split sums differently with the thread count; with the
+    shipped ensemble on the 500-frame benchmark scan they were equal to the last bit)."""
+    members = load_members(make_weights(weights.parent / "four", n=4, seed=2))
+    scan = open_data(data_root).scans[0]
+    serial = core.Predictor(members, "cpu", workers=1)
+    side = core.Predictor(members, "cpu", workers=2, chunk=3)  # chunks that cut the scan anywhere
+    a, b = serial.read_preprocessed(scan), side.read_preprocessed(scan)
+    assert np.array_equal(a, b)
+    threads = torch.get_num_threads()
+    default = serial.predict_local(a, float("inf"))
+    torch.set_num_threads(1)
+    try:
+        one = serial.predict_local(a, float("inf"))
+    finally:
+        torch.set_num_threads(threads)
+    two = side.predict_local(b, float("inf"))
+    assert torch.get_num_threads() == threads  # restored
+    assert one.members_used == two.members_used == 4 and two.fallback == ""
+    for name in ("local", "uncertainty", "translation_spread_mm"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+        np.testing.assert_allclose(getattr(default, name), getattr(two, name), rtol=1e-5, atol=1e-7)
 
 
 def test_batched_members_equal_one_by_one(weights):

@@ -88,7 +88,8 @@ def add_simulate(sub) -> None:
     p.add_argument(
         "--scans",
         default=None,
-        help="comma-separated scan names, or a number n for the first n of the protocol "
+        help="comma-separated scan names (of either protocol: one command, one anatomy set-up "
+        "per subject, for a folder of both), or a number n for the first n of --protocol "
         "(default: all 24 of 2024, both of 2025)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -110,9 +111,9 @@ def run_simulate(args) -> int:
             names = all_names[: int(args.scans)]
         else:
             names = args.scans.split(",")
-            unknown = sorted(set(names) - set(all_names))
+            unknown = sorted(set(names) - set(scan_names("2024")) - set(scan_names("2025")))
             if unknown:
-                raise SystemExit(f"unknown scan names for protocol {args.protocol}: {unknown}")
+                raise SystemExit(f"unknown scan names: {unknown} (neither protocol has them)")
     t0 = time.perf_counter()
     simulate = simulate_dataset
     if args.cluster is not None:
@@ -469,8 +470,9 @@ def add_weights(sub) -> None:
 
 
 def run_weights(args) -> int:
-    from tusrec.model.ensemble import WeightsError, export_members, load_members, validation_gpe
-    from tusrec.predict import DEFAULT_WEIGHTS
+    # Listing and --best read the manifest and verify the checksums without torch (a
+    # fraction of a second); only --export goes through the ensemble module.
+    from tusrec.model.manifest import DEFAULT_WEIGHTS, WeightsError, checked_entries, validation_gpe
 
     folder = args.folder or DEFAULT_WEIGHTS
     if args.top is not None and args.export is None:
@@ -478,26 +480,29 @@ def run_weights(args) -> int:
         return 2
     try:
         if args.export is not None:
+            from tusrec.model.ensemble import export_members
+
             names = export_members(folder, args.export, args.top)
             print(f"exported {', '.join(names)} (lowest validation GPE first) to {args.export}")
             return 0
-        members = load_members(folder)
+        entries = checked_entries(folder)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.best:
-        print(min(members, key=validation_gpe).name)
+        print(min(entries, key=validation_gpe)["name"])
         return 0
-    print(f"{folder}: {len(members)} member(s), checksums verified")
-    for m in members:
-        trained = m.info.get("trained", {})
+    print(f"{folder}: {len(entries)} member(s), checksums verified")
+    for entry in entries:
+        trained = entry.get("trained", {})
         trained = trained if isinstance(trained, dict) else {}
-        metrics = m.info.get("metrics", {})
+        metrics = entry.get("metrics", {})
         seed = trained.get("config", {}).get("seed", "?")
         minutes = trained.get("seconds", float("nan")) / 60
         scores = ", ".join(f"{k} {v:.3f} mm" for k, v in metrics.items()) or "no validation metrics"
+        architecture = entry.get("config", {}).get("architecture", "dual-encoder")
         print(
-            f"  {m.name}: {m.cfg.architecture}, seed {seed}, {trained.get('steps', '?')} steps "
+            f"  {entry['name']}: {architecture}, seed {seed}, {trained.get('steps', '?')} steps "
             f"in {minutes:.0f} min, {scores}"
         )
     return 0
@@ -811,7 +816,16 @@ def run_evaluate_rank(args) -> int:
     )
 
 
+def _start_scoring_worker() -> None:
+    """The bounded scoring worker's server imports numpy, h5py, pandas and the scoring
+    code (1-2 s): started before this process imports the same, both run at once."""
+    from tusrec.scoring import worker
+
+    worker.SERVER.start()
+
+
 def run_evaluate_check(args) -> int:
+    _start_scoring_worker()
     from tusrec.data import open_data
     from tusrec.scoring import check_predictions
 
@@ -828,6 +842,8 @@ def run_evaluate_check(args) -> int:
 
 
 def run_evaluate_score(args) -> int:
+    if args.cluster is None:
+        _start_scoring_worker()
     from tusrec.data import open_data
     from tusrec.scoring import score_predictions, summary
 

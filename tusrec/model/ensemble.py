@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import hashlib
 import json
 import time
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from tusrec.geometry import projected_mean_rotation, rotation_disagreement
+from tusrec.model import manifest
 from tusrec.model.inputs import (  # noqa: F401  (ScanInput ... re-exported: their old home)
     ScanInput,
     global_indices,
@@ -34,21 +34,8 @@ from tusrec.model.inputs import (  # noqa: F401  (ScanInput ... re-exported: the
     read_scan_input,
     scan_positions,
 )
+from tusrec.model.manifest import MANIFEST, WeightsError, checked_entries, sha256
 from tusrec.model.network import ModelConfig, build_network, pose9_to_matrix
-
-MANIFEST = "manifest.json"
-
-
-class WeightsError(ValueError):
-    """weights/ is missing, incomplete or corrupt."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -101,33 +88,9 @@ def load_members(
     """Load every member of weights/manifest.json (or only those ``names``), verifying each
     file's sha256."""
     weights_dir = Path(weights_dir)
-    manifest_path = weights_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise WeightsError(f"{manifest_path}: no weights manifest (expected {MANIFEST} listing the members)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["members"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise WeightsError(f"{manifest_path}: not a weights manifest ({err})") from None
-    if names is not None:
-        unknown = sorted(set(names) - {e["name"] for e in entries})
-        if unknown:
-            listed = sorted(e["name"] for e in entries)
-            raise WeightsError(f"{manifest_path}: no member(s) {unknown} (it lists {listed})")
-        entries = [e for e in entries if e["name"] in set(names)]
-    if not entries:
-        raise WeightsError(f"{manifest_path}: lists no members")
     members = []
-    for entry in entries:
+    for entry in checked_entries(weights_dir, names):
         path = weights_dir / entry["file"]
-        if not path.is_file():
-            raise WeightsError(f"{manifest_path}: member {entry['name']!r}: file {path} is missing")
-        digest = sha256(path)
-        if digest != entry["sha256"]:
-            raise WeightsError(
-                f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} "
-                f"(member {entry['name']!r}): the file is corrupt or was replaced"
-            )
         net = build_network(ModelConfig.from_dict(entry["config"]))
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.to(device).eval()
@@ -137,7 +100,7 @@ def load_members(
 
 def validation_gpe(member: Member) -> float:
     """A member's held-out GPE from its manifest entry (mm; inf when it has none)."""
-    return float(member.info.get("metrics", {}).get("val_GPE", float("inf")))
+    return manifest.validation_gpe(member.info)
 
 
 def export_members(src: str | Path, dest: str | Path, top: int | None = None) -> list[str]:

@@ -163,22 +163,36 @@ class ScanInput:
         return np.stack(channels, axis=1)
 
 
-def read_scan_input(scan, size: tuple[int, int], steps: tuple[int, ...] = (1,), chunk: int = 64) -> ScanInput:
+def read_scan_input(
+    scan, size: tuple[int, int], steps: tuple[int, ...] = (1,), chunk: int = 64, workers: int = 1
+) -> ScanInput:
     """Read a scan (data.Scan) chunk by chunk into a ScanInput of input size ``size`` (h, w),
-    with decorrelation maps for each frame step in ``steps`` (none when empty). Only one
-    chunk of full-resolution frames is in memory at a time."""
+    with decorrelation maps for each frame step in ``steps`` (none when empty).
+
+    ``workers`` chunks are read and preprocessed at a time, in threads (OpenCV and numpy
+    release the GIL): each chunk reads the max(steps) frames before it as well, so the
+    result is the same, bit for bit, whatever ``workers`` and ``chunk``. At most
+    ``workers`` chunks of full-resolution frames are in memory at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     box = field_of_view_box(scan.read_frames(0, min(scan.n_frames, FOV_FRAMES)))
-    frames, maps = [], {k: [] for k in steps}
     keep = max(steps, default=0)
-    tail = None
-    for _, part in scan.iter_frames(chunk):
-        frames.append(preprocess_u8(part, box, size))
-        for k, m in decorrelation_u8(part, box, size, steps, tail).items():
-            maps[k].append(m)
-        if keep:
-            tail = part[-keep:] if tail is None else np.concatenate([tail, part])[-keep:]
-    decorrelation = {k: fill_scan_start(np.concatenate(v), k) for k, v in maps.items()}
-    return ScanInput(np.concatenate(frames), decorrelation, box)
+
+    def one(start: int):
+        lo = max(0, start - keep)
+        frames = scan.read_frames(lo, start + chunk)
+        before, part = (frames[: start - lo] if start > lo else None), frames[start - lo :]
+        return preprocess_u8(part, box, size), decorrelation_u8(part, box, size, steps, before)
+
+    starts = range(0, scan.n_frames, chunk)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(one, starts))
+    else:
+        parts = [one(s) for s in starts]
+    frames = np.concatenate([f for f, _ in parts])
+    decorrelation = {k: fill_scan_start(np.concatenate([m[k] for _, m in parts]), k) for k in steps}
+    return ScanInput(frames, decorrelation, box)
 
 
 def global_indices(n_frames: int, count: int) -> np.ndarray:

@@ -7,7 +7,6 @@ interface. This package never imports tusrec.scoring, tusrec.ranking or tusrec.h
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tusrec.data import (
 )
 from tusrec.geometry import default_calibration, read_calibration
 from tusrec.model.ensemble import load_members
+from tusrec.model.manifest import DEFAULT_WEIGHTS
 from tusrec.predict.core import (
     DEFAULT_TIME_LIMIT_S,
     Predictor,
@@ -35,8 +35,6 @@ from tusrec.predict.core import (
     remove_partial_files,
     write_rows,
 )
-
-DEFAULT_WEIGHTS = Path(os.environ.get("TUSREC_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
 
 __all__ = ["DEFAULT_WEIGHTS", "Predictor", "predict_ddfs", "predict_folder"]
 

@@ -44,9 +44,9 @@ from tusrec.geometry import compose_local
 from tusrec.scoring import worker
 from tusrec.scoring.metrics import (
     PredictionValueError,
-    TransformField,
     landmark_errors,
     pixel_errors,
+    rigid_pixel_errors,
     scan_length_mm,
 )
 from tusrec.scoring.policy import (
@@ -433,11 +433,10 @@ def score_prediction_file(
             # The disk reads the next frames while these are scored (only a hint to the kernel).
             prefetch = ReadAhead(f._policy_fd, readahead_bytes) if readahead_bytes > 0 else None
         else:
+            # Rigid: the errors follow from the matrices (metrics.rigid_pixel_errors),
+            # without generating either dense field.
             glob, local = compact
-            sources = {
-                "GP": TransformField(glob, ts, gt.image_size),
-                "LP": TransformField(local, ts, gt.image_size),
-            }
+            sources = {"GP": glob, "LP": local}
             step = chunk
             prefetch = None
         out["form"] = FORM_DENSE if compact is None else FORM_TRANSFORMS
@@ -447,12 +446,13 @@ def score_prediction_file(
                     stack.callback(prefetch.close)
                 # GP and LP side by side: numpy releases the GIL in the arithmetic, which is
                 # most of the work, so two cores score nearly twice as fast.
-                pending = {
-                    name: pool.submit(
-                        pixel_errors, sources[name], transforms, ts, gt.image_size, step, name, prefetch
-                    )
-                    for name, transforms in (("GP", gt.global_), ("LP", gt.local))
-                }
+                pending = {}
+                for name, transforms in (("GP", gt.global_), ("LP", gt.local)):
+                    args = (sources[name], transforms, ts, gt.image_size, step, name)
+                    if compact is None:
+                        pending[name] = pool.submit(pixel_errors, *args, prefetch)
+                    else:
+                        pending[name] = pool.submit(rigid_pixel_errors, *args)
                 for name, future in pending.items():
                     pair = future.result()
                     out[f"{name}E"], out[f"{name}E_identity"] = pair.error, pair.identity

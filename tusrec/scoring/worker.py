@@ -192,6 +192,13 @@ class WorkerServer:
             start_new_session=True,  # a Ctrl-C at the terminal reaches the caller only
         )
 
+    def start(self) -> None:
+        """Start the server now if it is not running: a command that will need it calls
+        this first, so that the server's imports overlap the command's own."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+
     def run(self, module: str, name: str, args: tuple, memory_mb: int, seconds: float) -> list:
         """['ok', value] | ['error', message] | ['failed', reason] for module.name(*args)."""
         with self._lock:
