@@ -46,6 +46,7 @@ from tusrec.model.ensemble import (
     members_local_transforms,
     read_scan_input,
 )
+from tusrec.model.inputs import scan_code
 
 DEFAULT_TIME_LIMIT_S = 120.0
 # GP+LP written per second at 480 x 640, measured on a 2-core CPU with a plain disk
@@ -124,10 +125,13 @@ class Predictor:
         steps = (1,) if any(m.cfg.decorrelation for m in self.members) else ()
         return read_scan_input(scan, cfg.input_size, steps, self.chunk).network_input()
 
-    def predict_local(self, frames: np.ndarray, deadline: float) -> ScanPrediction:
+    def predict_local(
+        self, frames: np.ndarray, deadline: float, code: np.ndarray | None = None
+    ) -> ScanPrediction:
         """Run members until the next would not finish by ``deadline`` (perf_counter time).
 
-        frames: (N, C, h, w) preprocessed (read_preprocessed). The first member runs alone: its time on this
+        frames: (N, C, h, w) preprocessed (read_preprocessed); code: the scan name's
+        inputs.scan_code (None: unknown). The first member runs alone: its time on this
         scan is the pace, and its result is kept whatever happens next. The rest run one
         by one, or (``batched``) as many as fit as one vmapped pass.
         """
@@ -136,7 +140,7 @@ class Predictor:
         start = time.perf_counter()
         try:
             results += members_local_transforms(
-                self.members[:1], frames, self.device, deadline, self.autocast
+                self.members[:1], frames, self.device, deadline, self.autocast, code
             )
         except OutOfTimeError as err:
             stopped = str(err)
@@ -149,7 +153,7 @@ class Predictor:
             if fit > 0:
                 try:
                     results += members_local_transforms(
-                        rest[:fit], frames, self.device, deadline, self.autocast
+                        rest[:fit], frames, self.device, deadline, self.autocast, code
                     )
                 except OutOfTimeError as err:
                     stopped = str(err)
@@ -160,7 +164,7 @@ class Predictor:
                     break
                 try:
                     results += members_local_transforms(
-                        [member], frames, self.device, deadline, self.autocast
+                        [member], frames, self.device, deadline, self.autocast, code
                     )
                 except OutOfTimeError as err:
                     stopped = str(err)
@@ -190,7 +194,7 @@ class Predictor:
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
             frames = self.read_preprocessed(scan)
             t_read = time.perf_counter()
-            pred = self.predict_local(frames, deadline)
+            pred = self.predict_local(frames, deadline, scan_code(scan.name))
             t_network = time.perf_counter()
             row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []
