@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.accuracy import frame_point_errors
-    from tusrec.data import parse_scan_key
+    from tusrec.data import open_data, parse_scan_key
     from tusrec.evaluate.metrics import transform_pixel_error
     from tusrec.geometry import compose_local
     from tusrec.model.ensemble import combine, load_members, members_local_transforms, validation_gpe
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, nargs="+", required=True)
     p.add_argument("--members", nargs="*", default=None, help="only these members")
     p.add_argument("--subjects", default="011")
+    p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
     p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -81,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                 m.name = f"{w.name}/{m.name}" if len(args.weights) > 1 else m.name
                 members.append(m)
     size = tuple(members[0].cfg.input_size)
-    data = load_cache(args.data, size, None, False, (1,), args.cache)
-    scans = data.of_subjects([f"{int(s):03d}" for s in args.subjects.split(",")])
+    subjects = [f"{int(s):03d}" for s in args.subjects.split(",")]
+    keys = [s.key for s in open_data(args.data).scans if s.subject in subjects]
+    # The frame steps of the training cache's entries (cache_steps of the configs), so the
+    # trainers' cache is read, not rebuilt; the predictor's step-1 maps are among them.
+    steps = tuple(int(k) for k in args.steps.split(","))
+    data = load_cache(args.data, size, keys, False, steps, args.cache)
+    scans = data.scans
     ts = data.calib.T_scale
     ranked = sorted(members, key=validation_gpe)
     combos = {"mean-all": [m.name for m in members]}
