@@ -885,4 +885,7 @@ def test_conditioned_configs_are_the_shipped_ones_plus_the_name_code():
         cond = TrainConfig.load(root / f"{name}-conditioned.json").to_dict()
         assert cond["model"].pop("scan_conditioning") and not plain["model"].pop("scan_conditioning")
         assert cond["augment"].pop("forget_name") == 0.2 and plain["augment"].pop("forget_name") == 0.0
+        # Mirroring negates tx (F T F), the sweep of the parallel scans, whose sign the
+        # name's direction gives: a mirrored clip would contradict its own code.
+        assert plain["augment"].pop("mirror") and not cond["augment"].pop("mirror")
         assert cond == plain
