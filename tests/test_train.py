@@ -889,3 +889,23 @@ def test_conditioned_configs_are_the_shipped_ones_plus_the_name_code():
         # name's direction gives: a mirrored clip would contradict its own code.
         assert plain["augment"].pop("mirror") and not cond["augment"].pop("mirror")
         assert cond == plain
+
+
+def test_a_checkpoint_from_before_the_conditioning_key_resumes_and_another_model_does_not(sim_root, tmp_path):
+    from tusrec.train.config import TrainError
+
+    cfg = tiny_config(steps=2, val_every=2)
+    train_member(sim_root, tmp_path / "r", cfg, "m", progress=False)
+    last = tmp_path / "r" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["config"]["model"]["scan_conditioning"]  # as written before the key existed
+    torch.save(checkpoint, last)
+    train_member(
+        sim_root, tmp_path / "r", dataclasses.replace(cfg, steps=3), "m", progress=False, resume=True
+    )
+    assert torch.load(last, weights_only=False)["step"] == 3
+    other = ModelConfig(**{**TINY.to_dict(), "scan_conditioning": True})
+    with pytest.raises(TrainError, match="model configuration differs"):
+        train_member(
+            sim_root, tmp_path / "r", dataclasses.replace(cfg, model=other.to_dict()), "m", resume=True
+        )

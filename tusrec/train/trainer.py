@@ -25,7 +25,7 @@ from tusrec.evaluate.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.geometry import compose_local
 from tusrec.model.ensemble import Member, members_local_transforms, save_member
 from tusrec.model.inputs import normalise_frames, normalise_ncc, scan_code
-from tusrec.model.network import build_network, pose9_to_matrix
+from tusrec.model.network import ModelConfig, build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
 from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
 from tusrec.train.config import TrainConfig, TrainError
@@ -259,7 +259,9 @@ def train_member(
     _check_run_dir(out_dir, resume)
     if last_path.exists():
         checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"]["model"] != cfg.to_dict()["model"]:
+        # Through ModelConfig, so a checkpoint written before a key with a default existed
+        # (scan_conditioning) still resumes.
+        if ModelConfig.from_dict(checkpoint["config"]["model"]) != mcfg:
             raise TrainError(f"{last_path}: the model configuration differs from the checkpoint's")
         if checkpoint["config"].get("sampling", "sequential") != cfg.sampling:
             raise TrainError(f"{last_path}: the checkpoint's clip sampling differs from the config's")
