@@ -13,7 +13,12 @@ validation GPE) it reports
   the true component through the origin, sum(p t) / sum(t^2), for tx, ty, tz (mm) and
   rx, ry, rz (rotation vector, rad), per scan kind (Par and Per sweeps, rotation scans):
   1 = the motion is recovered, 0 = not at all, 0.45 = 45 % of it;
-* the correlation of the members' frame-to-frame point errors (how alike their errors are).
+* the correlation of the members' frame-to-frame point errors (how alike their errors are);
+* for the mean of all, Spearman's rho between per-transition member disagreement and
+  error (benchmarks.accuracy.uncertainty_rho, as the benchmark reports it).
+
+``--fast`` skips the GPE/LPE (their dense pixel grids are most of the time) and the
+per-DOF recovery: the disagreement-error rho and the error correlation only.
 
 Prints a table and writes JSON. SYNTHETIC data only, as all of this kit's training data.
 """
@@ -55,7 +60,7 @@ def scan_kind(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.accuracy import frame_point_errors
+    from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
     from tusrec.data import open_data, parse_scan_key
     from tusrec.evaluate.metrics import transform_pixel_error
     from tusrec.geometry import compose_local
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", default="011")
     p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
     p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
+    p.add_argument("--fast", action="store_true", help="only the rho and the error correlation")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     true_d: dict[str, list] = {k: [] for k in kinds}
     pred_d: dict[str, dict[str, list]] = {}
     errors: dict[str, list] = {m.name: [] for m in members}
+    frames: list[dict] = []  # the mean of all: per-transition disagreement and error
 
     def record(label: str, local: np.ndarray, scan, kind: str) -> None:
         row = per.setdefault(label, {"GPE": [], "LPE": []})
@@ -117,14 +124,29 @@ def main(argv: list[str] | None = None) -> int:
             for m in members
         }
         true_d[kind].append(dofs(scan.local))
+        mean_all = combine(list(locals_.values())).local
+        frames.append(
+            {
+                "disagreement": member_disagreement(list(locals_.values()), mean_all, ts, scan.image_size),
+                "error": frame_point_errors(mean_all, scan.local, ts, scan.image_size),
+            }
+        )
+        for label, local in locals_.items():
+            errors[label].append(frame_point_errors(local, scan.local, ts, scan.image_size))
+        if args.fast:
+            continue
         for label, local in locals_.items():
             record(label, local, scan, kind)
-            errors[label].append(frame_point_errors(local, scan.local, ts, scan.image_size))
         for label, names in combos.items():
             record(label, combine([locals_[n] for n in names]).local, scan, kind)
         record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind)
 
-    result = {"subjects": args.subjects, "scans": len(scans), "models": {}}
+    result = {
+        "subjects": args.subjects,
+        "scans": len(scans),
+        "models": {},
+        "uncertainty_mean_all": uncertainty_rho(frames),
+    }
     for label, row in per.items():
         entry = {"GPE": float(np.mean(row["GPE"])), "LPE": float(np.mean(row["LPE"]))}
         for kind in kinds:
@@ -145,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind}:" + ",".join(f"{entry[f'recovery_{kind}'][d]:+.2f}" for d in DOFS) for kind in kinds
         )
         print(f"{label:28s} GPE {entry['GPE']:7.2f}  LPE {entry['LPE']:.3f}  {rec}")
+    print("mean of all, disagreement vs error:", result["uncertainty_mean_all"])
     if "error_correlation" in result:
         print("member error correlation:", result["error_correlation"])
     print("recovery columns:", ",".join(DOFS))
