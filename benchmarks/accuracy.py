@@ -11,6 +11,15 @@ scores on every scan:
 
 with the challenge's four errors (GPE, GLE, LPE, LLE, mm) and FS under identity
 normalisation (docs/conventions.md section 4, the 2025 rule: X* = 1 - X / X_identity).
+Members that condition on the scan name (ModelConfig.scan_conditioning) get its code,
+as ./predict gives it.
+
+Whether the ensemble's per-frame uncertainty means something: for every frame
+transition, the members' disagreement (the RMS over members of the mean point distance
+between a member's T(i->i-1) and the ensemble's, mm, on a grid of image points) against
+the ensemble's error there (the mean point distance between its T(i->i-1) and the true
+one, mm, the same grid): Spearman's rho (scipy.stats.spearmanr) over all transitions of
+a subset, and the median of the per-scan rhos ("uncertainty" in the JSON and markdown).
 
 GPE/LPE come from the transforms with the evaluator's own exact formula
 (metrics.transform_pixel_error in float32, equal to scoring the dense float32 DDFs;
@@ -36,6 +45,55 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+GRID_STEP = 8  # pixels between the image points of the per-frame errors
+
+
+def image_points(image_size: tuple[int, int], T_scale: np.ndarray, step: int = GRID_STEP) -> np.ndarray:
+    """Homogeneous image-mm points (4, P) of the 1-based pixel grid 1, 1+step, ... of an
+    (H, W) image: x = sx * column, y = sy * row, z = 0."""
+    h, w = image_size
+    ys, xs = np.meshgrid(np.arange(1, h + 1, step), np.arange(1, w + 1, step), indexing="ij")
+    px = np.stack([xs.ravel(), ys.ravel(), np.zeros(xs.size), np.ones(xs.size)]).astype(np.float64)
+    return np.asarray(T_scale, np.float64) @ px
+
+
+def frame_point_errors(
+    pred: np.ndarray,
+    true: np.ndarray,
+    T_scale: np.ndarray,
+    image_size: tuple[int, int],
+    step: int = GRID_STEP,
+) -> np.ndarray:
+    """Per transform, the mean distance (mm) between where pred and true put the image
+    points (image_points): (N, 4, 4), (N, 4, 4) -> (N,). With step 1 their mean over N
+    is transform_pixel_error's (the LPE/GPE formula)."""
+    pts = image_points(image_size, T_scale, step)
+    diff = (np.asarray(pred, np.float64) - np.asarray(true, np.float64))[:, :3] @ pts  # (N, 3, P)
+    return np.sqrt((diff**2).sum(1)).mean(-1)
+
+
+def member_disagreement(
+    locals_: list[np.ndarray], combined: np.ndarray, T_scale: np.ndarray, image_size: tuple[int, int]
+) -> np.ndarray:
+    """Per transition, the RMS over members of frame_point_errors(member, combined): (N,) mm."""
+    d = np.stack([frame_point_errors(m, combined, T_scale, image_size) for m in locals_])
+    return np.sqrt((d**2).mean(0))
+
+
+def uncertainty_rho(frames: list[dict]) -> dict:
+    """Spearman's rho between per-transition disagreement and error: pooled over all
+    transitions of ``frames`` (one dict per scan: 'disagreement', 'error' arrays) and the
+    median of the per-scan rhos."""
+    from scipy.stats import spearmanr
+
+    d = np.concatenate([f["disagreement"] for f in frames])
+    e = np.concatenate([f["error"] for f in frames])
+    per_scan = [float(spearmanr(f["disagreement"], f["error"]).statistic) for f in frames]
+    return {
+        "spearman_rho": float(spearmanr(d, e).statistic),
+        "per_scan_rho_median": float(np.nanmedian(per_scan)),
+        "transitions": len(d),
+    }
 
 
 def simulate(data: Path, subjects: list[int], frames: int, workers: int) -> None:
@@ -56,14 +114,16 @@ def simulate(data: Path, subjects: list[int], frames: int, workers: int) -> None
             raise SystemExit(f"simulation failed: {p.args}")
 
 
-def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
-    """Every model's errors on every scan of one data folder: rows of (model, key, ...)."""
+def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], list[dict]]:
+    """Every model's errors on every scan of one data folder: rows of (model, key, ...);
+    and per scan the ensemble's per-transition disagreement and error (mm)."""
     import torch
 
     from tusrec.data import open_data
     from tusrec.ddf import landmark_ddfs
     from tusrec.geometry import compose_local, frame_transforms
     from tusrec.model.ensemble import combine, load_members, members_local_transforms, read_scan_input
+    from tusrec.model.inputs import scan_code
     from tusrec.scoring.metrics import landmark_errors, transform_pixel_error
     from tusrec.scoring.score import scan_row
 
@@ -74,7 +134,7 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
     pair_labels = [("pair" if len(pair) == 1 else f"pair-{m.name}", m) for m in pair]
     data = open_data(folder)
     ts = data.calibration.T_scale
-    rows = []
+    rows, frames = [], []
     for scan in data.scans:
         true_global, true_local = frame_transforms(scan.read_tforms(), data.calibration)
         landmarks = scan.read_landmarks()
@@ -87,11 +147,21 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
         preds["identity"] = (identity, 0.0)
         for label, m in pair_labels + [(m.name, m) for m in members]:
             t0 = time.perf_counter()
-            local = members_local_transforms([m], inputs)[0]
+            local = members_local_transforms([m], inputs, "cpu", None, False, scan_code(scan.name))[0]
             preds[label] = (local, time.perf_counter() - t0)
         t0 = time.perf_counter()
         ensemble = combine([preds[m.name][0] for m in members]).local
         preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
+        frames.append(
+            {
+                "key": scan.key,
+                "protocol": scan.pattern.protocol,
+                "disagreement": member_disagreement(
+                    [preds[m.name][0] for m in members], ensemble, ts, scan.image_size
+                ),
+                "error": frame_point_errors(ensemble, true_local, ts, scan.image_size),
+            }
+        )
         base = {**scan_row(scan), "status": "ok", "read_s": read_s}
         ident = {}
         for model, (local, seconds) in preds.items():
@@ -107,7 +177,7 @@ def score_models(folder: str, weights: str, baseline: str) -> list[dict]:
             # runtime_s as the ranking reads it: reading + network (0 for the identity).
             runtime = read_s + seconds if model != "identity" else 0.0
             rows.append({"model": model, **base, **err, **ident, "network_s": seconds, "runtime_s": runtime})
-    return rows
+    return rows, frames
 
 
 def fs_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -127,7 +197,7 @@ def fs_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(summary: dict[str, pd.DataFrame], meta: dict) -> str:
+def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | None = None) -> str:
     lines = [
         "SYNTHETIC data: simulated held-out subjects "
         f"{', '.join(meta['subjects'])} ({meta['scans_2024']} sweeps of the 2024 protocol and "
@@ -146,6 +216,20 @@ def markdown(summary: dict[str, pd.DataFrame], meta: dict) -> str:
             lines.append(
                 f"| {r['model']} | {r['GPE']:.2f} | {r['GLE']:.2f} | {r['LPE']:.3f} | {r['LLE']:.3f} "
                 f"| {r['FS']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} |"
+            )
+        lines.append("")
+    if uncertainty:
+        lines += [
+            "**uncertainty** (the ensemble's per-transition member disagreement against its error, "
+            "both mm on image points; Spearman's rho)",
+            "",
+            "| subset | transitions | rho, all transitions | median rho per scan |",
+            "|---|---|---|---|",
+        ]
+        for subset, u in uncertainty.items():
+            lines.append(
+                f"| {subset} | {u['transitions']} | {u['spearman_rho']:.3f} "
+                f"| {u['per_scan_rho_median']:.3f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -173,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        parts = pool.map(score_models, map(str, folders), [str(args.weights)] * 4, [str(args.baseline)] * 4)
-        rows = [r for part in parts for r in part]
+        parts = list(
+            pool.map(score_models, map(str, folders), [str(args.weights)] * 4, [str(args.baseline)] * 4)
+        )
+        rows = [r for part, _ in parts for r in part]
+        frames = [f for _, part in parts for f in part]
     score_s = time.perf_counter() - t0
     table = pd.DataFrame(rows)
     tables = {
@@ -186,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         t.to_csv(out / "metrics.csv", index=False)
     order = [m for m in ORDER[:2] if m in tables] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
     protocol = table.drop_duplicates("key").set_index("key")["protocol"]
-    summary = {}
+    summary, uncertainty = {}, {}
     for subset, keep in (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025")):
         part = {
             m: t[t["key"].map(protocol) == keep].reset_index(drop=True) if keep else t
             for m, t in tables.items()
         }
         summary[subset] = fs_table({m: part[m] for m in order}).set_index("model").loc[order].reset_index()
+        uncertainty[subset] = uncertainty_rho([f for f in frames if keep is None or f["protocol"] == keep])
     meta = {
         "subjects": [f"{s:03d}" for s in subjects],
         "frames": args.frames,
@@ -203,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         "network_s_per_scan": table.groupby("model")["network_s"].mean().to_dict(),
         "synthetic": True,
     }
-    result = {"meta": meta, **{k: v.to_dict(orient="records") for k, v in summary.items()}}
+    result = {
+        "meta": meta,
+        **{k: v.to_dict(orient="records") for k, v in summary.items()},
+        "uncertainty": uncertainty,
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(summary, meta)
+    md = markdown(summary, meta, uncertainty)
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)
     print(

@@ -174,6 +174,32 @@ def test_batched_members_equal_one_by_one(weights):
     assert np.abs(batched[0] - batched[1]).max() > 1e-3  # the members do differ
 
 
+def test_batched_conditioned_members_equal_one_by_one_and_use_the_code(tmp_path):
+    """Members conditioned on the scan name (ModelConfig.scan_conditioning) get the code
+    through the vmapped pass as through the one-by-one one."""
+    from tusrec.model.inputs import scan_code
+    from tusrec.model.network import ModelConfig
+
+    cfg = ModelConfig(**{**TINY.to_dict(), "scan_conditioning": True})
+    for i in range(3):
+        torch.manual_seed(i)
+        net = TrackerlessNet(cfg)
+        for head in (net.fusion.head, net.fusion.signed_head):
+            for p in head[-1].parameters():
+                torch.nn.init.normal_(p, 0, 0.05)
+        save_member(tmp_path / "w", f"member{i}", net, {"trained": "random init (test)"})
+    members = load_members(tmp_path / "w")
+    frames = np.random.default_rng(1).normal(size=(23, 2, 16, 20)).astype(np.float32)
+    code = scan_code("LH_Per_L_DtP")
+    batched = ensemble.members_local_transforms(members, frames, code=code)
+    for member, out in zip(members, batched, strict=True):
+        np.testing.assert_allclose(
+            out, ensemble.member_local_transforms(member, frames, code=code), atol=1e-6
+        )
+    other = ensemble.members_local_transforms(members, frames, code=scan_code("LH_Per_L_PtD"))
+    assert np.abs(batched[0] - other[0]).max() > 1e-4  # the direction changes the output
+
+
 def test_member_stops_between_windows_past_its_deadline(data_root, weights):
     member = load_members(weights)[0]
     frames = np.zeros((40, 2, 16, 20), np.float32)

@@ -773,3 +773,139 @@ def test_a_missing_validation_subject_is_a_one_line_error_saying_what_to_pass(si
     ] == ["002"]
     frac = [*args[:3], str(tmp_path / "frac"), *args[4:], "--val-subjects", "0.34", "--workers", "0"]
     assert main(frac) == 0
+
+
+# --------------------------------------------------------------------------- scan-name conditioning
+
+
+def test_scan_code_gives_the_direction_negated_when_reversed_and_zeros_for_unknown_names():
+    from tusrec.model.inputs import scan_code
+
+    np.testing.assert_array_equal(scan_code("LH_Per_L_DtP"), [1, 0, 1, 0])
+    np.testing.assert_array_equal(scan_code("RH_Par_S_PtD"), [-1, 1, 0, 0])
+    # A reversed distal-to-proximal sweep is a proximal-to-distal one.
+    np.testing.assert_array_equal(scan_code("LH_Per_L_DtP", reverse=True), scan_code("LH_Per_L_PtD"))
+    np.testing.assert_array_equal(scan_code("RH_rotation"), [0, 0, 0, 1])
+    np.testing.assert_array_equal(scan_code("RH_rotation", reverse=True), [0, 0, 0, 1])
+    for unknown in ("scan_07", "LH_Per_L_Dtp", "", None):
+        np.testing.assert_array_equal(scan_code(unknown), np.zeros(4))
+
+
+@pytest.mark.parametrize("architecture", ["dual-encoder", "pair"])
+def test_the_direction_flips_exactly_the_signed_part_of_the_output(architecture):
+    from tusrec.model.network import build_network
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.to_dict(), "architecture": architecture, "scan_conditioning": True})
+    net = build_network(cfg)
+    for p in net.parameters():  # the heads start at zero (identity motion): make them not
+        torch.nn.init.normal_(p, std=0.3)
+    video = torch.randn(2, 2, 6, *cfg.input_size)
+    positions, tokens = (
+        torch.rand(2, 5),
+        net.encode_global(torch.randn(2, 4, *cfg.input_size), torch.rand(2, 4)),
+    )
+    code = torch.tensor([[1.0, 0, 1, 0], [1.0, 1, 0, 0]])
+    flipped = code * torch.tensor([-1.0, 1, 1, 1])
+    unknown = torch.zeros(2, 4)
+    with torch.no_grad():
+        plus, minus, zero = (
+            net(video, positions, tokens, c) for c in (code, flipped, code * torch.tensor([0.0, 1, 1, 1]))
+        )
+        # raw = a(kind) + d * b(kind): the direction-free part is the mean of +d and -d.
+        torch.testing.assert_close(zero, (plus + minus) / 2, atol=1e-5, rtol=1e-5)
+        assert (plus - minus).abs().max() > 1e-3
+        torch.testing.assert_close(
+            net(video, positions, tokens, None), net(video, positions, tokens, unknown)
+        )
+        assert (net(video, positions, tokens, unknown) - zero).abs().max() > 1e-4  # the kind matters
+    # Without conditioning the network is the one of old: same parameters, code ignored.
+    plain = build_network(ModelConfig(**{**TINY.to_dict(), "architecture": architecture}))
+    assert set(plain.state_dict()) < set(net.state_dict())
+    assert not any(k.startswith(("kind", "signed_head", "fusion.signed_head")) for k in plain.state_dict())
+
+
+def test_sampler_codes_follow_the_view_and_leave_the_clips_of_an_unconditioned_run(dataset_factory, tmp_path):
+    root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_Per_L_DtP",), 30, (24, 32))
+    data = load_cache(root, (8, 10))
+    aug = AugmentConfig(reverse=True, mirror=True, intensity=False, frame_skip=2)
+    ts = data.calib.T_scale
+    plain = ClipSampler(data.scans, 6, 4, aug, ts, np.random.default_rng(0))
+    coded = ClipSampler(data.scans, 6, 4, aug, ts, np.random.default_rng(0), conditioning=True)
+    directions = set()
+    for i in range(40):
+        a = plain.sample(rng=np.random.default_rng(i))
+        b = coded.sample(rng=np.random.default_rng(i))
+        assert "code" not in a
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        backwards = b["indices"][1] < b["indices"][0]
+        np.testing.assert_array_equal(b["code"], [-1 if backwards else 1, 0, 1, 0])
+        directions.add(int(b["code"][0]))
+    assert directions == {-1, 1}
+    forget = dataclasses.replace(aug, forget_name=1.0)
+    gone = ClipSampler(data.scans, 6, 4, forget, ts, np.random.default_rng(0), conditioning=True)
+    np.testing.assert_array_equal(gone.sample()["code"], np.zeros(4))
+    with pytest.raises(ValueError, match="forget_name"):
+        tiny_config(augment=AugmentConfig(forget_name=1.5))
+
+
+def test_a_conditioned_member_trains_and_the_predictor_gives_it_the_scan_name(
+    sim_root, tmp_path, monkeypatch
+):
+    from tusrec.model.inputs import scan_code
+    from tusrec.predict.core import Predictor
+
+    cond = ModelConfig(**{**TINY.to_dict(), "scan_conditioning": True})
+    cfg = tiny_config(
+        model=cond.to_dict(), steps=4, val_every=2, augment=AugmentConfig(intensity=False, forget_name=0.3)
+    )
+    entry = train_member(sim_root, tmp_path / "c", cfg, "c", progress=False)
+    assert entry["config"]["scan_conditioning"] and set(entry["metrics"]) == {"val_GPE", "val_LPE"}
+    (member,) = ensemble.load_members(tmp_path / "c" / "weights")
+    data = open_data(sim_root)
+    scan = data.scans[0]
+    seen = []
+    real = ensemble.members_local_transforms
+
+    def spy(members, inputs, device="cpu", deadline=None, autocast=False, code=None):
+        seen.append(None if code is None else np.asarray(code))
+        return real(members, inputs, device, deadline, autocast, code)
+
+    monkeypatch.setattr("tusrec.predict.core.members_local_transforms", spy)
+    row = Predictor([member], "cpu").predict_scan(scan, data.calibration, tmp_path / "p.h5")
+    assert row["status"] == "ok", row
+    np.testing.assert_array_equal(seen[0], scan_code(scan.name))
+
+
+def test_conditioned_configs_are_the_shipped_ones_plus_the_name_code():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("member", "pair"):
+        plain = TrainConfig.load(root / f"{name}.json").to_dict()
+        cond = TrainConfig.load(root / f"{name}-conditioned.json").to_dict()
+        assert cond["model"].pop("scan_conditioning") and not plain["model"].pop("scan_conditioning")
+        assert cond["augment"].pop("forget_name") == 0.2 and plain["augment"].pop("forget_name") == 0.0
+        # Mirroring negates tx (F T F), the sweep of the parallel scans, whose sign the
+        # name's direction gives: a mirrored clip would contradict its own code.
+        assert plain["augment"].pop("mirror") and not cond["augment"].pop("mirror")
+        assert cond == plain
+
+
+def test_a_checkpoint_from_before_the_conditioning_key_resumes_and_another_model_does_not(sim_root, tmp_path):
+    from tusrec.train.config import TrainError
+
+    cfg = tiny_config(steps=2, val_every=2)
+    train_member(sim_root, tmp_path / "r", cfg, "m", progress=False)
+    last = tmp_path / "r" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["config"]["model"]["scan_conditioning"]  # as written before the key existed
+    torch.save(checkpoint, last)
+    train_member(
+        sim_root, tmp_path / "r", dataclasses.replace(cfg, steps=3), "m", progress=False, resume=True
+    )
+    assert torch.load(last, weights_only=False)["step"] == 3
+    other = ModelConfig(**{**TINY.to_dict(), "scan_conditioning": True})
+    with pytest.raises(TrainError, match="model configuration differs"):
+        train_member(
+            sim_root, tmp_path / "r", dataclasses.replace(cfg, model=other.to_dict()), "m", resume=True
+        )

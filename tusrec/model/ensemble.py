@@ -152,13 +152,15 @@ def member_local_transforms(
     device: str | torch.device = "cpu",
     deadline: float | None = None,
     autocast: bool = False,
+    code: np.ndarray | None = None,
 ) -> np.ndarray:
     """One member's T(i->i-1) for a preprocessed scan: inputs (N, [C,] h, w) -> (N-1, 4, 4) float64.
+    ``code``: the scan's (4,) inputs.scan_code (None: unknown), as members_local_transforms.
 
     Checks ``deadline`` (time.perf_counter() value) between windows and raises
     OutOfTimeError past it, so a slow member never overruns by more than one window.
     """
-    return members_local_transforms([member], inputs, device, deadline, autocast)[0]
+    return members_local_transforms([member], inputs, device, deadline, autocast, code)[0]
 
 
 class _Single:
@@ -170,8 +172,10 @@ class _Single:
     def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.net.encode_global(frames, positions)[None]
 
-    def forward(self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net(video, positions, tokens[0])[None]
+    def forward(
+        self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, code: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.net(video, positions, tokens[0], code)[None]
 
 
 class _Batched:
@@ -195,11 +199,13 @@ class _Batched:
             params, buffers
         )
 
-    def forward(self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, video: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, code: torch.Tensor | None
+    ) -> torch.Tensor:
         from torch.func import functional_call, vmap
 
         def one(p, b, t):
-            return functional_call(self.base, (p, b), (video, positions, t))
+            return functional_call(self.base, (p, b), (video, positions, t, code))
 
         return vmap(one)(self.params, self.buffers, tokens)
 
@@ -220,19 +226,26 @@ def members_local_transforms(
     device: str | torch.device = "cpu",
     deadline: float | None = None,
     autocast: bool = False,
+    code: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Several members' T(i->i-1) for a preprocessed scan, as one batched pass when they
     share a configuration (torch.func.vmap over their stacked weights), else one by one.
 
     inputs: (N, C, h, w) (ScanInput.network_input; channel 0 the frames, channel 1 the
     decorrelation) or (N, h, w) frames only; a member uses its first cfg.in_channels.
+    ``code``: the scan's (4,) inputs.scan_code of its name (None: unknown, as zeros); only
+    members with ModelConfig.scan_conditioning use it.
     Returns one (N-1, 4, 4) float64 array per member. Checks ``deadline`` between windows
     and raises OutOfTimeError past it.
     """
     inputs = as_channels(inputs)
     cfgs = [m.cfg.to_dict() for m in members]
     if len(members) > 1 and any(c != cfgs[0] for c in cfgs):
-        return [r for m in members for r in members_local_transforms([m], inputs, device, deadline, autocast)]
+        return [
+            r
+            for m in members
+            for r in members_local_transforms([m], inputs, device, deadline, autocast, code)
+        ]
     cfg = members[0].cfg
     if inputs.shape[1] < cfg.in_channels:
         raise ValueError(
@@ -245,6 +258,7 @@ def members_local_transforms(
     idx = global_indices(n, cfg.global_frames)
     g = torch.from_numpy(np.ascontiguousarray(inputs[idx, 0])).to(device)[None]
     gpos = torch.from_numpy(scan_positions(idx, n)).to(device)[None]
+    code_t = None if code is None else torch.as_tensor(np.asarray(code, np.float32)).to(device)[None]
     amp = torch.autocast(device_type=torch.device(device).type, enabled=autocast)
     with amp, warnings.catch_warnings():
         # vmap falls back to a loop for fused attention kernels and says so every call.
@@ -259,7 +273,7 @@ def members_local_transforms(
             video = torch.from_numpy(np.ascontiguousarray(inputs[lo : hi + 1].transpose(1, 0, 2, 3)))
             video = video.to(device)[None]
             pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
-            out = runner.forward(video, pos, global_tokens)  # (M, 1, hi-lo, 9)
+            out = runner.forward(video, pos, global_tokens, code_t)  # (M, 1, hi-lo, 9)
             raw[:, core:stop] = out[:, 0, core - lo : stop - lo].float().cpu().numpy()
     # The rigid transforms are built in float64 whatever precision the network ran in.
     return list(pose9_to_matrix(torch.from_numpy(raw).double(), cfg).numpy())

@@ -203,3 +203,36 @@ def global_indices(n_frames: int, count: int) -> np.ndarray:
 def scan_positions(indices: np.ndarray, n_frames: int) -> np.ndarray:
     """Frame (or transition) indices -> scan positions in [0, 1]."""
     return np.asarray(indices, np.float32) / max(n_frames - 1, 1)
+
+
+# ------------------------------------------------------------------ what the name says
+#
+# Speckle decorrelation measures how far the probe moved out of plane, not in which
+# direction; with sweeps in both directions (and the reversal augmentation) a network
+# that sees only the images cannot tell +z from -z, and its loss is lowest when it
+# predicts no out-of-plane motion. The scan's name is part of the data format and says
+# the direction: in a distal-to-proximal sweep the probe moves towards the elbow, which
+# fixes the sign of the elevational motion for a given probe orientation. A member with
+# ModelConfig.scan_conditioning gets this code; a name that does not parse gets zeros
+# ("unknown"), which training also shows it (AugmentConfig.forget_name).
+
+SCAN_CODE_SIZE = 4  # [direction, parallel, perpendicular, rotation]
+
+
+def scan_code(name: str | None, reverse: bool = False) -> np.ndarray:
+    """(4,) float32 code of a scan name for conditioning a member:
+    [direction, Par, Per, rotation]. direction is +1 for DtP, -1 for PtD, negated when
+    the scan is played backwards (``reverse``: a reversed DtP sweep is a PtD sweep), 0
+    for rotation scans; the others are one-hot flags. A name of neither protocol
+    (or None) gives all zeros: the member falls back to what the images alone say."""
+    from tusrec.data import ScanPattern
+
+    code = np.zeros(SCAN_CODE_SIZE, np.float32)
+    pattern = ScanPattern.from_name(name or "")
+    if pattern.protocol == "2024":
+        sign = 1.0 if pattern.direction == "DtP" else -1.0
+        code[0] = -sign if reverse else sign
+        code[1 if pattern.orientation == "Par" else 2] = 1.0
+    elif pattern.protocol == "2025":
+        code[3] = 1.0
+    return code

@@ -49,6 +49,11 @@ class ModelConfig:
     overlap: int = 16  # transitions of context on each side of a window
     translation_scale_mm: float = 1.0  # network output unit for translation
     rotation_scale: float = 0.05  # network output unit for the 6D rotation offset
+    # Condition on what the scan's name says (inputs.scan_code: direction, Par/Per,
+    # rotation scan): the kind flags are embedded into the transition tokens, and the
+    # output is head(z) + direction * signed_head(z), so reversing a scan flips exactly
+    # the part of the motion that only the direction can tell. Off: the network of old.
+    scan_conditioning: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -166,10 +171,43 @@ class Fusion(nn.Module):
         # Start at the identity motion: training begins from "the probe did not move".
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        self.signed_head = _signed_head(cfg.dim, cfg.dim) if cfg.scan_conditioning else None
 
-    def forward(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, local: torch.Tensor, global_: torch.Tensor, direction: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """local (B, T, dim), global_ (B, G, dim), direction (B,) in {-1, 0, 1} -> (B, T, 9)."""
         context, _ = self.attend(local, global_, global_, need_weights=False)
-        return self.head(self.norm(local + context))
+        z = self.norm(local + context)
+        return _signed_output(self.head(z), self.signed_head, z, direction)
+
+
+def _signed_head(features: int, dim: int) -> nn.Module:
+    """The part of the output that flips with the scan direction: an MLP (..., features)
+    -> (..., 9), zero at initialisation like the main head."""
+    head = nn.Sequential(nn.Linear(features, dim), nn.GELU(), nn.Linear(dim, 9))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+def _signed_output(
+    raw: torch.Tensor, signed_head: nn.Module | None, z: torch.Tensor, direction: torch.Tensor | None
+) -> torch.Tensor:
+    """raw (B, T, 9) + direction (B,) * signed_head(z) (B, T, 9); raw alone without the head."""
+    if signed_head is None or direction is None:
+        return raw
+    return raw + direction.to(raw.dtype)[:, None, None] * signed_head(z)
+
+
+def _split_code(
+    code: torch.Tensor | None, batch: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scan codes (B, 4) (inputs.scan_code; None = unknown) -> direction (B,), kind flags (B, 3)."""
+    if code is None:
+        code = like.new_zeros(batch, 4)
+    code = code.to(like.dtype)
+    return code[:, 0], code[:, 1:]
 
 
 _IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
@@ -200,17 +238,29 @@ class TrackerlessNet(nn.Module):
         self.local = LocalEncoder(self.cfg)
         self.global_ = GlobalEncoder(self.cfg)
         self.fusion = Fusion(self.cfg)
+        # The kind of scan (Par / Per sweep, rotation scan), added to every transition token.
+        self.kind = nn.Linear(3, self.cfg.dim, bias=False) if self.cfg.scan_conditioning else None
 
     def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """frames (B, G, h, w), positions (B, G) in [0, 1] -> (B, G, dim)."""
         return self.global_(frames, positions)
 
     def forward(
-        self, video: torch.Tensor, positions: torch.Tensor, global_tokens: torch.Tensor
+        self,
+        video: torch.Tensor,
+        positions: torch.Tensor,
+        global_tokens: torch.Tensor,
+        code: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """video (B, C, T, h, w) normalised frames (+ decorrelation); positions (B, T-1) scan positions of
-        the transitions in [0, 1]; global_tokens (B, G, dim). Returns raw (B, T-1, 9)."""
-        return self.fusion(self.local(video, positions), global_tokens)
+        the transitions in [0, 1]; global_tokens (B, G, dim); code (B, 4) scan codes
+        (inputs.scan_code; None: unknown; ignored without cfg.scan_conditioning).
+        Returns raw (B, T-1, 9)."""
+        tokens = self.local(video, positions)
+        if self.kind is None:
+            return self.fusion(tokens, global_tokens)
+        direction, kind = _split_code(code, video.shape[0], tokens)
+        return self.fusion(tokens + self.kind(kind)[:, None], global_tokens, direction)
 
 
 class PairNet(nn.Module):
@@ -242,21 +292,32 @@ class PairNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(c_in, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 9))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        self.kind = nn.Linear(3, c_in, bias=False) if cfg.scan_conditioning else None
+        self.signed_head = _signed_head(c_in, cfg.dim) if cfg.scan_conditioning else None
 
     def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """No global context: an empty token set (B, 0, dim)."""
         return frames.new_zeros(frames.shape[0], 0, self.cfg.dim)
 
     def forward(
-        self, video: torch.Tensor, positions: torch.Tensor, global_tokens: torch.Tensor
+        self,
+        video: torch.Tensor,
+        positions: torch.Tensor,
+        global_tokens: torch.Tensor,
+        code: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """video (B, C, T, h, w) -> raw (B, T-1, 9); positions and global_tokens unused."""
+        """video (B, C, T, h, w) -> raw (B, T-1, 9); positions and global_tokens unused;
+        code (B, 4) as for TrackerlessNet (only with cfg.scan_conditioning)."""
         b, _, t, h, w = video.shape
         prev, cur = video[:, :1, :-1], video[:, :1, 1:]  # frames only: (B, 1, T-1, h, w)
         parts = [prev, cur] + ([video[:, 1:2, 1:]] if self.cfg.decorrelation else [])
         pairs = torch.cat(parts, dim=1).transpose(1, 2).reshape(b * (t - 1), len(parts), h, w)
-        features = self.cnn(pairs).mean(dim=(-2, -1))
-        return self.head(features).view(b, t - 1, 9)
+        features = self.cnn(pairs).mean(dim=(-2, -1)).view(b, t - 1, -1)
+        if self.kind is None:
+            return self.head(features)
+        direction, kind = _split_code(code, b, features)
+        features = features + self.kind(kind)[:, None]
+        return _signed_output(self.head(features), self.signed_head, features, direction)
 
 
 def build_network(cfg: ModelConfig) -> nn.Module:

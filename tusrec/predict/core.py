@@ -49,6 +49,7 @@ from tusrec.model.ensemble import (
     members_local_transforms,
     read_scan_input,
 )
+from tusrec.model.inputs import scan_code
 
 DEFAULT_TIME_LIMIT_S = 120.0
 # GP+LP written per second at 480 x 640, measured on a 2-core CPU with a plain disk
@@ -136,10 +137,13 @@ class Predictor:
         steps = (1,) if any(m.cfg.decorrelation for m in self.members) else ()
         return read_scan_input(scan, cfg.input_size, steps, self.chunk, self.workers).network_input()
 
-    def predict_local(self, frames: np.ndarray, deadline: float) -> ScanPrediction:
+    def predict_local(
+        self, frames: np.ndarray, deadline: float, code: np.ndarray | None = None
+    ) -> ScanPrediction:
         """Run members until the next would not finish by ``deadline`` (perf_counter time).
 
-        frames: (N, C, h, w) preprocessed (read_preprocessed). With ``workers`` > 1 (the
+        frames: (N, C, h, w) preprocessed (read_preprocessed); code: the scan name's
+        inputs.scan_code (None: unknown), for members conditioned on it. With ``workers`` > 1 (the
         CPU's default) members run side by side, ``workers`` at a time; the first to
         finish sets the pace, and a member that would end past the deadline is not
         started. Otherwise the first member runs alone: its time on this scan is the pace,
@@ -147,9 +151,9 @@ class Predictor:
         (``batched``) as many as fit as one vmapped pass.
         """
         if self.workers > 1 and not self.batched and len(self.members) > 1:
-            results, stopped = self._members_side_by_side(frames, deadline)
+            results, stopped = self._members_side_by_side(frames, deadline, code)
         else:
-            results, stopped = self._members_in_turn(frames, deadline)
+            results, stopped = self._members_in_turn(frames, deadline, code)
         if not results:
             identity = np.tile(np.eye(4), (len(frames) - 1, 1, 1))
             why = f"fallback: identity motion, no member finished within the time limit ({stopped})"
@@ -163,7 +167,9 @@ class Predictor:
             stopped,
         )
 
-    def _members_side_by_side(self, frames: np.ndarray, deadline: float) -> tuple[list[np.ndarray], str]:
+    def _members_side_by_side(
+        self, frames: np.ndarray, deadline: float, code: np.ndarray | None
+    ) -> tuple[list[np.ndarray], str]:
         """Members in ``workers`` threads, one intra-op thread each. A member starts only
         if the pace (the first finished member's time) says it ends by ``deadline``; each
         checks the deadline between windows. Returns the finished members' transforms in
@@ -178,7 +184,9 @@ class Predictor:
                 if begin > deadline or (pace and begin + pace[0] > deadline):
                     return "skipped"
             try:
-                out = members_local_transforms([member], frames, self.device, deadline, self.autocast)[0]
+                out = members_local_transforms([member], frames, self.device, deadline, self.autocast, code)[
+                    0
+                ]
             except OutOfTimeError as err:
                 return err
             with lock:
@@ -200,14 +208,16 @@ class Predictor:
             notes.append(f"{skipped} member(s) skipped for time")
         return results, "; ".join(notes)
 
-    def _members_in_turn(self, frames: np.ndarray, deadline: float) -> tuple[list[np.ndarray], str]:
+    def _members_in_turn(
+        self, frames: np.ndarray, deadline: float, code: np.ndarray | None
+    ) -> tuple[list[np.ndarray], str]:
         """The first member alone, then the rest one by one or (``batched``) as one pass."""
         results: list[np.ndarray] = []
         stopped = ""
         start = time.perf_counter()
         try:
             results += members_local_transforms(
-                self.members[:1], frames, self.device, deadline, self.autocast
+                self.members[:1], frames, self.device, deadline, self.autocast, code
             )
         except OutOfTimeError as err:
             stopped = str(err)
@@ -220,7 +230,7 @@ class Predictor:
             if fit > 0:
                 try:
                     results += members_local_transforms(
-                        rest[:fit], frames, self.device, deadline, self.autocast
+                        rest[:fit], frames, self.device, deadline, self.autocast, code
                     )
                 except OutOfTimeError as err:
                     stopped = str(err)
@@ -231,7 +241,7 @@ class Predictor:
                     break
                 try:
                     results += members_local_transforms(
-                        [member], frames, self.device, deadline, self.autocast
+                        [member], frames, self.device, deadline, self.autocast, code
                     )
                 except OutOfTimeError as err:
                     stopped = str(err)
@@ -250,7 +260,7 @@ class Predictor:
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
             frames = self.read_preprocessed(scan)
             t_read = time.perf_counter()
-            pred = self.predict_local(frames, deadline)
+            pred = self.predict_local(frames, deadline, scan_code(scan.name))
             t_network = time.perf_counter()
             row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []

@@ -42,6 +42,10 @@ class AugmentConfig:
     mirror: bool = True
     intensity: bool = True
     frame_skip: int = 2
+    # For members with ModelConfig.scan_conditioning: the probability that a clip's scan
+    # code is zeroed ("name unknown"), so the member also learns the fallback for names
+    # that do not parse (no effect, and no random draw, without conditioning).
+    forget_name: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
@@ -109,6 +113,8 @@ class TrainConfig:
             raise ValueError("clip_frames must be at least 2")
         if self.augment.frame_skip < 1:
             raise ValueError("augment.frame_skip must be at least 1")
+        if not 0.0 <= self.augment.forget_name <= 1.0:
+            raise ValueError(f"augment.forget_name is a probability, got {self.augment.forget_name}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tusrec.model.inputs import scan_positions
+from tusrec.data import parse_scan_key
+from tusrec.model.inputs import scan_code, scan_positions
 from tusrec.train.cache import CachedScan
 from tusrec.train.config import AugmentConfig
 
@@ -98,6 +99,9 @@ class ClipSampler:
         local (T-1, 4, 4) float32 labels T(i->i-1) in image mm
         points (P, 4) float32 loss probe points in image mm
         indices (T,) int64 original frame indices of the clip (for checks and debugging)
+        code (4,) float32 the scan code of the view (inputs.scan_code: the direction
+            negated for a reversed view; zeros with probability augment.forget_name), only
+            with ``conditioning``
     """
 
     def __init__(
@@ -109,7 +113,9 @@ class ClipSampler:
         T_scale: np.ndarray,
         rng: np.random.Generator,
         decorrelation: bool = False,
+        conditioning: bool = False,
     ):
+        self.conditioning = conditioning
         self.scans = [s for s in scans if s.n_frames >= clip_frames]
         if not self.scans:
             raise ValueError(f"no training scan has at least clip_frames={clip_frames} frames")
@@ -183,6 +189,10 @@ class ClipSampler:
         }
         if ncc is not None:
             out["decorrelation"] = np.ascontiguousarray(ncc)
+        if self.conditioning:
+            # Drawn last, so that the clips are those of an unconditioned run.
+            forget = rng.random() < aug.forget_name
+            out["code"] = scan_code(None if forget else parse_scan_key(scan.key)[1], reverse)
         return out
 
     def batch(self, size: int) -> dict[str, np.ndarray]:

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tusrec.data import open_data
+from tusrec.data import open_data, parse_scan_key
 from tusrec.geometry import compose_local
 from tusrec.model.ensemble import Member, members_local_transforms, save_member
-from tusrec.model.inputs import normalise_frames, normalise_ncc
-from tusrec.model.network import build_network, pose9_to_matrix
+from tusrec.model.inputs import normalise_frames, normalise_ncc, scan_code
+from tusrec.model.network import ModelConfig, build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
 from tusrec.scoring.metrics import transform_pixel_error as mean_pixel_error
 from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
@@ -63,9 +63,10 @@ def validate(
     autocast = torch.device(device).type == "cuda"  # as the predictor runs on a GPU
     try:
         for scan in scans[ctx.rank :: ctx.world]:
-            local = members_local_transforms([Member("val", net)], scan.normalised(), device, None, autocast)[
-                0
-            ]
+            code = scan_code(parse_scan_key(scan.key)[1])  # as the predictor codes the scan's name
+            local = members_local_transforms(
+                [Member("val", net)], scan.normalised(), device, None, autocast, code
+            )[0]
             gpe.append(mean_pixel_error(compose_local(local), scan.global_, T_scale, scan.image_size))
             lpe.append(mean_pixel_error(local, scan.local, T_scale, scan.image_size))
     finally:
@@ -97,9 +98,9 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, global_frames, global_positions, video, positions) -> torch.Tensor:
+    def forward(self, global_frames, global_positions, video, positions, code=None) -> torch.Tensor:
         tokens = self.net.encode_global(global_frames, global_positions)
-        return self.net(video, positions, tokens)  # raw (B, T-1, 9)
+        return self.net(video, positions, tokens, code)  # raw (B, T-1, 9)
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -123,7 +124,9 @@ def training_step(
     inner = step.module.net if isinstance(step, torch.nn.parallel.DistributedDataParallel) else step.net
     video = batch["video"]
     with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        raw = step(batch["global_frames"], batch["global_positions"], video, batch["positions"])
+        raw = step(
+            batch["global_frames"], batch["global_positions"], video, batch["positions"], batch.get("code")
+        )
     pred = pose9_to_matrix(raw.float(), inner.cfg)
     return clip_loss(pred, batch["local"].float(), batch["points"].float(), cfg.loss)
 
@@ -256,7 +259,9 @@ def train_member(
     _check_run_dir(out_dir, resume)
     if last_path.exists():
         checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-        if checkpoint["config"]["model"] != cfg.to_dict()["model"]:
+        # Through ModelConfig, so a checkpoint written before a key with a default existed
+        # (scan_conditioning) still resumes.
+        if ModelConfig.from_dict(checkpoint["config"]["model"]) != mcfg:
             raise TrainError(f"{last_path}: the model configuration differs from the checkpoint's")
         if checkpoint["config"].get("sampling", "sequential") != cfg.sampling:
             raise TrainError(f"{last_path}: the checkpoint's clip sampling differs from the config's")
@@ -282,6 +287,7 @@ def train_member(
         T_scale,
         sampler_rng,
         mcfg.decorrelation,
+        mcfg.scan_conditioning,
     )
 
     net = build_network(mcfg).to(device)

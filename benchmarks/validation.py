@@ -1,0 +1,180 @@
+"""Members and ensembles on the VALIDATION subject: what each recovers of each motion.
+
+    python -m benchmarks.validation DATA --cache DIR --weights W1 [W2 ...] [--out F.json]
+
+The tool for choosing levers (never the benchmark's subjects): every member of the
+weights folders is run on the held-out validation scans of DATA (subject 011 unless
+``--subjects``) as the predictor runs it (windowed inference, the scan name's code), and
+for each member, for the mean of all and for the mean of the best k (by the manifests'
+validation GPE) it reports
+
+* GPE and LPE (mm, mean over scans; the trainer's own validation numbers);
+* per-DOF recovery of the frame-to-frame motion T(i->i-1): the slope of the predicted on
+  the true component through the origin, sum(p t) / sum(t^2), for tx, ty, tz (mm) and
+  rx, ry, rz (rotation vector, rad), per scan kind (Par and Per sweeps, rotation scans):
+  1 = the motion is recovered, 0 = not at all, 0.45 = 45 % of it;
+* the correlation of the members' frame-to-frame point errors (how alike their errors are);
+* for the mean of all, Spearman's rho between per-transition member disagreement and
+  error (benchmarks.accuracy.uncertainty_rho, as the benchmark reports it).
+
+``--fast`` skips the GPE/LPE (their dense pixel grids are most of the time) and the
+per-DOF recovery: the disagreement-error rho and the error correlation only.
+
+Prints a table and writes JSON. SYNTHETIC data only, as all of this kit's training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DOFS = ("tx", "ty", "tz", "rx", "ry", "rz")
+
+
+def dofs(local: np.ndarray) -> np.ndarray:
+    """(N, 4, 4) rigid transforms -> (N, 6): translation (mm) and rotation vector (rad)."""
+    from scipy.spatial.transform import Rotation
+
+    local = np.asarray(local, np.float64)
+    return np.concatenate([local[:, :3, 3], Rotation.from_matrix(local[:, :3, :3]).as_rotvec()], axis=1)
+
+
+def recovery(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per-column slope through the origin of pred on true: (N, D), (N, D) -> (D,)."""
+    return (pred * true).sum(0) / np.maximum((true * true).sum(0), 1e-300)
+
+
+def scan_kind(name: str) -> str:
+    from tusrec.data import ScanPattern
+
+    p = ScanPattern.from_name(name)
+    if p.protocol == "2025":
+        return "rotation"
+    return p.orientation or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
+    from tusrec.data import open_data, parse_scan_key
+    from tusrec.geometry import compose_local
+    from tusrec.model.ensemble import combine, load_members, members_local_transforms, validation_gpe
+    from tusrec.model.inputs import scan_code
+    from tusrec.scoring.metrics import transform_pixel_error
+    from tusrec.train.cache import load_cache
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path)
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--weights", type=Path, nargs="+", required=True)
+    p.add_argument("--members", nargs="*", default=None, help="only these members")
+    p.add_argument("--subjects", default="011")
+    p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
+    p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
+    p.add_argument("--fast", action="store_true", help="only the rho and the error correlation")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    members = []
+    for w in args.weights:
+        for m in load_members(w):
+            if args.members is None or m.name in args.members:
+                m.name = f"{w.name}/{m.name}" if len(args.weights) > 1 else m.name
+                members.append(m)
+    size = tuple(members[0].cfg.input_size)
+    subjects = [f"{int(s):03d}" for s in args.subjects.split(",")]
+    keys = [s.key for s in open_data(args.data).scans if s.subject in subjects]
+    # The frame steps of the training cache's entries (cache_steps of the configs), so the
+    # trainers' cache is read, not rebuilt; the predictor's step-1 maps are among them.
+    steps = tuple(int(k) for k in args.steps.split(","))
+    data = load_cache(args.data, size, keys, False, steps, args.cache)
+    scans = data.scans
+    ts = data.calib.T_scale
+    ranked = sorted(members, key=validation_gpe)
+    combos = {"mean-all": [m.name for m in members]}
+    for k in args.top:
+        if 1 < k < len(members):
+            combos[f"mean-top{k}"] = [m.name for m in ranked[:k]]
+    kinds = sorted({scan_kind(parse_scan_key(s.key)[1]) for s in scans})
+
+    per: dict[str, dict] = {}
+    true_d: dict[str, list] = {k: [] for k in kinds}
+    pred_d: dict[str, dict[str, list]] = {}
+    errors: dict[str, list] = {m.name: [] for m in members}
+    frames: list[dict] = []  # the mean of all: per-transition disagreement and error
+
+    def record(label: str, local: np.ndarray, scan, kind: str) -> None:
+        row = per.setdefault(label, {"GPE": [], "LPE": []})
+        row["GPE"].append(transform_pixel_error(compose_local(local), scan.global_, ts, scan.image_size))
+        row["LPE"].append(transform_pixel_error(local, scan.local, ts, scan.image_size))
+        pred_d.setdefault(label, {k: [] for k in kinds})[kind].append(dofs(local))
+
+    for scan in scans:
+        name = parse_scan_key(scan.key)[1]
+        kind = scan_kind(name)
+        inputs = scan.normalised()
+        locals_ = {
+            m.name: members_local_transforms([m], inputs, "cpu", None, False, scan_code(name))[0]
+            for m in members
+        }
+        true_d[kind].append(dofs(scan.local))
+        mean_all = combine(list(locals_.values())).local
+        frames.append(
+            {
+                "disagreement": member_disagreement(list(locals_.values()), mean_all, ts, scan.image_size),
+                "error": frame_point_errors(mean_all, scan.local, ts, scan.image_size),
+            }
+        )
+        for label, local in locals_.items():
+            errors[label].append(frame_point_errors(local, scan.local, ts, scan.image_size))
+        if args.fast:
+            continue
+        for label, local in locals_.items():
+            record(label, local, scan, kind)
+        for label, names in combos.items():
+            record(label, combine([locals_[n] for n in names]).local, scan, kind)
+        record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind)
+
+    result = {
+        "subjects": args.subjects,
+        "scans": len(scans),
+        "models": {},
+        "uncertainty_mean_all": uncertainty_rho(frames),
+    }
+    for label, row in per.items():
+        entry = {"GPE": float(np.mean(row["GPE"])), "LPE": float(np.mean(row["LPE"]))}
+        for kind in kinds:
+            t = np.concatenate(true_d[kind])
+            pr = np.concatenate(pred_d[label][kind])
+            entry[f"recovery_{kind}"] = dict(zip(DOFS, recovery(pr, t).round(3).tolist(), strict=True))
+        result["models"][label] = entry
+    names = [m.name for m in members]
+    if len(names) > 1:
+        e = np.stack([np.concatenate(errors[n]) for n in names])
+        c = np.corrcoef(e)
+        result["error_correlation"] = {
+            "min": float(c[np.triu_indices(len(names), 1)].min()),
+            "max": float(c[np.triu_indices(len(names), 1)].max()),
+        }
+    for label, entry in result["models"].items():
+        rec = "  ".join(
+            f"{kind}:" + ",".join(f"{entry[f'recovery_{kind}'][d]:+.2f}" for d in DOFS) for kind in kinds
+        )
+        print(f"{label:28s} GPE {entry['GPE']:7.2f}  LPE {entry['LPE']:.3f}  {rec}")
+    print("mean of all, disagreement vs error:", result["uncertainty_mean_all"])
+    if "error_correlation" in result:
+        print("member error correlation:", result["error_correlation"])
+    print("recovery columns:", ",".join(DOFS))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

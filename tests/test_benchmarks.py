@@ -1,0 +1,68 @@
+"""The accuracy benchmark's per-frame errors, disagreement and rank correlation, and the
+validation tool's per-DOF recovery, against independent computations."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
+from benchmarks.validation import dofs, recovery
+from tusrec.ddf import pixel_ddfs
+from tusrec.geometry import default_calibration, frame_transforms
+
+
+def test_per_frame_errors_are_the_dense_ddf_distances_of_each_frame(synth, rng):
+    calib = default_calibration()
+    a = frame_transforms(synth.random_tforms(rng, 9), calib)[1]
+    b = frame_transforms(synth.random_tforms(rng, 9), calib)[1]
+    h, w = 7, 11
+    # The dense DDFs of every pixel (the evaluator's function), per frame.
+    dense = pixel_ddfs(a, calib.T_scale, h, w, np.float64) - pixel_ddfs(b, calib.T_scale, h, w, np.float64)
+    expected = np.linalg.norm(dense, axis=1).mean(axis=-1)  # (N,)
+    np.testing.assert_allclose(frame_point_errors(a, b, calib.T_scale, (h, w), step=1), expected, rtol=1e-10)
+    # The default grid samples every 8th pixel: close to the dense mean on a real image size.
+    coarse = frame_point_errors(a, b, calib.T_scale, (48, 64))
+    fine = frame_point_errors(a, b, calib.T_scale, (48, 64), step=1)
+    np.testing.assert_allclose(coarse, fine, rtol=0.1)
+    assert frame_point_errors(a, a, calib.T_scale, (h, w)).max() == 0
+
+
+def test_disagreement_is_zero_for_equal_members_and_the_rms_of_their_distances(synth, rng):
+    calib = default_calibration()
+    a = frame_transforms(synth.random_tforms(rng, 6), calib)[1]
+    b = frame_transforms(synth.random_tforms(rng, 6), calib)[1]
+    size = (16, 24)
+    assert member_disagreement([a, a, a], a, calib.T_scale, size).max() == 0
+    da = frame_point_errors(a, b, calib.T_scale, size)
+    np.testing.assert_allclose(member_disagreement([a, b], b, calib.T_scale, size), np.sqrt(da**2 / 2))
+
+
+def test_uncertainty_rho_is_spearmans_over_all_transitions_and_per_scan():
+    r = np.random.default_rng(0)
+    e1, e2 = r.random(50), r.random(40)
+    frames = [
+        {"disagreement": e1**3, "error": e1},  # monotone: rho 1
+        {"disagreement": -e2, "error": e2},  # reversed: rho -1
+    ]
+    out = uncertainty_rho(frames)
+    assert out["transitions"] == 90
+    assert out["per_scan_rho_median"] == pytest.approx(0.0)
+    # Pooled: the ranks of all 90 pairs, computed here by hand (no ties).
+    d = np.concatenate([e1**3, -e2])
+    e = np.concatenate([e1, e2])
+    rd, re = d.argsort().argsort(), e.argsort().argsort()
+    expected = np.corrcoef(rd, re)[0, 1]
+    assert out["spearman_rho"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_recovery_is_the_share_of_each_motion_component_predicted():
+    r = np.random.default_rng(1)
+    rotvec = r.normal(scale=0.01, size=(200, 3))
+    t = r.normal(size=(200, 3))
+    true = np.tile(np.eye(4), (200, 1, 1))
+    true[:, :3, :3] = Rotation.from_rotvec(rotvec).as_matrix()
+    true[:, :3, 3] = t
+    d = dofs(true)
+    np.testing.assert_allclose(d, np.concatenate([t, rotvec], axis=1), atol=1e-12)
+    scale = np.array([1.0, 0.5, 0.0, -1.0, 0.25, 2.0])
+    np.testing.assert_allclose(recovery(d * scale, d), scale, atol=1e-12)
