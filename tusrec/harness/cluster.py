@@ -19,7 +19,6 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
 from tusrec.cluster import (
@@ -42,7 +41,6 @@ from tusrec.harness.runner import (
     _client,
     _fresh_dir,
     _image_ids,
-    _kept_manifest,
     judge,
     output_quota,
     plan_runs,
@@ -52,9 +50,9 @@ from tusrec.harness.runner import (
     run_tag,
     runner_peak_rss_mb,
     stage_scan,
+    write_team_table,
 )
 from tusrec.harness.watchdog import remove_labelled
-from tusrec.scoring import write_metrics
 
 _ENGINE = None
 _WATCHDOG = None
@@ -214,11 +212,8 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
 
     def merge(name: str, row: dict) -> None:
         team_name, key = name.split("/", 1)
-        team_rows = rows[team_name]
-        team_rows[key] = row
-        write_metrics(pd.DataFrame([team_rows[s.key] for s in scans if s.key in team_rows]), out / team_name)
-        if keep_predictions:
-            _kept_manifest(out / team_name / "predictions", team_rows, scans)
+        rows[team_name][key] = row
+        write_team_table(out / team_name, rows[team_name], scans, keep_predictions)
         tqdm.write(f"{team_name} {key}: {row['status']} in {row['runtime_s']:.1f} s")
 
     total = len(scans) * len(teams)
@@ -230,12 +225,6 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     for team in teams:
         remove_tree(out / team.name / ".work")
     fail_if_units_failed(done, "container")
-    tables = {}
-    for team in teams:
-        table = pd.DataFrame([rows[team.name][s.key] for s in scans])
-        write_metrics(table, out / team.name)
-        if keep_predictions:
-            _kept_manifest(out / team.name / "predictions", rows[team.name], scans)
-        tables[team.name] = table
+    tables = {t.name: write_team_table(out / t.name, rows[t.name], scans, keep_predictions) for t in teams}
     log(f"client peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)
     return tables

@@ -720,6 +720,19 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
+def write_team_table(
+    team_dir: Path, team_rows: dict[str, dict], scans: list[Scan], keep: bool
+) -> pd.DataFrame:
+    """A team's metrics.csv/metrics.h5 from the rows judged so far, in scan order (and its
+    kept predictions.csv when ``keep``): written after every unit and at the end, by the
+    serial runner and the cluster's client alike. Returns the table."""
+    table = pd.DataFrame([team_rows[s.key] for s in scans if s.key in team_rows])
+    write_metrics(table, team_dir)
+    if keep:
+        _kept_manifest(team_dir / "predictions", team_rows, scans)
+    return table
+
+
 def _kept_manifest(folder: Path, rows: dict[str, dict], scans: list[Scan]) -> None:
     """predictions.csv of the kept folder: every kept file, whichever run judged it (so
     `evaluate check` accepts the folder after an interrupted run and its rerun)."""
@@ -918,11 +931,7 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, r
             record_judgement(run, row, manifest, output_dir, team_dir, keep_predictions)
             remove_tree(output_dir)  # the dense arrays: GB per scan
             rows[team.name][scan.key] = row
-            write_metrics(
-                pd.DataFrame([rows[team.name][s.key] for s in scans if s.key in rows[team.name]]), team_dir
-            )
-            if keep_predictions:
-                _kept_manifest(team_dir / "predictions", rows[team.name], scans)
+            write_team_table(team_dir, rows[team.name], scans, keep_predictions)
             status, seconds = row["status"], row["runtime_s"]
             bar.write(f"{team.name} {scan.key}: {status} in {seconds:.1f} s (judged in {t_judge:.2f} s)")
             bar.update()
@@ -932,13 +941,7 @@ def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, r
     for team in teams:
         with contextlib.suppress(OSError):
             (out / team.name / ".work").rmdir()
-    tables = {}
-    for team in teams:
-        table = pd.DataFrame([rows[team.name][s.key] for s in scans])
-        write_metrics(table, out / team.name)
-        if keep_predictions:
-            _kept_manifest(out / team.name / "predictions", rows[team.name], scans)
-        tables[team.name] = table
+    tables = {t.name: write_team_table(out / t.name, rows[t.name], scans, keep_predictions) for t in teams}
     log(f"runner peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)
     return tables
 
