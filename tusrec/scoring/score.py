@@ -642,6 +642,7 @@ def score_predictions(
     """
     limits = replace(limits or ScoreLimits(), chunk=chunk or DEFAULT_CHUNK)
     plan = plan_scoring(folder, data, out_dir, limits, keys)
+    done = None
     if client is not None:
         from tusrec.cluster import fail_if_units_failed, map_units
 
@@ -654,16 +655,15 @@ def score_predictions(
             total=len(plan.scans),
             done=len(plan.rows),
         )
-        table = plan.table()
-        write_metrics(table, Path(out_dir))
-        fail_if_units_failed(done, "scoring")  # after writing what was done: a rerun does the rest
-        return table
-    for job in tqdm(
-        plan.jobs, desc="score", unit="scan", initial=len(plan.rows), total=len(plan.scans), disable=None
-    ):
-        plan.rows[job.scan.key] = job.run()
+    else:
+        for job in tqdm(
+            plan.jobs, desc="score", unit="scan", initial=len(plan.rows), total=len(plan.scans), disable=None
+        ):
+            plan.rows[job.scan.key] = job.run()
     table = plan.table()
     write_metrics(table, Path(out_dir))
+    if done is not None:
+        fail_if_units_failed(done, "scoring")  # after writing what was done: a rerun does the rest
     return table
 
 
