@@ -854,8 +854,8 @@ def hostile(engine, val2024, tmp_path_factory):
     return SimpleNamespace(images=images, run_out=run_out, data=data)
 
 
-def evaluate_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: str, timeout: float = 600):
-    """`./evaluate run --no-rank` of ``teams`` (name -> image); returns (result, peak RSS MB)."""
+def run_command(data: Path, out: Path, teams: dict[str, str], *extra: str) -> list[str]:
+    """The `./evaluate run --no-rank` command line of the tests' runs of ``teams`` (name -> image)."""
     command = [
         str(ROOT / "evaluate"),
         "run",
@@ -874,6 +874,12 @@ def evaluate_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: s
     ]
     for name, image in teams.items():
         command += ["--team", f"{name}={image}"]
+    return command
+
+
+def evaluate_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: str, timeout: float = 600):
+    """`./evaluate run --no-rank` of ``teams`` (name -> image); returns (result, peak RSS MB)."""
+    command = run_command(data, out, teams, *extra)
     result = subprocess.run(command, capture_output=True, text=True, env=engine.env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     peak = PEAK_RSS.search(result.stdout)
@@ -1032,26 +1038,7 @@ CLUSTER_TEAMS = ("extlink", "vds", "quota", "badattrs", "links")
 
 def _cluster_run(engine, data: Path, out: Path, teams: dict[str, str], *extra: str, timeout: float = 600):
     """`./evaluate run --cluster local:2 --no-rank` of ``teams``."""
-    command = [
-        str(ROOT / "evaluate"),
-        "run",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--time-limit",
-        "25",
-        "--memory",
-        "1g",
-        "--output-quota-margin",
-        str(QUOTA_MARGIN_MB),
-        "--no-rank",
-        "--cluster",
-        "local:2",
-        *extra,
-    ]
-    for name, image in teams.items():
-        command += ["--team", f"{name}={image}"]
+    command = run_command(data, out, teams, "--cluster", "local:2", *extra)
     return subprocess.run(command, capture_output=True, text=True, env=engine.env, timeout=timeout)
 
 
