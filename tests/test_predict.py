@@ -4,6 +4,7 @@ training issue's business.)"""
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -435,3 +436,19 @@ def test_predict_command(data_root, weights, tmp_path):
         text=True,
     )
     assert no_weights.returncode == 2 and "no weights manifest" in no_weights.stderr
+
+
+def test_the_predictor_never_loads_torchs_compiler(data_root, weights, tmp_path):
+    """Loading torch._dynamo (as roma 1.6.1+ does when imported) costs 2.7 s of CPU at every
+    ./predict start on a 2-core machine (requirements.txt); the predictor needs none of it."""
+    script = (
+        "import sys\n"
+        "from tusrec.predict import predict_folder\n"
+        f"rows = predict_folder({str(data_root)!r}, {str(tmp_path / 'p')!r}, {str(weights)!r}, 'cpu',"
+        " log=lambda *a: None)\n"
+        "assert [r['status'] for r in rows] == ['ok'] * 3, rows\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout

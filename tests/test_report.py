@@ -439,3 +439,28 @@ def test_ranking_scored_predictions_of_four_quality_levels(tmp_path, dataset_fac
         for kind in ("trajectory", "reconstruction"):
             png = out / "qualitative" / f"coarse__{key}_{kind}.png"
             assert base64.b64encode(png.read_bytes()).decode() in page
+
+
+def test_figures_drawn_in_processes_are_those_drawn_here(tmp_path):
+    """write_figures' processes give the PNGs of the serial path byte for byte, and in the
+    report's order; a daemonic process (a Dask worker) draws them itself."""
+    import multiprocessing
+
+    from tusrec.ranking.report import figure_builders, write_figures
+
+    data = combine_teams(
+        {k: read_team_table_frame(v) for k, v in synthetic_tables(4, subjects=2, seed=3).items()}
+    )
+    analysis = analyse(data, resamples=40)
+    here = write_figures(analysis, tmp_path / "here", "t", True, workers=1)
+    apart = write_figures(analysis, tmp_path / "apart", "t", True, workers=3)
+    assert list(here) == list(apart) == [name for name, _ in figure_builders(analysis, True, "t")]
+    for name in here:
+        assert here[name].read_bytes() == apart[name].read_bytes(), name
+    daemon = multiprocessing.current_process()
+    daemon.daemon, was = True, daemon.daemon
+    try:
+        again = write_figures(analysis, tmp_path / "daemon", "t", True, workers=2)
+    finally:
+        daemon.daemon = was
+    assert all(again[name].read_bytes() == here[name].read_bytes() for name in here)

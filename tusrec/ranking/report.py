@@ -379,77 +379,103 @@ FIGURES = {
 }
 
 
-def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
-    """Yield (name, Figure) for every figure of the report (FIGURES; the significance
-    figures only with two teams or more)."""
+def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
+    """[(name, build)] for every figure of the report, in the report's order: build() makes
+    the Figure (FIGURES; the significance figures only with two teams or more). Nothing
+    is drawn until a build is called, so a process can make just some of them."""
     from tusrec.ranking import figures as fg
 
     a = analysis
     prefix = f"{title} - " if title else ""
-    yield "blob_plot", fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic)
+    builders = [
+        ("blob_plot", lambda: fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic))
+    ]
     if _tau_defined(a):  # with one team there is no order to compare: no empty figure
-        yield "kendall_tau", fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic)
+        builders.append(
+            ("kendall_tau", lambda: fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic))
+        )
     if a.pairwise:
-        yield (
-            "significance_map",
-            fg.significance_map(
-                a.pairwise,
+        alpha = a.settings["alpha"]
+        builders.append(
+            (
+                "significance_map",
+                lambda: fg.significance_map(
+                    a.pairwise, a.ranking, "FS", prefix + FIGURES["significance_map"], alpha, synthetic
+                ),
+            )
+        )
+        builders.append(
+            (
+                "significance_all",
+                lambda: fg.significance_grid(
+                    a.pairwise, a.ranking, prefix + FIGURES["significance_all"], alpha, synthetic
+                ),
+            )
+        )
+    builders.append(
+        (
+            "sampling_distribution",
+            lambda: fg.sampling_curves(a.sampling, prefix + FIGURES["sampling_distribution"], synthetic),
+        )
+    )
+    builders.append(
+        (
+            "box_scores",
+            lambda: fg.box_plots(
+                {name: a.scores.scores[name] for name in SCORES},
+                fg.SCORE_LABELS,
                 a.ranking,
-                "FS",
-                prefix + FIGURES["significance_map"],
-                a.settings["alpha"],
+                prefix + FIGURES["box_scores"] + f" ({a.normalisation} normalisation; failed scans 0)",
                 synthetic,
             ),
         )
-        yield (
-            "significance_all",
-            fg.significance_grid(
-                a.pairwise, a.ranking, prefix + FIGURES["significance_all"], a.settings["alpha"], synthetic
+    )
+    builders.append(
+        (
+            "box_errors",
+            lambda: fg.box_plots(
+                {name: a.data.errors[:, :, e] for e, name in enumerate(ERRORS)},
+                fg.ERROR_LABELS,
+                a.ranking,
+                prefix + FIGURES["box_errors"] + " (scored scans)",
+                synthetic,
+                log=True,
             ),
         )
-    yield (
-        "sampling_distribution",
-        fg.sampling_curves(a.sampling, prefix + FIGURES["sampling_distribution"], synthetic),
-    )
-    yield (
-        "box_scores",
-        fg.box_plots(
-            {name: a.scores.scores[name] for name in SCORES},
-            fg.SCORE_LABELS,
-            a.ranking,
-            prefix + FIGURES["box_scores"] + f" ({a.normalisation} normalisation; failed scans 0)",
-            synthetic,
-        ),
-    )
-    yield (
-        "box_errors",
-        fg.box_plots(
-            {name: a.data.errors[:, :, e] for e, name in enumerate(ERRORS)},
-            fg.ERROR_LABELS,
-            a.ranking,
-            prefix + FIGURES["box_errors"] + " (scored scans)",
-            synthetic,
-            log=True,
-        ),
     )
     if len(a.patterns):
-        from tusrec.ranking.stats import factors_present, metric_values, pattern_labels
 
-        panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
-        labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
-        yield "patterns", fg.pattern_plot(panels, labels, a.ranking, prefix + FIGURES["patterns"], synthetic)
-    yield (
-        "scan_length",
-        fg.length_plot(
-            a.data.scans["scan_length_mm"].to_numpy(float),
-            a.data.errors,
-            a.ranking,
-            a.lengths,
-            prefix + FIGURES["scan_length"],
-            synthetic,
-        ),
+        def patterns():
+            from tusrec.ranking.stats import factors_present, metric_values, pattern_labels
+
+            panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
+            labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
+            return fg.pattern_plot(panels, labels, a.ranking, prefix + FIGURES["patterns"], synthetic)
+
+        builders.append(("patterns", patterns))
+    builders.append(
+        (
+            "scan_length",
+            lambda: fg.length_plot(
+                a.data.scans["scan_length_mm"].to_numpy(float),
+                a.data.errors,
+                a.ranking,
+                a.lengths,
+                prefix + FIGURES["scan_length"],
+                synthetic,
+            ),
+        )
     )
-    yield "sensitivity", fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic)
+    builders.append(
+        ("sensitivity", lambda: fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic))
+    )
+    return builders
+
+
+def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
+    """Yield (name, Figure) for every figure of the report (figure_builders' order)."""
+    for name, build in figure_builders(analysis, synthetic, title):
+        yield name, build()
 
 
 def _tau_defined(analysis: Analysis) -> bool:
@@ -457,27 +483,101 @@ def _tau_defined(analysis: Analysis) -> bool:
 
 
 def write_figures(
-    analysis: Analysis, out: Path, title: str = DEFAULT_TITLE, synthetic: bool = False, dpi: int = 100
+    analysis: Analysis,
+    out: Path,
+    title: str = DEFAULT_TITLE,
+    synthetic: bool = False,
+    dpi: int = 100,
+    workers: int | None = None,
 ) -> dict[str, Path]:
-    """Render every figure to out/figures/<name>.png; returns {name: path}."""
+    """Render every figure to out/figures/<name>.png; returns {name: path} in the report's
+    order.
+
+    Drawing is matplotlib's Python (one core a figure: about 1.5 s each, most of a small
+    ranking's time), so the figures are drawn by ``workers`` processes (default: one a
+    core, at most one a figure; 1 draws them here). Each process makes its figures from
+    the same Analysis with the same matplotlib defaults, so the PNGs are byte for byte
+    those drawn here (a test says so)."""
     from tqdm import tqdm
 
-    written = {}
+    builders = figure_builders(analysis, synthetic, title)
     # Figures of an earlier run (e.g. with more teams) must not linger beside these.
     shutil.rmtree(out / "figures", ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    n = (
-        len(FIGURES)
-        - (0 if analysis.pairwise else 2)
-        - (0 if len(analysis.patterns) else 1)
-        - (0 if _tau_defined(analysis) else 1)
-    )
-    for name, fig in tqdm(make_figures(analysis, synthetic, title), total=n, desc="figures", disable=None):
-        path = out / "figures" / f"{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-        written[name] = path
+    written = {name: out / "figures" / f"{name}.png" for name, _ in builders}
+    workers = min(len(builders), _cores() if workers is None else workers)
+    with tqdm(total=len(builders), desc="figures", disable=None) as bar:
+        done = (
+            _draw_in_processes(analysis, title, synthetic, dpi, written, workers, bar)
+            if workers > 1
+            else set()
+        )
+        for name, build in builders:
+            if name not in done:
+                _save_png(build(), written[name], dpi)
+                bar.update()
     return written
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _save_png(fig, path: Path, dpi: int) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+_SLOWEST_FIGURES = ("patterns", "significance_all", "scan_length")
+_WORKER_BUILDERS: dict = {}  # a figure process's figure_builders, by name
+
+
+def _figure_process_init(analysis: Analysis, synthetic: bool, title: str) -> None:
+    _WORKER_BUILDERS.update(figure_builders(analysis, synthetic, title))
+
+
+def _figure_process_draw(name: str, path: Path, dpi: int) -> str:
+    _save_png(_WORKER_BUILDERS[name](), path, dpi)
+    return name
+
+
+def _draw_in_processes(
+    analysis, title, synthetic, dpi, paths: dict[str, Path], workers: int, bar
+) -> set[str]:
+    """Draw the figures in ``workers`` processes; returns the names drawn. Where processes
+    cannot be had (a daemonic process such as a Dask worker may not start any, or the
+    system refuses), returns what was drawn so far and the caller draws the rest."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    done: set[str] = set()
+    if multiprocessing.current_process().daemon:
+        return done
+    try:
+        # forkserver: clean processes whatever threads this one runs (a fork would copy
+        # their locks). The server imports matplotlib and the figures once (about 1 s) and
+        # each process forked from it gets the Analysis once.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["tusrec.ranking.report", "tusrec.ranking.figures"])
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=_figure_process_init,
+            initargs=(analysis, synthetic, title),
+        ) as pool:
+            # The grids of many panels first (each alone takes up to half of the drawing),
+            # the rest as processes free up.
+            order = sorted(paths, key=lambda name: name not in _SLOWEST_FIGURES)
+            futures = [pool.submit(_figure_process_draw, name, paths[name], dpi) for name in order]
+            for future in as_completed(futures):
+                done.add(future.result())
+                bar.update()
+    except (OSError, BrokenProcessPool):
+        pass
+    return done
 
 
 # --------------------------------------------------------------------------- qualitative
