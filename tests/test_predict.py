@@ -452,3 +452,30 @@ def test_the_predictor_never_loads_torchs_compiler(data_root, weights, tmp_path)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+
+
+def test_predict_ddfs_passes_a_known_scan_name_to_conditioned_members(data_root, tmp_path, monkeypatch):
+    """The template passes no name (the unknown code); scan_name= gives conditioned members
+    the code ./predict gives them, and a name outside the data format counts as unknown."""
+    import tusrec.predict as predict
+    from tusrec.model.network import ModelConfig
+
+    cfg = ModelConfig(**{**TINY.to_dict(), "scan_conditioning": True})
+    torch.manual_seed(0)
+    net = TrackerlessNet(cfg)
+    for head in (net.fusion.head, net.fusion.signed_head):
+        for p in head[-1].parameters():
+            torch.nn.init.normal_(p, 0, 0.05)
+    save_member(tmp_path / "w", "member0", net, {"trained": "random init (test)"})
+    monkeypatch.setattr(predict, "DEFAULT_WEIGHTS", tmp_path / "w")
+    monkeypatch.setattr(predict, "_PREDICTOR", None)
+    scan = open_data(data_root).scans[0]  # sub050__LH_Par_C_DtP
+    frames, lm, calib = scan.read_frames(), scan.read_landmarks(), str(data_root / "calib_matrix.csv")
+    named = predict.predict_ddfs(frames, lm, calib, "cpu", scan_name=scan.name)
+    unnamed = predict.predict_ddfs(frames, lm, calib, "cpu")
+    hostile = predict.predict_ddfs(frames, lm, calib, "cpu", scan_name="../../x/LH_Par_C_DtP")
+    assert np.abs(named[0] - unnamed[0]).max() > 1e-4
+    np.testing.assert_array_equal(hostile[0], unnamed[0])
+    predict_folder(data_root, tmp_path / "p", tmp_path / "w", "cpu", log=lambda *a: None, form="ddf")
+    with h5py.File(tmp_path / "p" / f"{scan.key}.h5") as f:
+        np.testing.assert_array_equal(named[0], f["GP"][()])

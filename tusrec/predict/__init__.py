@@ -16,6 +16,7 @@ from tqdm import tqdm
 from tusrec.data import (
     EVAL,
     TRANSFORMS_FORM,
+    ScanPattern,
     TusrecDataError,
     open_data,
     write_data_calibration,
@@ -96,11 +97,14 @@ def predict_folder(
 _PREDICTOR: Predictor | None = None
 
 
-def predict_ddfs(frames, landmark, data_path_calib, device=None):
+def predict_ddfs(frames, landmark, data_path_calib, device=None, scan_name=None):
     """The organisers' template interface: one scan in memory -> (GP, GL, LP, LL).
 
     frames: (N, H, W) uint8; landmark: (K, 3) rows (frame, x, y); data_path_calib: path
-    of calib_matrix.csv; device: torch device or None (2024's template passes none).
+    of calib_matrix.csv; device: torch device or None (2024's template passes none);
+    scan_name: optional, the scan's name (e.g. 'LH_Per_L_DtP'), which the template does
+    not pass: the members conditioned on it (the shipped ones) then get the unknown code
+    and give their image-only estimate. A name of neither protocol counts as unknown.
     Returns float32 numpy arrays GP (N-1, 3, H*W), GL (3, K), LP (N-1, 3, H*W), LL (3, K).
     The ensemble comes from TUSREC_WEIGHTS (default: the repository's weights/). Note the
     template's interface holds whole GP/LP arrays in memory: 5.9 GB each at 1,600 frames.
@@ -117,8 +121,11 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None):
         # The predictor reads scans from disk in chunks; a one-scan folder keeps one code path.
         root = Path(tmp)
         n = len(frames)
-        write_scan(root, EVAL, 0, "scan", frames, np.tile(np.eye(4), (n, 1, 1)))
-        write_landmarks(root / "landmarks" / "landmark_000.h5", {"scan": np.asarray(landmark)})
+        # Only a name of the data format becomes the scan's name (it names files and datasets).
+        known = scan_name is not None and ScanPattern.from_name(str(scan_name)).protocol != "unknown"
+        name = str(scan_name) if known else "scan"
+        write_scan(root, EVAL, 0, name, frames, np.tile(np.eye(4), (n, 1, 1)))
+        write_landmarks(root / "landmarks" / "landmark_000.h5", {name: np.asarray(landmark)})
         write_data_calibration(root, calib)
         scan = open_data(root).scans[0]
         out = root / "out.h5"
