@@ -878,11 +878,13 @@ def test_a_conditioned_member_trains_and_the_predictor_gives_it_the_scan_name(
     np.testing.assert_array_equal(seen[0], scan_code(scan.name))
 
 
-def test_conditioned_configs_are_the_shipped_ones_plus_the_name_code():
+def test_image_only_configs_are_the_shipped_ones_without_the_name_code():
+    """configs/member.json and pair.json (the shipped recipe) condition on the scan name;
+    the *-image-only.json configs (the recipe before, for the ablation) differ in that alone."""
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("member", "pair"):
-        plain = TrainConfig.load(root / f"{name}.json").to_dict()
-        cond = TrainConfig.load(root / f"{name}-conditioned.json").to_dict()
+        plain = TrainConfig.load(root / f"{name}-image-only.json").to_dict()
+        cond = TrainConfig.load(root / f"{name}.json").to_dict()
         assert cond["model"].pop("scan_conditioning") and not plain["model"].pop("scan_conditioning")
         assert cond["augment"].pop("forget_name") == 0.2 and plain["augment"].pop("forget_name") == 0.0
         # Mirroring negates tx (F T F), the sweep of the parallel scans, whose sign the
