@@ -428,6 +428,12 @@ def open_data(root: str | Path) -> TusrecData:
 # --------------------------------------------------------------------------- writing
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, e.g. a Slurm job's or a container's
+    cpuset; the machine's count where the system has no affinity call)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` only on success."""

@@ -18,7 +18,6 @@ reading, a slow disk) is marked in the manifest (column overrun_s).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from tusrec.data import (
     h5_has_dataset,
     open_h5,
     read_manifest,
+    usable_cores,
     write_manifest,
 )
 from tusrec.ddf import write_predictions
@@ -122,9 +122,8 @@ class Predictor:
         # set to 1 meanwhile), and the scan is read by as many threads: the network's
         # small convolutions scale poorly over threads, members not at all. Measured on 2
         # cores, see the README; the transforms are the same, bit for bit.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if workers is None:
-            workers = 1 if self.device.type != "cpu" or self.batched else cores
+            workers = 1 if self.device.type != "cpu" or self.batched else usable_cores()
         self.workers = max(1, workers)
 
     @property

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tusrec.data import atomic_path
+from tusrec.data import atomic_path, usable_cores
 from tusrec.ranking.rank import (
     ERRORS,
     NORMALISATIONS,
@@ -505,7 +505,7 @@ def write_figures(
     shutil.rmtree(out / "figures", ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     written = {name: out / "figures" / f"{name}.png" for name, _ in builders}
-    workers = min(len(builders), _cores() if workers is None else workers)
+    workers = min(len(builders), usable_cores() if workers is None else workers)
     with tqdm(total=len(builders), desc="figures", disable=None) as bar:
         done = (
             _draw_in_processes(analysis, title, synthetic, dpi, written, workers, bar)
@@ -517,12 +517,6 @@ def write_figures(
                 _save_png(build(), written[name], dpi)
                 bar.update()
     return written
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _save_png(fig, path: Path, dpi: int) -> None:
