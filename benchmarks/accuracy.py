@@ -96,11 +96,42 @@ def uncertainty_rho(frames: list[dict]) -> dict:
     }
 
 
-def simulate(data: Path, subjects: list[int], frames: int, workers: int) -> None:
-    """Held-out validation data, one child process per subject and protocol (SIFT included)."""
+def scan_errors(
+    local: np.ndarray,
+    true_global: np.ndarray,
+    true_local: np.ndarray,
+    T_scale: np.ndarray,
+    image_size: tuple[int, int],
+    landmarks: np.ndarray,
+) -> dict[str, float]:
+    """The four errors (mm) of a rigid prediction given as its local transforms (N-1, 4, 4),
+    against the true T(i->0) and T(i->i-1) (N-1, 4, 4), as `./evaluate score` computes them
+    from the dense float32 file; landmarks (K, 3) rows (frame, x, y)."""
+    from tusrec.ddf import landmark_ddfs
+    from tusrec.geometry import compose_local
+    from tusrec.scoring.metrics import landmark_errors, transform_pixel_error
+
+    glob = compose_local(local)
+    return {
+        "GPE": transform_pixel_error(glob, true_global, T_scale, image_size, 32, np.float32),
+        "GLE": landmark_errors(
+            landmark_ddfs(glob, T_scale, landmarks), true_global, T_scale, landmarks
+        ).error,
+        "LPE": transform_pixel_error(local, true_local, T_scale, image_size, 32, np.float32),
+        "LLE": landmark_errors(
+            landmark_ddfs(local, T_scale, landmarks), true_local, T_scale, landmarks
+        ).error,
+    }
+
+
+def simulate(
+    data: Path, subjects: list[int], frames: int, workers: int, protocols: tuple[str, ...] = ("2024", "2025")
+) -> None:
+    """Held-out validation data, one child process per subject and protocol (SIFT included),
+    in DATA/<protocol>-<subject>."""
     jobs = []
     for s in subjects:
-        for protocol in ("2024", "2025"):
+        for protocol in protocols:
             out = str(data / f"{protocol}-{s}")
             args = ["--subjects", str(s), "--protocol", protocol, "--frames", str(frames), "--layout", "val"]
             jobs.append([sys.executable, "-m", "tusrec", "simulate", out, *args])
@@ -120,11 +151,9 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
     import torch
 
     from tusrec.data import open_data
-    from tusrec.ddf import landmark_ddfs
-    from tusrec.geometry import compose_local, frame_transforms
+    from tusrec.geometry import frame_transforms
     from tusrec.model.ensemble import combine, load_members, members_local_transforms, read_scan_input
     from tusrec.model.inputs import scan_code
-    from tusrec.scoring.metrics import landmark_errors, transform_pixel_error
     from tusrec.scoring.score import scan_row
 
     torch.set_num_threads(1)
@@ -165,13 +194,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
         base = {**scan_row(scan), "status": "ok", "read_s": read_s}
         ident = {}
         for model, (local, seconds) in preds.items():
-            glob = compose_local(local)
-            err = {
-                "GPE": transform_pixel_error(glob, true_global, ts, scan.image_size, 32, np.float32),
-                "GLE": landmark_errors(landmark_ddfs(glob, ts, landmarks), true_global, ts, landmarks).error,
-                "LPE": transform_pixel_error(local, true_local, ts, scan.image_size, 32, np.float32),
-                "LLE": landmark_errors(landmark_ddfs(local, ts, landmarks), true_local, ts, landmarks).error,
-            }
+            err = scan_errors(local, true_global, true_local, ts, scan.image_size, landmarks)
             if model == "identity":
                 ident = {f"{k}_identity": v for k, v in err.items()}
             # runtime_s as the ranking reads it: reading + network (0 for the identity).

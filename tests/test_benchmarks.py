@@ -6,6 +6,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
+from benchmarks.observable import in_plane
 from benchmarks.validation import dofs, recovery
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import default_calibration, frame_transforms
@@ -66,3 +67,32 @@ def test_recovery_is_the_share_of_each_motion_component_predicted():
     np.testing.assert_allclose(d, np.concatenate([t, rotvec], axis=1), atol=1e-12)
     scale = np.array([1.0, 0.5, 0.0, -1.0, 0.25, 2.0])
     np.testing.assert_allclose(recovery(d * scale, d), scale, atol=1e-12)
+
+
+def test_in_plane_part_keeps_rotation_about_z_and_the_in_plane_translation():
+    r = np.random.default_rng(2)
+    n = 50
+    rz = r.uniform(-np.pi, np.pi, n)
+    t = r.normal(size=(n, 3))
+    # A rotation about z alone is its own in-plane part (up to tz).
+    T = np.tile(np.eye(4), (n, 1, 1))
+    T[:, :3, :3] = Rotation.from_euler("z", rz[:, None]).as_matrix()
+    T[:, :3, 3] = t
+    np.testing.assert_allclose(in_plane(T, keep_tz=True), T, atol=1e-12)
+    expected = T.copy()
+    expected[:, 2, 3] = 0
+    np.testing.assert_allclose(in_plane(T), expected, atol=1e-12)
+    # Out-of-plane tilts (about x, then y) are removed; for a small tilt the in-plane angle
+    # is the z angle of scipy's extrinsic x-y-z decomposition to second order in the tilt.
+    tilt = r.normal(scale=1e-3, size=(n, 2))
+    T[:, :3, :3] = Rotation.from_euler("xyz", np.column_stack([tilt, rz])).as_matrix()
+    out = in_plane(T)
+    angle = np.arctan2(out[:, 1, 0], out[:, 0, 0])
+    z = Rotation.from_matrix(T[:, :3, :3]).as_euler("xyz")[:, 2]
+    np.testing.assert_allclose(np.angle(np.exp(1j * (angle - z))), 0, atol=1e-5)
+    np.testing.assert_allclose(out[:, 2, :3], [[0, 0, 1]] * n, atol=1e-15)
+    np.testing.assert_allclose(np.linalg.det(out[:, :3, :3]), 1, atol=1e-12)
+    np.testing.assert_allclose(out[:, :2, 3], t[:, :2])
+    # A pure tilt about x keeps no rotation at all.
+    T[:, :3, :3] = Rotation.from_euler("x", r.uniform(-1, 1, (n, 1))).as_matrix()
+    np.testing.assert_allclose(in_plane(T)[:, :3, :3], np.tile(np.eye(3), (n, 1, 1)), atol=1e-12)
