@@ -220,19 +220,14 @@ def fs_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | None = None) -> str:
-    lines = [
-        "SYNTHETIC data: simulated held-out subjects "
-        f"{', '.join(meta['subjects'])} ({meta['scans_2024']} sweeps of the 2024 protocol and "
-        f"{meta['scans_2025']} rotation scans of 2025, {meta['frames']} frames each). "
-        "Errors in mm (mean over scans), FS/GS/LS under identity normalisation (higher is better).",
-        "",
-    ]
+def score_tables(summary: dict[str, pd.DataFrame], label: str = "model") -> list[str]:
+    """Markdown lines: per subset a table of fs_table's rows (errors mm, FS/GS/LS)."""
+    lines = []
     for subset, table in summary.items():
         lines += [
             f"**{subset}**",
             "",
-            "| model | GPE | GLE | LPE | LLE | FS | GS | LS |",
+            f"| {label} | GPE | GLE | LPE | LLE | FS | GS | LS |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for _, r in table.iterrows():
@@ -241,6 +236,18 @@ def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | N
                 f"| {r['FS']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} |"
             )
         lines.append("")
+    return lines
+
+
+def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | None = None) -> str:
+    lines = [
+        "SYNTHETIC data: simulated held-out subjects "
+        f"{', '.join(meta['subjects'])} ({meta['scans_2024']} sweeps of the 2024 protocol and "
+        f"{meta['scans_2025']} rotation scans of 2025, {meta['frames']} frames each). "
+        "Errors in mm (mean over scans), FS/GS/LS under identity normalisation (higher is better).",
+        "",
+    ]
+    lines += score_tables(summary)
     if uncertainty:
         lines += [
             "**uncertainty** (the ensemble's per-transition member disagreement against its error, "

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.accuracy import ROOT, fs_table, scan_errors, simulate
+from benchmarks.accuracy import ROOT, fs_table, scan_errors, score_tables, simulate
 
 ORACLES = ("identity", "in-plane", "in-plane + tz", "truth")
 SUBSETS = (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025"))
@@ -106,19 +106,7 @@ def markdown(summary: dict[str, pd.DataFrame], motion: dict[str, dict], meta: di
         "normalisation.",
         "",
     ]
-    for subset, table in summary.items():
-        lines += [
-            f"**{subset}**",
-            "",
-            "| oracle | GPE | GLE | LPE | LLE | FS | GS | LS |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for _, r in table.iterrows():
-            lines.append(
-                f"| {r['model']} | {r['GPE']:.2f} | {r['GLE']:.2f} | {r['LPE']:.3f} | {r['LLE']:.3f} "
-                f"| {r['FS']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} |"
-            )
-        lines.append("")
+    lines += score_tables(summary, "oracle")
     lines += [
         "**mean absolute motion per transition** (tx, ty, tz mm; rx, ry, rz degrees)",
         "",
