@@ -401,6 +401,43 @@ def test_resume_keeps_complete_files_and_redoes_partial_ones(data_root, weights,
     assert check_predictions(out, data) == []
 
 
+def test_a_rerun_with_another_ensemble_redoes_the_files_this_one_keeps_them(data_root, weights, tmp_path):
+    """A folder predicted by other weights (or other members of the same weights) is never
+    passed off as this ensemble's: only files with this ensemble's fingerprint are kept."""
+    out = tmp_path / "pred"
+    data = open_data(data_root)
+    other = make_weights(tmp_path / "other", seed=7)
+    predict_folder(data_root, out, other, "cpu", log=lambda *a: None)
+    with h5py.File(out / f"{data.keys[0]}.h5") as f:
+        by_other = f["transforms_local"][()]
+    said: list[str] = []
+    predict_folder(data_root, out, weights, "cpu", log=said.append)
+    assert not any("kept" in s for s in said)
+    mtimes = {k: (out / f"{k}.h5").stat().st_mtime_ns for k in data.keys}
+    fresh = tmp_path / "fresh"
+    predict_folder(data_root, fresh, weights, "cpu", log=lambda *a: None)
+    for key in data.keys:
+        with h5py.File(out / f"{key}.h5") as f, h5py.File(fresh / f"{key}.h5") as g:
+            assert f.attrs["model_fingerprint"] == g.attrs["model_fingerprint"]
+            np.testing.assert_array_equal(f["transforms_local"][()], g["transforms_local"][()])
+    with h5py.File(out / f"{data.keys[0]}.h5") as f:
+        assert not np.array_equal(f["transforms_local"][()], by_other)
+    # The same ensemble again: everything kept, and said so.
+    said.clear()
+    predict_folder(data_root, out, weights, "cpu", log=said.append)
+    assert {k: (out / f"{k}.h5").stat().st_mtime_ns for k in data.keys} == mtimes
+    assert said == [f"kept 3 scan(s) this ensemble had already predicted in {out}"]
+    # One member of it is another ensemble.
+    predict_folder(data_root, out, weights, "cpu", members=["member1"], log=lambda *a: None)
+    assert all((out / f"{k}.h5").stat().st_mtime_ns != mtimes[k] for k in data.keys)
+    # A file without the attribute (an older version's) is redone too.
+    key = data.keys[0]
+    with h5py.File(out / f"{key}.h5", "a") as f:
+        del f.attrs["model_fingerprint"]
+    assert not core.prediction_complete(out / f"{key}.h5", data.scans[0], "transforms", "0" * 16)
+    assert core.prediction_complete(out / f"{key}.h5", data.scans[0], "transforms")
+
+
 def test_predict_command(data_root, weights, tmp_path):
     env = {**os.environ, "TUSREC_WEIGHTS": str(weights)}
     run = subprocess.run(

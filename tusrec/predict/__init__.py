@@ -57,7 +57,8 @@ def predict_folder(
     ``form``: 'transforms' (compact: the transforms and GL/LL, kilobytes a scan) or 'ddf'
     (dense GP/LP as well, the challenge's official form, gigabytes a scan).
 
-    Scans already predicted completely are kept (a rerun finishes what is missing);
+    Scans this same ensemble (weights, members, translation rule, form) already predicted
+    completely are kept (a rerun finishes what is missing; another ensemble's are redone);
     temporary files of an interrupted run are removed, never trusted. One bad scan is
     recorded as failed in predictions.csv and the others go on. ``members``: only these
     members of the weights manifest (default all). Returns the manifest rows.
@@ -76,11 +77,16 @@ def predict_folder(
     if removed:
         log(f"removed {len(removed)} partial file(s) of an interrupted run")
     rows = previous_rows(output)
+    kept = 0
     with tqdm(scans, desc="predict", unit="scan", disable=None) as bar:
         for scan in bar:
             path = output / f"{scan.key}.h5"
-            if prediction_complete(path, scan, form) and rows.get(scan.key, {}).get("status", "ok") == "ok":
+            if (
+                prediction_complete(path, scan, form, predictor.fingerprint)
+                and rows.get(scan.key, {}).get("status", "ok") == "ok"
+            ):
                 rows.setdefault(scan.key, {"key": scan.key, "frames": scan.n_frames, "status": "ok"})
+                kept += 1
                 continue
             row = predictor.predict_scan(scan, calib, path)
             rows[scan.key] = row
@@ -91,6 +97,8 @@ def predict_folder(
                 f"{row.get('members', 0)}/{len(predictor.members)} members, {row['device']}{note}"
             )
     write_rows(output, rows)
+    if kept:
+        log(f"kept {kept} scan(s) this ensemble had already predicted in {output}")
     return [rows[s.key] for s in scans]
 
 

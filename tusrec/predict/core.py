@@ -17,6 +17,7 @@ reading, a slow disk) is marked in the manifest (column overrun_s).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -129,6 +130,14 @@ class Predictor:
     @property
     def name(self) -> str:
         return f"tusrec ensemble ({', '.join(m.name for m in self.members)})"
+
+    @property
+    def fingerprint(self) -> str:
+        """What the predictions depend on: the members' weight files (sha256, in order),
+        the translation rule and the form; written into every prediction file so that a
+        rerun keeps only what this very ensemble predicted (16 hex digits)."""
+        parts = [m.info.get("sha256", m.name) for m in self.members] + [self.translation, self.form]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
         """The scan as the members' input: (N, C, h, w) float32 (ScanInput.network_input)."""
@@ -271,7 +280,12 @@ class Predictor:
                     "uncertainty": pred.uncertainty,
                     "uncertainty_translation_mm": pred.translation_spread_mm,
                 }
-            attrs = {"model": self.name, "members_used": pred.members_used, "device": str(self.device)}
+            attrs = {
+                "model": self.name,
+                "model_fingerprint": self.fingerprint,
+                "members_used": pred.members_used,
+                "device": str(self.device),
+            }
             write_predictions(
                 out_path,
                 compose_local(pred.local),
@@ -299,13 +313,15 @@ class Predictor:
         return row
 
 
-def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM) -> bool:
+def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM, fingerprint: str | None = None) -> bool:
     """Whether ``path`` is a finished prediction of ``scan`` in ``form`` (a rerun keeps it).
 
     Files only ever appear under their final name when complete, but a file from another
     run or version is checked anyway: it must open and have the datasets of the form
     (GP/LP, or both transform sets) at this scan's shape. A file of the other form is
-    redone, so that a folder is never a mix of what two commands asked for.
+    redone, so that a folder is never a mix of what two commands asked for; with
+    ``fingerprint`` (Predictor.fingerprint), so is a file another ensemble (other weights,
+    members or translation rule) or an older version without the attribute wrote.
     """
     try:
         n, h, w = scan.shape  # an unreadable scan has no complete prediction
@@ -319,6 +335,11 @@ def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM) -> bool:
         with open_h5(path) as f:
             declared = f.attrs.get("form", DDF_FORM)
             declared = declared.decode() if isinstance(declared, bytes) else str(declared)
+            if fingerprint is not None:
+                made_by = f.attrs.get("model_fingerprint", b"")
+                made_by = made_by.decode() if isinstance(made_by, bytes) else str(made_by)
+                if made_by != fingerprint:
+                    return False
             return declared == form and all(f[k].shape == shape for k, shape in shapes.items())
     except (TusrecDataError, OSError):
         return False
