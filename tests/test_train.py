@@ -568,6 +568,25 @@ def test_config_without_sampling_is_a_sequential_one():
         tiny_config(sampling="random")
 
 
+def test_the_shipped_members_are_bagged_by_subject_as_the_model_card_says():
+    """Each shipped member validates on 011 and 2 of the sweep subjects 000-007 and trains
+    on none of them; every sweep subject is left out by exactly one member; the benchmark's
+    (100, 101) and the demo's (050) subjects are in no member's data."""
+    root = Path(__file__).resolve().parents[1]
+    members = json.loads((root / "weights" / "manifest.json").read_text())["members"]
+    assert len(members) == 4
+    left_out = []
+    for m in members:
+        t = m["trained"]
+        train, val = set(t["train_subjects"]), set(t["val_subjects"])
+        assert set(t["config"]["val_subjects"]) == val and not train & val
+        assert "011" in val and len(val) == 3
+        left_out += sorted(val - {"011"})
+        assert train | val == {f"{s:03d}" for s in range(12)}
+        assert m["config"]["scan_conditioning"] and t["steps"] == 1500
+    assert sorted(left_out) == [f"{s:03d}" for s in range(8)]
+
+
 def test_per_clip_batches_are_the_same_from_any_worker_or_process_split(sim_root):
     from tusrec.train.sampler import StepBatches, clip_rng
 
