@@ -6,7 +6,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
-from benchmarks.observable import in_plane
+from benchmarks.observable import in_plane, name_signs_tz
 from benchmarks.validation import dofs, recovery
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import default_calibration, frame_transforms
@@ -96,3 +96,19 @@ def test_in_plane_part_keeps_rotation_about_z_and_the_in_plane_translation():
     # A pure tilt about x keeps no rotation at all.
     T[:, :3, :3] = Rotation.from_euler("x", r.uniform(-1, 1, (n, 1))).as_matrix()
     np.testing.assert_allclose(in_plane(T)[:, :3, :3], np.tile(np.eye(3), (n, 1, 1)), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "signed"),
+    [
+        ("LH_Per_L_DtP", True),
+        ("RH_Per_S_PtD", True),
+        ("LH_Par_C_DtP", False),  # the sweep is in plane (tx); tz is wobble of either sign
+        ("RH_Par_L_PtD", False),
+        ("LH_rotation", False),  # tz is part of the rotation about the contact point
+    ],
+)
+def test_the_name_signs_tz_of_perpendicular_sweeps_only(name, signed):
+    from tusrec.data import ScanPattern
+
+    assert name_signs_tz(ScanPattern.from_name(name)) is signed
