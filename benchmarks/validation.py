@@ -19,6 +19,8 @@ validation GPE) it reports
   sweeps, whose sign the name gives): out-of-plane motion that nothing signs is predicted
   as 0 by every member, an error they share by construction, which the second
   correlation leaves out;
+* with ``--scales``, the mean of all with its translations scaled (a post-hoc output
+  scale, the cheapest correction of a shared error, if that error is a scale);
 * GPE per scan kind, and GPE against the observable motion (``GPE_observable``): how far
   each model and mean is from that oracle, so whether averaging helps on the part of the
   error that is the members' own;
@@ -86,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
     p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
     p.add_argument("--fast", action="store_true", help="only the rho and the error correlation")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score the mean of all with its translations times each of these factors "
+        "(a post-hoc output scale: is the members' shared error a scale?)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -156,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             record(label, local, scan, kind, observable)
         for label, names in combos.items():
             record(label, combine([locals_[n] for n in names]).local, scan, kind, observable)
+        mean_local = combine(list(locals_.values())).local
+        for k in args.scales:
+            scaled = mean_local.copy()
+            scaled[:, :3, 3] *= k
+            record(f"mean-all, translation x {k:g}", scaled, scan, kind, observable)
         record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind, observable)
         record("oracle: in-plane + named tz", observable, scan, kind, observable)
 
