@@ -933,3 +933,29 @@ def test_a_checkpoint_from_before_the_conditioning_key_resumes_and_another_model
         train_member(
             sim_root, tmp_path / "r", dataclasses.replace(cfg, model=other.to_dict()), "m", resume=True
         )
+
+
+def test_rotation_share_draws_that_share_of_clips_from_rotation_scans(dataset_factory, tmp_path):
+    names = ("LH_rotation", "LH_Per_L_DtP", "RH_Par_C_PtD")
+    root = dataset_factory(tmp_path / "d", "train", ("000", "001"), names, 12, (16, 20))
+    data = load_cache(root, (8, 10))
+    ts = data.calib.T_scale
+    by_length = ClipSampler(data.scans, 6, 4, NO_AUGMENT, ts, np.random.default_rng(0))
+    shared = ClipSampler(data.scans, 6, 4, NO_AUGMENT, ts, np.random.default_rng(0), rotation_share=0.5)
+    rotation = np.array(["rotation" in s.key for s in shared.scans])
+    assert rotation.sum() == 2 and (~rotation).sum() == 4
+    # Equal lengths: by length every scan is drawn 1/6 of the time, so rotation scans 1/3;
+    # with the share they are drawn 1/2 of the time together, each group by length.
+    np.testing.assert_allclose(by_length.p, np.full(6, 1 / 6))
+    np.testing.assert_allclose(shared.p[rotation], [0.25, 0.25])
+    np.testing.assert_allclose(shared.p[~rotation], [0.125] * 4)
+    r = np.random.default_rng(3)
+    drawn = r.choice(len(shared.scans), size=20000, p=shared.p)
+    assert abs(rotation[drawn].mean() - 0.5) < 0.02
+    # The default (0) keeps every earlier member's draws; a share needs both kinds of scan.
+    assert TrainConfig().rotation_share == 0.0
+    with pytest.raises(ValueError, match="rotation_share"):
+        tiny_config(rotation_share=1.0)
+    sweeps = [s for s in data.scans if "rotation" not in s.key]
+    with pytest.raises(ValueError, match="needs both rotation scans and sweeps"):
+        ClipSampler(sweeps, 6, 4, NO_AUGMENT, ts, np.random.default_rng(0), rotation_share=0.3)

@@ -82,6 +82,10 @@ class TrainConfig:
     one process: how members were trained before "per-clip" existed (the shipped ones),
     kept so that they are still reproduced from their manifest entries. A config without
     the key is one of those, hence "sequential" (from_dict); new configs say "per-clip".
+
+    rotation_share: the share of training clips drawn from 2025 rotation scans (the rest
+    from the sweeps), each group still by length; 0 draws every scan by its length alone
+    (the default, and how every shipped member was trained).
     """
 
     model: dict = field(default_factory=lambda: ModelConfig().to_dict())
@@ -98,6 +102,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: str = "per-clip"
+    rotation_share: float = 0.0
 
     def __post_init__(self):
         self.model = ModelConfig.from_dict(self.model).to_dict()  # validates, normalises tuples
@@ -115,6 +120,8 @@ class TrainConfig:
             raise ValueError("augment.frame_skip must be at least 1")
         if not 0.0 <= self.augment.forget_name <= 1.0:
             raise ValueError(f"augment.forget_name is a probability, got {self.augment.forget_name}")
+        if not 0.0 <= self.rotation_share < 1.0:
+            raise ValueError(f"rotation_share is a share of the clips in [0, 1), got {self.rotation_share}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tusrec.data import parse_scan_key
+from tusrec.data import ScanPattern, parse_scan_key
 from tusrec.model.inputs import scan_code, scan_positions
 from tusrec.train.cache import CachedScan
 from tusrec.train.config import AugmentConfig
@@ -86,7 +86,9 @@ class ClipSampler:
     """Random training clips from cached scans.
 
     scans: CachedScan list (scans shorter than ``clip_frames`` are never drawn); a scan is
-    drawn with probability proportional to its length. ``sample()`` returns one clip as
+    drawn with probability proportional to its length, or, with ``rotation_share`` > 0, the
+    2025 rotation scans together with that probability and the other scans with the rest
+    (each by length within its group). ``sample()`` returns one clip as
     numpy arrays, ``batch(B)`` stacks B of them:
 
         frames (T, h, w) float32, uint8 range (normalise with inputs.normalise_frames)
@@ -114,6 +116,7 @@ class ClipSampler:
         rng: np.random.Generator,
         decorrelation: bool = False,
         conditioning: bool = False,
+        rotation_share: float = 0.0,
     ):
         self.conditioning = conditioning
         self.scans = [s for s in scans if s.n_frames >= clip_frames]
@@ -128,6 +131,15 @@ class ClipSampler:
                     f"scans {lacking[:3]} lack decorrelation maps for frame steps {sorted(steps)}"
                 )
         weights = np.array([s.n_frames for s in self.scans], np.float64)
+        if rotation_share > 0:
+            rotation = np.array([is_rotation_scan(s.key) for s in self.scans])
+            if rotation.all() or not rotation.any():
+                raise ValueError(
+                    f"rotation_share {rotation_share} needs both rotation scans and sweeps to train on; "
+                    f"these {len(rotation)} scans are {'all' if rotation.all() else 'none'} rotation scans"
+                )
+            weights[rotation] *= rotation_share / weights[rotation].sum()
+            weights[~rotation] *= (1 - rotation_share) / weights[~rotation].sum()
         self.p = weights / weights.sum()
         self.T = clip_frames
         self.G = global_frames
@@ -205,6 +217,11 @@ class ClipSampler:
         own generator clip_rng(seed, step, index) (TrainConfig.sampling "per-clip"): the
         same clips whichever process or data-loader worker draws them, and in any order."""
         return stack([self.sample(rng=clip_rng(seed, step, i)) for i in clips])
+
+
+def is_rotation_scan(key: str) -> bool:
+    """Whether a scan key names a 2025 rotation scan (``LH_rotation``, ``RH_rotation``)."""
+    return ScanPattern.from_name(parse_scan_key(key)[1]).protocol == "2025"
 
 
 def clip_rng(seed: int, step: int, index: int) -> np.random.Generator:

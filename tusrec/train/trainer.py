@@ -288,6 +288,7 @@ def train_member(
         sampler_rng,
         mcfg.decorrelation,
         mcfg.scan_conditioning,
+        cfg.rotation_share,
     )
 
     net = build_network(mcfg).to(device)
