@@ -129,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     errors_observable: dict[str, list] = {m.name: [] for m in members}
     frames: list[dict] = []  # the mean of all: per-transition disagreement and error
 
-    def record(label: str, local: np.ndarray, scan, kind: str, observable: np.ndarray) -> None:
+    def record(label: str, local: np.ndarray, scan, kind: str, observable_global: np.ndarray) -> None:
         row = per.setdefault(label, {"GPE": [], "LPE": [], "GPE_observable": []})
-        row["GPE"].append(transform_pixel_error(compose_local(local), scan.global_, ts, scan.image_size))
+        global_ = compose_local(local)
+        row["GPE"].append(transform_pixel_error(global_, scan.global_, ts, scan.image_size))
         row.setdefault(f"GPE_{kind}", []).append(row["GPE"][-1])
-        row["GPE_observable"].append(
-            transform_pixel_error(compose_local(local), compose_local(observable), ts, scan.image_size)
-        )
+        row["GPE_observable"].append(transform_pixel_error(global_, observable_global, ts, scan.image_size))
         row["LPE"].append(transform_pixel_error(local, scan.local, ts, scan.image_size))
         pred_d.setdefault(label, {k: [] for k in kinds})[kind].append(dofs(local))
 
@@ -162,17 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             errors_observable[label].append(frame_point_errors(local, observable, ts, scan.image_size))
         if args.fast:
             continue
+        observable_global = compose_local(observable)
         for label, local in locals_.items():
-            record(label, local, scan, kind, observable)
+            record(label, local, scan, kind, observable_global)
         for label, names in combos.items():
-            record(label, combine([locals_[n] for n in names]).local, scan, kind, observable)
-        mean_local = combine(list(locals_.values())).local
+            local = mean_all if label == "mean-all" else combine([locals_[n] for n in names]).local
+            record(label, local, scan, kind, observable_global)
         for k in args.scales:
-            scaled = mean_local.copy()
+            scaled = mean_all.copy()
             scaled[:, :3, 3] *= k
-            record(f"mean-all, translation x {k:g}", scaled, scan, kind, observable)
-        record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind, observable)
-        record("oracle: in-plane + named tz", observable, scan, kind, observable)
+            record(f"mean-all, translation x {k:g}", scaled, scan, kind, observable_global)
+        record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind, observable_global)
+        record("oracle: in-plane + named tz", observable, scan, kind, observable_global)
 
     result = {
         "subjects": args.subjects,
