@@ -20,6 +20,9 @@ between a member's T(i->i-1) and the ensemble's, mm, on a grid of image points) 
 the ensemble's error there (the mean point distance between its T(i->i-1) and the true
 one, mm, the same grid): Spearman's rho (scipy.stats.spearmanr) over all transitions of
 a subset, and the median of the per-scan rhos ("uncertainty" in the JSON and markdown).
+When the members have error heads (tusrec.train.error_head), the same for the ensemble's
+expected error (the mean of the members' heads, mm) against its error, with both means
+("uncertainty_expected_error").
 
 GPE/LPE come from the transforms with the evaluator's own exact formula
 (metrics.transform_pixel_error in float32, equal to scoring the dense float32 DDFs;
@@ -80,15 +83,15 @@ def member_disagreement(
     return np.sqrt((d**2).mean(0))
 
 
-def uncertainty_rho(frames: list[dict]) -> dict:
-    """Spearman's rho between per-transition disagreement and error: pooled over all
-    transitions of ``frames`` (one dict per scan: 'disagreement', 'error' arrays) and the
-    median of the per-scan rhos."""
+def uncertainty_rho(frames: list[dict], key: str = "disagreement") -> dict:
+    """Spearman's rho between a per-transition uncertainty and the error: pooled over all
+    transitions of ``frames`` (one dict per scan: the ``key`` array, e.g. 'disagreement'
+    or 'expected_error', and 'error') and the median of the per-scan rhos."""
     from scipy.stats import spearmanr
 
-    d = np.concatenate([f["disagreement"] for f in frames])
+    d = np.concatenate([f[key] for f in frames])
     e = np.concatenate([f["error"] for f in frames])
-    per_scan = [float(spearmanr(f["disagreement"], f["error"]).statistic) for f in frames]
+    per_scan = [float(spearmanr(f[key], f["error"]).statistic) for f in frames]
     return {
         "spearman_rho": float(spearmanr(d, e).statistic),
         "per_scan_rho_median": float(np.nanmedian(per_scan)),
@@ -152,7 +155,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
 
     from tusrec.data import open_data
     from tusrec.geometry import frame_transforms
-    from tusrec.model.ensemble import combine, load_members, members_local_transforms, read_scan_input
+    from tusrec.model.ensemble import combine, load_members, members_outputs, read_scan_input
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.score import scan_row
 
@@ -172,14 +175,18 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
         inputs = read_scan_input(scan, members[0].cfg.input_size, steps).network_input()
         read_s = time.perf_counter() - t0
         preds: dict[str, tuple[np.ndarray, float]] = {}
+        expected = []  # the members' expected errors (error heads), (N-1,) mm or None each
         identity = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
         preds["identity"] = (identity, 0.0)
         for label, m in pair_labels + [(m.name, m) for m in members]:
             t0 = time.perf_counter()
-            local = members_local_transforms([m], inputs, "cpu", None, False, scan_code(scan.name))[0]
-            preds[label] = (local, time.perf_counter() - t0)
+            out = members_outputs([m], inputs, "cpu", None, False, scan_code(scan.name))[0]
+            preds[label] = (out.local, time.perf_counter() - t0)
+            if m in members:
+                expected.append(out.expected_error_mm)
         t0 = time.perf_counter()
-        ensemble = combine([preds[m.name][0] for m in members]).local
+        combined = combine([preds[m.name][0] for m in members], expected_errors=expected)
+        ensemble = combined.local
         preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
         frames.append(
             {
@@ -189,6 +196,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
                     [preds[m.name][0] for m in members], ensemble, ts, scan.image_size
                 ),
                 "error": frame_point_errors(ensemble, true_local, ts, scan.image_size),
+                "expected_error": combined.expected_error_mm,
             }
         )
         base = {**scan_row(scan), "status": "ok", "read_s": read_s}
@@ -239,7 +247,12 @@ def score_tables(summary: dict[str, pd.DataFrame], label: str = "model") -> list
     return lines
 
 
-def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | None = None) -> str:
+def markdown(
+    summary: dict[str, pd.DataFrame],
+    meta: dict,
+    uncertainty: dict | None = None,
+    expected_error: dict | None = None,
+) -> str:
     lines = [
         "SYNTHETIC data: simulated held-out subjects "
         f"{', '.join(meta['subjects'])} ({meta['scans_2024']} sweeps of the 2024 protocol and "
@@ -260,6 +273,21 @@ def markdown(summary: dict[str, pd.DataFrame], meta: dict, uncertainty: dict | N
             lines.append(
                 f"| {subset} | {u['transitions']} | {u['spearman_rho']:.3f} "
                 f"| {u['per_scan_rho_median']:.3f} |"
+            )
+        lines.append("")
+    if expected_error:
+        lines += [
+            "**expected error** (the mean of the members' error heads, mm, against the ensemble's "
+            "error per transition; Spearman's rho)",
+            "",
+            "| subset | transitions | rho, all transitions | median rho per scan "
+            "| mean expected (mm) | mean error (mm) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for subset, u in expected_error.items():
+            lines.append(
+                f"| {subset} | {u['transitions']} | {u['spearman_rho']:.3f} "
+                f"| {u['per_scan_rho_median']:.3f} | {u['mean_expected_mm']:.3f} | {u['mean_error_mm']:.3f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -303,14 +331,23 @@ def main(argv: list[str] | None = None) -> int:
         t.to_csv(out / "metrics.csv", index=False)
     order = [m for m in ORDER[:2] if m in tables] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
     protocol = table.drop_duplicates("key").set_index("key")["protocol"]
-    summary, uncertainty = {}, {}
+    summary, uncertainty, expected_error = {}, {}, {}
     for subset, keep in (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025")):
         part = {
             m: t[t["key"].map(protocol) == keep].reset_index(drop=True) if keep else t
             for m, t in tables.items()
         }
         summary[subset] = fs_table({m: part[m] for m in order}).set_index("model").loc[order].reset_index()
-        uncertainty[subset] = uncertainty_rho([f for f in frames if keep is None or f["protocol"] == keep])
+        subset_frames = [f for f in frames if keep is None or f["protocol"] == keep]
+        uncertainty[subset] = uncertainty_rho(subset_frames)
+        if all(f["expected_error"] is not None for f in subset_frames):
+            expected_error[subset] = {
+                **uncertainty_rho(subset_frames, "expected_error"),
+                "mean_expected_mm": float(
+                    np.concatenate([f["expected_error"] for f in subset_frames]).mean()
+                ),
+                "mean_error_mm": float(np.concatenate([f["error"] for f in subset_frames]).mean()),
+            }
     meta = {
         "subjects": [f"{s:03d}" for s in subjects],
         "frames": args.frames,
@@ -325,9 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         "meta": meta,
         **{k: v.to_dict(orient="records") for k, v in summary.items()},
         "uncertainty": uncertainty,
+        **({"uncertainty_expected_error": expected_error} if expected_error else {}),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(summary, meta, uncertainty)
+    md = markdown(summary, meta, uncertainty, expected_error)
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)
     print(

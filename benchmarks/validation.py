@@ -25,7 +25,9 @@ validation GPE) it reports
   each model and mean is from that oracle, so whether averaging helps on the part of the
   error that is the members' own;
 * for the mean of all, Spearman's rho between per-transition member disagreement and
-  error (benchmarks.accuracy.uncertainty_rho, as the benchmark reports it).
+  error (benchmarks.accuracy.uncertainty_rho, as the benchmark reports it), and when the
+  members have error heads (tusrec.train.error_head) the same for the mean of their
+  expected errors, and for each member its expected error against its own error.
 
 ``--fast`` skips the GPE/LPE (their dense pixel grids are most of the time) and the
 per-DOF recovery: the disagreement-error rho and the error correlation only.
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.observable import in_plane, name_signs_tz
     from tusrec.data import ScanPattern, open_data, parse_scan_key
     from tusrec.geometry import compose_local
-    from tusrec.model.ensemble import combine, load_members, members_local_transforms, validation_gpe
+    from tusrec.model.ensemble import combine, load_members, members_outputs, validation_gpe
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.metrics import transform_pixel_error
     from tusrec.train.cache import load_cache
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, list] = {m.name: [] for m in members}
     errors_observable: dict[str, list] = {m.name: [] for m in members}
     frames: list[dict] = []  # the mean of all: per-transition disagreement and error
+    own_frames: dict[str, list] = {m.name: [] for m in members}  # each member's expected and own error
 
     def record(label: str, local: np.ndarray, scan, kind: str, observable_global: np.ndarray) -> None:
         row = per.setdefault(label, {"GPE": [], "LPE": [], "GPE_observable": []})
@@ -142,22 +145,30 @@ def main(argv: list[str] | None = None) -> int:
         name = parse_scan_key(scan.key)[1]
         kind = scan_kind(name)
         inputs = scan.normalised()
-        locals_ = {
-            m.name: members_local_transforms([m], inputs, "cpu", None, False, scan_code(name))[0]
-            for m in members
+        outputs = {
+            m.name: members_outputs([m], inputs, "cpu", None, False, scan_code(name))[0] for m in members
         }
+        locals_ = {label: o.local for label, o in outputs.items()}
         true_d[kind].append(dofs(scan.local))
         # What a model whose only sign cue is the name can get right: (N-1, 4, 4).
         observable = in_plane(scan.local, keep_tz=name_signs_tz(ScanPattern.from_name(name)))
-        mean_all = combine(list(locals_.values())).local
+        combined = combine(
+            list(locals_.values()), expected_errors=[o.expected_error_mm for o in outputs.values()]
+        )
+        mean_all = combined.local
         frames.append(
             {
                 "disagreement": member_disagreement(list(locals_.values()), mean_all, ts, scan.image_size),
                 "error": frame_point_errors(mean_all, scan.local, ts, scan.image_size),
+                "expected_error": combined.expected_error_mm,
             }
         )
         for label, local in locals_.items():
             errors[label].append(frame_point_errors(local, scan.local, ts, scan.image_size))
+            if outputs[label].expected_error_mm is not None:
+                own_frames[label].append(
+                    {"error": errors[label][-1], "expected_error": outputs[label].expected_error_mm}
+                )
             errors_observable[label].append(frame_point_errors(local, observable, ts, scan.image_size))
         if args.fast:
             continue
@@ -180,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
         "uncertainty_mean_all": uncertainty_rho(frames),
     }
+    if all(f["expected_error"] is not None for f in frames):
+        result["expected_error_mean_all"] = {
+            **uncertainty_rho(frames, "expected_error"),
+            "mean_expected_mm": float(np.concatenate([f["expected_error"] for f in frames]).mean()),
+            "mean_error_mm": float(np.concatenate([f["error"] for f in frames]).mean()),
+        }
+        result["expected_error_members"] = {
+            label: uncertainty_rho(own, "expected_error") for label, own in own_frames.items() if own
+        }
     for label, row in per.items():
         entry = {k: float(np.mean(v)) for k, v in row.items()}
         for kind in kinds:
@@ -204,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             + f"  {rec}"
         )
     print("mean of all, disagreement vs error:", result["uncertainty_mean_all"])
+    if "expected_error_mean_all" in result:
+        print("mean of all, expected error vs error:", result["expected_error_mean_all"])
+        for label, u in result["expected_error_members"].items():
+            print(f"  {label}: its expected error vs its error: {u}")
     if "error_correlation" in result:
         print("member error correlation:", result["error_correlation"])
         print("... against the observable motion:", result["error_correlation_observable"])

@@ -8,13 +8,16 @@
 # side by side (one torch thread and one data-loader worker each, on one shared
 # memory-mapped cache). The benchmark's subjects (100, 101) and the demo's (50) are never
 # trained or validated on. On this project's 2-core CPU, 2026-12-03: simulation 16 min,
-# each member 12-13 min with 2 runs side by side.
+# each member 12-13 min with 2 runs side by side. Then each member's error head (its
+# per-frame expected error) is fitted on its own training scans, the pose frozen
+# (tusrec error-head; 2026-12-04: 24-27 s a member).
 #
 # Training is deterministic on the CPU for a given config and data (per-clip sampling:
 # the same clips whatever the number of data-loader workers), so a member is retrained
 # from its manifest entry (config, its validation subjects included, and trained.schedule):
 #   .venv/bin/tusrec train runs/data --out runs/again --config weights/manifest.json \
 #       --name bag2 --threads 1 --cache runs/cache
+#   .venv/bin/tusrec error-head runs/again/weights runs/data --threads 1 --cache runs/cache
 # The cmp at the end says whether this run gave the shipped files.
 #
 #   bash scripts/train-shipped.sh [RUNS]      # RUNS defaults to runs/; writes RUNS/weights, RUNS/baseline
@@ -45,6 +48,7 @@ train() {  # name config seed weights-folder [validation subjects]
 train bag5 configs/member.json 5 weights 011,002,003
 train bag3 configs/member.json 3 weights 011,006,007
 wait
+$T error-head "$RUNS/ens/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
 $T weights "$RUNS/ens/weights"
 $T weights "$RUNS/ens/weights" --export "$RUNS/weights"
 $T weights "$RUNS/ens/baseline" --export "$RUNS/baseline" --top 1

@@ -99,7 +99,7 @@ def test_tiny_time_limit_still_gives_a_scorable_identity(data_root, weights, tmp
 
 
 def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, monkeypatch):
-    real = core.members_local_transforms
+    real = core.members_outputs
     real_clock = time.perf_counter
     skipped = [0.0]  # seconds the clock has jumped: each member "takes" 20 s more than it does
 
@@ -111,7 +111,7 @@ def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, mo
     # checks alike: the real reading and compute (seconds on a loaded machine) keep 10 s of
     # slack under the 30 s limit, and a second member would end past it.
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
-    monkeypatch.setattr(core, "members_local_transforms", slow)
+    monkeypatch.setattr(core, "members_outputs", slow)
     monkeypatch.setattr(core, "ddf_reserve_s", lambda *args: 0.0)
     data = open_data(data_root)
     for batched in (False, True):  # one by one, and as a batched pass alike
@@ -132,7 +132,7 @@ def test_members_that_would_not_fit_are_skipped(data_root, weights, tmp_path, mo
         time.sleep(4.0 * len(members))
         return real(members, *args, **kwargs)
 
-    monkeypatch.setattr(core, "members_local_transforms", sleepy)
+    monkeypatch.setattr(core, "members_outputs", sleepy)
     three = load_members(make_weights(tmp_path / "three", n=3, seed=5))
     predictor = core.Predictor(three, "cpu", time_limit_s=8.0, workers=2)
     row = predictor.predict_scan(data.scans[0], data.calibration, tmp_path / "side.h5")

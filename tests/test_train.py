@@ -888,13 +888,13 @@ def test_a_conditioned_member_trains_and_the_predictor_gives_it_the_scan_name(
     data = open_data(sim_root)
     scan = data.scans[0]
     seen = []
-    real = ensemble.members_local_transforms
+    real = ensemble.members_outputs
 
     def spy(members, inputs, device="cpu", deadline=None, autocast=False, code=None):
         seen.append(None if code is None else np.asarray(code))
         return real(members, inputs, device, deadline, autocast, code)
 
-    monkeypatch.setattr("tusrec.predict.core.members_local_transforms", spy)
+    monkeypatch.setattr("tusrec.predict.core.members_outputs", spy)
     row = Predictor([member], "cpu").predict_scan(scan, data.calibration, tmp_path / "p.h5")
     assert row["status"] == "ok", row
     np.testing.assert_array_equal(seen[0], scan_code(scan.name))

@@ -450,6 +450,62 @@ def run_train(args) -> int:
     return 0
 
 
+def add_error_head(sub) -> None:
+    p = sub.add_parser(
+        "error-head",
+        help="fit the members' error heads (their per-frame expected error) after training",
+        description="Fit the error head of trained members: a small head on each member's "
+        "features, the rest of the network frozen, that predicts the member's expected error "
+        "(mm) on every frame transition, so that ./predict can write a per-frame uncertainty "
+        "that follows the error (expected_error_mm). Each member is fitted on the scans of the "
+        "subjects it was trained on (its manifest entry's trained.train_subjects), run whole as "
+        "the predictor runs them, and "
+        "saved back into the weights folder with a new checksum; its poses are unchanged.",
+    )
+    p.add_argument("weights", type=Path, help="weights folder (manifest.json) of trained members")
+    p.add_argument("data", type=Path, help="the training data folder the members were trained on")
+    p.add_argument("--members", nargs="+", default=None, help="only these members (default all)")
+    p.add_argument("--steps", type=int, default=None, help="AdamW steps a member (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="the head's and its batches' seed (default 0)")
+    p.add_argument("--cache", type=Path, default=None, help="the preprocessed scans' cache (as for train)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.set_defaults(run=run_error_head)
+
+
+def run_error_head(args) -> int:
+    from tusrec.model.manifest import WeightsError
+    from tusrec.train.config import TrainError
+    from tusrec.train.error_head import DEFAULT_STEPS, fit_members
+    from tusrec.train.trainer import pick_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        entries = fit_members(
+            args.weights,
+            args.data,
+            args.members,
+            args.steps or DEFAULT_STEPS,
+            args.seed,
+            device=pick_device(args.device),
+            cache_dir=args.cache,
+        )
+    except (TrainError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for entry in entries:
+        record = entry["error_head"]
+        print(
+            f"error-head: member {entry['name']} saved in {args.weights} ({record['transitions']} "
+            f"transitions, {record['steps']} steps, {record['seconds']:.0f} s; its mean error "
+            f"{record['mean_error_mm']:.3f} mm, expected {record['mean_expected_mm']:.3f} mm)"
+        )
+    return 0
+
+
 def add_weights(sub) -> None:
     p = sub.add_parser(
         "weights",
@@ -501,9 +557,11 @@ def run_weights(args) -> int:
         minutes = trained.get("seconds", float("nan")) / 60
         scores = ", ".join(f"{k} {v:.3f} mm" for k, v in metrics.items()) or "no validation metrics"
         architecture = entry.get("config", {}).get("architecture", "dual-encoder")
+        head = entry.get("error_head")
+        head = f", error head ({head.get('steps', '?')} steps)" if isinstance(head, dict) else ""
         print(
             f"  {entry['name']}: {architecture}, seed {seed}, {trained.get('steps', '?')} steps "
-            f"in {minutes:.0f} min, {scores}"
+            f"in {minutes:.0f} min, {scores}{head}"
         )
     return 0
 
@@ -867,6 +925,7 @@ COMMANDS = {
     "evaluate": add_evaluate,
     "info": add_info,
     "train": add_train,
+    "error-head": add_error_head,
     "weights": add_weights,
     "simulate": add_simulate,
     "landmarks": add_landmarks,

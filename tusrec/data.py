@@ -552,11 +552,14 @@ def write_data_calibration(root: str | Path, calib: Calibration) -> None:
 # GP (N-1, 3, H*W) and LP (N-1, 3, H*W) chunked by frame, GL (3, K), LL (3, K), plus the
 # transforms below when the predictor had them. Compact (form = 'transforms'): no GP/LP;
 # transforms_global T(i->0) and transforms_local T(i->i-1), (N-1, 4, 4) float64 in image
-# mm, GL and LL. Either may hold uncertainty (N-1,); attributes 'runtime_seconds', 'model'.
+# mm, GL and LL. Either may hold per-frame extras (N-1,) float32, PREDICTION_PER_FRAME_SETS:
+# the rotation disagreement (rad^2), the translation spread (mm) and the expected error (mm);
+# attributes 'runtime_seconds', 'model'.
 
 PREDICTION_PIXEL_SETS = ("GP", "LP")
 PREDICTION_LANDMARK_SETS = ("GL", "LL")
 PREDICTION_TRANSFORM_SETS = ("transforms_global", "transforms_local")
+PREDICTION_PER_FRAME_SETS = ("uncertainty", "uncertainty_translation_mm", "expected_error_mm")
 DDF_FORM = "ddf"
 TRANSFORMS_FORM = "transforms"
 PREDICTION_FORMS = (DDF_FORM, TRANSFORMS_FORM)

@@ -228,24 +228,44 @@ def members_local_transforms(
     autocast: bool = False,
     code: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Several members' T(i->i-1) for a preprocessed scan, as one batched pass when they
+    """Several members' T(i->i-1) for a preprocessed scan: members_outputs' transforms,
+    one (N-1, 4, 4) float64 array per member."""
+    return [o.local for o in members_outputs(members, inputs, device, deadline, autocast, code)]
+
+
+@dataclass
+class MemberOutput:
+    """One member's prediction for a scan: local (N-1, 4, 4) float64 T(i->i-1), and with
+    an error head (ModelConfig.error_head) its expected error (N-1,) float64, mm: the mean
+    point distance it expects between its T(i->i-1) and the true one."""
+
+    local: np.ndarray
+    expected_error_mm: np.ndarray | None
+
+
+@torch.no_grad()
+def members_outputs(
+    members: list[Member],
+    inputs: np.ndarray,
+    device: str | torch.device = "cpu",
+    deadline: float | None = None,
+    autocast: bool = False,
+    code: np.ndarray | None = None,
+) -> list[MemberOutput]:
+    """Several members' predictions for a preprocessed scan, as one batched pass when they
     share a configuration (torch.func.vmap over their stacked weights), else one by one.
 
     inputs: (N, C, h, w) (ScanInput.network_input; channel 0 the frames, channel 1 the
     decorrelation) or (N, h, w) frames only; a member uses its first cfg.in_channels.
     ``code``: the scan's (4,) inputs.scan_code of its name (None: unknown, as zeros); only
     members with ModelConfig.scan_conditioning use it.
-    Returns one (N-1, 4, 4) float64 array per member. Checks ``deadline`` between windows
-    and raises OutOfTimeError past it.
+    Returns one MemberOutput per member. Checks ``deadline`` between windows and raises
+    OutOfTimeError past it.
     """
     inputs = as_channels(inputs)
     cfgs = [m.cfg.to_dict() for m in members]
     if len(members) > 1 and any(c != cfgs[0] for c in cfgs):
-        return [
-            r
-            for m in members
-            for r in members_local_transforms([m], inputs, device, deadline, autocast, code)
-        ]
+        return [r for m in members for r in members_outputs([m], inputs, device, deadline, autocast, code)]
     cfg = members[0].cfg
     if inputs.shape[1] < cfg.in_channels:
         raise ValueError(
@@ -264,7 +284,7 @@ def members_local_transforms(
         # vmap falls back to a loop for fused attention kernels and says so every call.
         warnings.filterwarnings("ignore", message="There is a performance drop")
         global_tokens = runner.encode_global(g, gpos)  # (M, 1, G, dim)
-        raw = np.empty((len(members), n - 1, 9), np.float32)
+        raw = np.empty((len(members), n - 1, cfg.outputs), np.float32)
         for core, stop, lo, hi in windows(n - 1, cfg.window, cfg.overlap):
             if deadline is not None and time.perf_counter() > deadline:
                 names = ", ".join(m.name for m in members)
@@ -273,10 +293,13 @@ def members_local_transforms(
             video = torch.from_numpy(np.ascontiguousarray(inputs[lo : hi + 1].transpose(1, 0, 2, 3)))
             video = video.to(device)[None]
             pos = torch.from_numpy(scan_positions(np.arange(lo, hi), n - 1)).to(device)[None]
-            out = runner.forward(video, pos, global_tokens, code_t)  # (M, 1, hi-lo, 9)
+            out = runner.forward(video, pos, global_tokens, code_t)  # (M, 1, hi-lo, outputs)
             raw[:, core:stop] = out[:, 0, core - lo : stop - lo].float().cpu().numpy()
     # The rigid transforms are built in float64 whatever precision the network ran in.
-    return list(pose9_to_matrix(torch.from_numpy(raw).double(), cfg).numpy())
+    raw64 = torch.from_numpy(raw).double()
+    locals_ = pose9_to_matrix(raw64[..., :9], cfg).numpy()
+    errors = np.exp(raw64[..., 9].numpy()) if cfg.error_head else [None] * len(members)
+    return [MemberOutput(loc, err) for loc, err in zip(locals_, errors, strict=True)]
 
 
 @dataclass
@@ -286,13 +309,19 @@ class Combined:
     local: np.ndarray
     rotation_disagreement: np.ndarray  # rad^2: mean squared geodesic distance to the mean
     translation_spread_mm: np.ndarray  # RMS distance of members' translations to the mean
+    # mm: the mean of the members' expected errors (error heads); None unless all have one
+    expected_error_mm: np.ndarray | None = None
 
 
-def combine(locals_: list[np.ndarray], translation: str = "mean") -> Combined:
+def combine(
+    locals_: list[np.ndarray], translation: str = "mean", expected_errors: list | None = None
+) -> Combined:
     """Combine members' local transforms, each (N-1, 4, 4).
 
     Rotations: projected mean (average the matrices, closest rotation by SVD).
     Translations: mean, or 'median' (per coordinate). Globals follow by chaining.
+    ``expected_errors``: the members' MemberOutput.expected_error_mm, (N-1,) each or None;
+    their mean is the ensemble's expected error when every member has one.
     """
     stack = np.stack(locals_)  # (M, N-1, 4, 4)
     R = torch.from_numpy(stack[:, :, :3, :3])
@@ -306,7 +335,10 @@ def combine(locals_: list[np.ndarray], translation: str = "mean") -> Combined:
     else:
         raise ValueError(f"translation combination must be 'mean' or 'median', got {translation!r}")
     spread = np.sqrt(((t - t.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0))
-    return Combined(out, rotation_disagreement(R, dim=0).numpy(), spread)
+    expected = None
+    if expected_errors and all(e is not None for e in expected_errors):
+        expected = np.mean(np.stack(expected_errors), axis=0)
+    return Combined(out, rotation_disagreement(R, dim=0).numpy(), spread, expected)
 
 
 ProgressFn = Callable[[str], None]

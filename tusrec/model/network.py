@@ -54,6 +54,12 @@ class ModelConfig:
     # output is head(z) + direction * signed_head(z), so reversing a scan flips exactly
     # the part of the motion that only the direction can tell. Off: the network of old.
     scan_conditioning: bool = False
+    # A 10th output per transition: the log of the member's expected error there (the mean
+    # point distance, mm, between its T(i->i-1) and the true one). Its head reads the
+    # pose features detached, so it never changes the pose: it is fitted after the pose
+    # (tusrec.train.error_head), and a member with it predicts exactly the transforms it
+    # predicted without it.
+    error_head: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -76,6 +82,11 @@ class ModelConfig:
     def in_channels(self) -> int:
         """Channels of the local input: frames, plus decorrelation when on."""
         return 2 if self.decorrelation else 1
+
+    @property
+    def outputs(self) -> int:
+        """Raw outputs per transition: 9 pose values (pose9_to_matrix), + 1 with error_head."""
+        return 9 + int(self.error_head)
 
 
 def _position_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -161,7 +172,7 @@ class GlobalEncoder(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Transition tokens attend to global tokens; -> (B, T, 9) raw pose outputs."""
+    """Transition tokens attend to global tokens; -> (B, T, cfg.outputs) raw outputs."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -172,14 +183,15 @@ class Fusion(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         self.signed_head = _signed_head(cfg.dim, cfg.dim) if cfg.scan_conditioning else None
+        self.error_head = _error_head(cfg.dim) if cfg.error_head else None
 
     def forward(
         self, local: torch.Tensor, global_: torch.Tensor, direction: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """local (B, T, dim), global_ (B, G, dim), direction (B,) in {-1, 0, 1} -> (B, T, 9)."""
+        """local (B, T, dim), global_ (B, G, dim), direction (B,) in {-1, 0, 1} -> (B, T, outputs)."""
         context, _ = self.attend(local, global_, global_, need_weights=False)
         z = self.norm(local + context)
-        return _signed_output(self.head(z), self.signed_head, z, direction)
+        return _with_error(_signed_output(self.head(z), self.signed_head, z, direction), self.error_head, z)
 
 
 def _signed_head(features: int, dim: int) -> nn.Module:
@@ -200,6 +212,19 @@ def _signed_output(
     return raw + direction.to(raw.dtype)[:, None, None] * signed_head(z)
 
 
+def _error_head(features: int, hidden: int = 64) -> nn.Module:
+    """(..., features) -> (..., 1): the log of the expected point error (mm) of a transition."""
+    return nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
+def _with_error(raw: torch.Tensor, error_head: nn.Module | None, z: torch.Tensor) -> torch.Tensor:
+    """raw (B, T, 9), plus error_head(z) as a 10th column when there is one. The head sees
+    z detached: no gradient of its loss reaches the pose."""
+    if error_head is None:
+        return raw
+    return torch.cat([raw, error_head(z.detach()).to(raw.dtype)], dim=-1)
+
+
 def _split_code(
     code: torch.Tensor | None, batch: int, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +239,8 @@ _IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
 
 def pose9_to_matrix(raw: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Raw outputs (..., 9) -> rigid transforms (..., 4, 4).
+    """Raw outputs (..., 9) -> rigid transforms (..., 4, 4); a 10th column (error_head) is
+    not part of the pose and is ignored.
 
     Rotation: the 6D representation (two columns, Gram-Schmidt; continuous, Zhou et al.
     2019) offset from the identity by ``rotation_scale * raw[..., :6]``. Translation:
@@ -224,7 +250,7 @@ def pose9_to_matrix(raw: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     R = roma.special_gramschmidt(six.reshape(*six.shape[:-1], 2, 3).transpose(-1, -2))
     T = torch.zeros(*raw.shape[:-1], 4, 4, dtype=raw.dtype, device=raw.device)
     T[..., :3, :3] = R
-    T[..., :3, 3] = cfg.translation_scale_mm * raw[..., 6:]
+    T[..., :3, 3] = cfg.translation_scale_mm * raw[..., 6:9]
     T[..., 3, 3] = 1
     return T
 
@@ -255,7 +281,7 @@ class TrackerlessNet(nn.Module):
         """video (B, C, T, h, w) normalised frames (+ decorrelation); positions (B, T-1) scan positions of
         the transitions in [0, 1]; global_tokens (B, G, dim); code (B, 4) scan codes
         (inputs.scan_code; None: unknown; ignored without cfg.scan_conditioning).
-        Returns raw (B, T-1, 9)."""
+        Returns raw (B, T-1, cfg.outputs)."""
         tokens = self.local(video, positions)
         if self.kind is None:
             return self.fusion(tokens, global_tokens)
@@ -294,6 +320,7 @@ class PairNet(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
         self.kind = nn.Linear(3, c_in, bias=False) if cfg.scan_conditioning else None
         self.signed_head = _signed_head(c_in, cfg.dim) if cfg.scan_conditioning else None
+        self.error_head = _error_head(c_in) if cfg.error_head else None
 
     def encode_global(self, frames: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """No global context: an empty token set (B, 0, dim)."""
@@ -306,7 +333,7 @@ class PairNet(nn.Module):
         global_tokens: torch.Tensor,
         code: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """video (B, C, T, h, w) -> raw (B, T-1, 9); positions and global_tokens unused;
+        """video (B, C, T, h, w) -> raw (B, T-1, cfg.outputs); positions and global_tokens unused;
         code (B, 4) as for TrackerlessNet (only with cfg.scan_conditioning)."""
         b, _, t, h, w = video.shape
         prev, cur = video[:, :1, :-1], video[:, :1, 1:]  # frames only: (B, 1, T-1, h, w)
@@ -314,10 +341,11 @@ class PairNet(nn.Module):
         pairs = torch.cat(parts, dim=1).transpose(1, 2).reshape(b * (t - 1), len(parts), h, w)
         features = self.cnn(pairs).mean(dim=(-2, -1)).view(b, t - 1, -1)
         if self.kind is None:
-            return self.head(features)
+            return _with_error(self.head(features), self.error_head, features)
         direction, kind = _split_code(code, b, features)
         features = features + self.kind(kind)[:, None]
-        return _signed_output(self.head(features), self.signed_head, features, direction)
+        raw = _signed_output(self.head(features), self.signed_head, features, direction)
+        return _with_error(raw, self.error_head, features)
 
 
 def build_network(cfg: ModelConfig) -> nn.Module:

@@ -45,9 +45,10 @@ from tusrec.ddf import write_predictions
 from tusrec.geometry import Calibration, compose_local
 from tusrec.model.ensemble import (
     Member,
+    MemberOutput,
     OutOfTimeError,
     combine,
-    members_local_transforms,
+    members_outputs,
     read_scan_input,
 )
 from tusrec.model.inputs import scan_code
@@ -88,6 +89,8 @@ class ScanPrediction:
     translation_spread_mm: np.ndarray | None
     members_used: int
     fallback: str  # '' or why the identity was used
+    # (N-1,) mm: the members' mean expected error (ModelConfig.error_head), else None
+    expected_error_mm: np.ndarray | None = None
 
 
 class Predictor:
@@ -166,18 +169,21 @@ class Predictor:
             identity = np.tile(np.eye(4), (len(frames) - 1, 1, 1))
             why = f"fallback: identity motion, no member finished within the time limit ({stopped})"
             return ScanPrediction(identity, None, None, 0, why)
-        combined = combine(results, self.translation)
+        combined = combine(
+            [r.local for r in results], self.translation, [r.expected_error_mm for r in results]
+        )
         return ScanPrediction(
             combined.local,
             combined.rotation_disagreement,
             combined.translation_spread_mm,
             len(results),
             stopped,
+            combined.expected_error_mm,
         )
 
     def _members_side_by_side(
         self, frames: np.ndarray, deadline: float, code: np.ndarray | None
-    ) -> tuple[list[np.ndarray], str]:
+    ) -> tuple[list[MemberOutput], str]:
         """Members in ``workers`` threads, one intra-op thread each. A member starts only
         if the pace (the first finished member's time) says it ends by ``deadline``; each
         checks the deadline between windows. Returns the finished members' transforms in
@@ -192,9 +198,7 @@ class Predictor:
                 if begin > deadline or (pace and begin + pace[0] > deadline):
                     return "skipped"
             try:
-                out = members_local_transforms([member], frames, self.device, deadline, self.autocast, code)[
-                    0
-                ]
+                out = members_outputs([member], frames, self.device, deadline, self.autocast, code)[0]
             except OutOfTimeError as err:
                 return err
             with lock:
@@ -209,7 +213,7 @@ class Predictor:
                 outcomes = list(pool.map(run, self.members))
         finally:
             torch.set_num_threads(threads)
-        results = [o for o in outcomes if isinstance(o, np.ndarray)]
+        results = [o for o in outcomes if isinstance(o, MemberOutput)]
         notes = [str(o) for o in outcomes if isinstance(o, OutOfTimeError)]
         skipped = sum(1 for o in outcomes if isinstance(o, str))
         if skipped:
@@ -218,15 +222,13 @@ class Predictor:
 
     def _members_in_turn(
         self, frames: np.ndarray, deadline: float, code: np.ndarray | None
-    ) -> tuple[list[np.ndarray], str]:
+    ) -> tuple[list[MemberOutput], str]:
         """The first member alone, then the rest one by one or (``batched``) as one pass."""
-        results: list[np.ndarray] = []
+        results: list[MemberOutput] = []
         stopped = ""
         start = time.perf_counter()
         try:
-            results += members_local_transforms(
-                self.members[:1], frames, self.device, deadline, self.autocast, code
-            )
+            results += members_outputs(self.members[:1], frames, self.device, deadline, self.autocast, code)
         except OutOfTimeError as err:
             stopped = str(err)
         pace = time.perf_counter() - start
@@ -237,9 +239,7 @@ class Predictor:
                 stopped = f"{len(rest) - fit} member(s) skipped for time"
             if fit > 0:
                 try:
-                    results += members_local_transforms(
-                        rest[:fit], frames, self.device, deadline, self.autocast, code
-                    )
+                    results += members_outputs(rest[:fit], frames, self.device, deadline, self.autocast, code)
                 except OutOfTimeError as err:
                     stopped = str(err)
         else:
@@ -248,9 +248,7 @@ class Predictor:
                     stopped = f"{len(rest) - k} member(s) skipped for time"
                     break
                 try:
-                    results += members_local_transforms(
-                        [member], frames, self.device, deadline, self.autocast, code
-                    )
+                    results += members_outputs([member], frames, self.device, deadline, self.autocast, code)
                 except OutOfTimeError as err:
                     stopped = str(err)
                     break
@@ -280,6 +278,8 @@ class Predictor:
                     "uncertainty": pred.uncertainty,
                     "uncertainty_translation_mm": pred.translation_spread_mm,
                 }
+                if pred.expected_error_mm is not None:
+                    extras["expected_error_mm"] = pred.expected_error_mm
             attrs = {
                 "model": self.name,
                 "model_fingerprint": self.fingerprint,

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tusrec.data import (
     MANIFEST_FILE,
     PREDICTION_LANDMARK_SETS,
+    PREDICTION_PER_FRAME_SETS,
     PREDICTION_PIXEL_SETS,
     Scan,
     TusrecData,
@@ -129,7 +130,7 @@ def _structure_problems(f: h5py.File, scan_shape: tuple, n_landmarks: int | None
         required = dense or attrs.form != FORM_TRANSFORMS
         wanted += [(name, (3, n_landmarks), required) for name in PREDICTION_LANDMARK_SETS]
     wanted += [(name, (n - 1, 4, 4), False) for name in TRANSFORM_SETS]
-    wanted.append(("uncertainty", (n - 1,), False))
+    wanted += [(name, (n - 1,), False) for name in PREDICTION_PER_FRAME_SETS]
     for name, shape, required in wanted:
         if not required and link_kind(f, name) is None:
             continue

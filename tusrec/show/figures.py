@@ -72,7 +72,8 @@ def trajectory_figure(
 ) -> Figure:
     """Left: the four image corners of every frame in 3D (tracks), with the outline of
     every k-th frame, true against predicted, in the first frame's image mm. Right: GPE
-    and LPE per frame, and the file's per-frame uncertainty when it holds one.
+    and LPE per frame (with the file's expected error per frame over the LPE, both mm, when
+    it holds one), and the file's per-frame uncertainty when it holds one.
 
     true_global: (N-1, 4, 4) T(i->0); T_scale: (4, 4); image_size: (H, W).
     """
@@ -119,11 +120,17 @@ def trajectory_figure(
     axes = []
     for r, (values, ylabel, title) in enumerate(panels):
         ax = fig.add_subplot(gs[r, 1], sharex=axes[0] if axes else None)
-        ax.plot(frames, values, color=PRED_COLOUR, lw=1.4)
+        ax.plot(frames, values, color=PRED_COLOUR, lw=1.4, label="error")
+        top = float(np.max(values))
+        if values is poses.lpe and poses.expected_error is not None:
+            # the same quantity as the LPE per frame: the mean point distance of T(i->i-1)
+            ax.plot(frames, poses.expected_error, color="#1b9e77", lw=1.2, ls="--", label="expected (file)")
+            top = max(top, float(np.max(poses.expected_error)))
+            ax.legend(loc="upper right", fontsize=8.5, frameon=True)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10.5)
         # room above the largest value: a constant error would otherwise sit on the frame
-        ax.set_ylim(0, max(float(np.max(values)) * 1.08, 1e-6))
+        ax.set_ylim(0, max(top * 1.08, 1e-6))
         ax.grid(color="0.92")
         axes.append(ax)
     if has_unc:

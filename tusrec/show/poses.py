@@ -28,14 +28,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tusrec.data import PREDICTION_PIXEL_SETS, Scan, TusrecDataError, open_h5
+from tusrec.data import PREDICTION_PER_FRAME_SETS, PREDICTION_PIXEL_SETS, Scan, TusrecDataError, open_h5
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, pixel_ddfs
 from tusrec.geometry import compose_local, local_from_global
 from tusrec.scoring.metrics import _norm_sums
 
 DENSE, COMPACT = "ddf", "transforms"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
-OPTIONAL_SETS = ("uncertainty", "uncertainty_translation_mm")
+OPTIONAL_SETS = PREDICTION_PER_FRAME_SETS
 LAST_ROW_TOLERANCE = 1e-6  # the compact spec's tolerance on (0, 0, 0, 1)
 # matrices a derivation inverts must be well conditioned (1 / condition number above this)
 INVERTIBLE_RCOND = 1e-12
@@ -163,6 +163,7 @@ class PredictedPoses:
     gpe, lpe: (N-1,) per-frame mean pixel error (mm) against the ground truth.
     residual_global, residual_local: (N-1,) RMS fit residual (mm); dense files only.
     uncertainty: (N-1,) rad^2 and uncertainty_translation: (N-1,) mm, when the file has them.
+    expected_error: (N-1,) mm, the predictor's expected LPE per frame, when the file has it.
     """
 
     form: str
@@ -174,6 +175,7 @@ class PredictedPoses:
     residual_local: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
     uncertainty_translation: np.ndarray | None = None
+    expected_error: np.ndarray | None = None
     model: str = ""
 
 
@@ -302,6 +304,7 @@ def read_poses(
         n = gt.n_frames - 1
         poses.uncertainty = _optional(f, "uncertainty", n)
         poses.uncertainty_translation = _optional(f, "uncertainty_translation_mm", n)
+        poses.expected_error = _optional(f, "expected_error_mm", n)
         model = f.attrs.get("model", "")
         poses.model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
     return poses
