@@ -160,3 +160,26 @@ def testset_root(tmp_path) -> Path:
 def train_root(tmp_path) -> Path:
     """A training-layout folder: 2 subjects x 2 2025 scans."""
     return make_dataset(tmp_path / "train", TRAIN, ("000", "001"), NAMES_2025, 6, SMALL_IMAGE, "landmarks")
+
+
+def simulated_train_root(root: Path, frames: int, names: list[str]) -> Path:
+    """Simulated training data (tusrec simulate): subjects 000-002, the scans ``names``
+    of ``frames`` frames each, 120 x 160 pixels, no landmarks. Returns the root."""
+    from tusrec.simulate.dataset import simulate_dataset
+
+    simulate_dataset(
+        root, [0, 1, 2], layout="train", frames=frames, names=names, image_size=(120, 160), landmarks=False
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_simulator():
+    """simulated_train_root, for module-scoped fixtures of other simulated training sets."""
+    return simulated_train_root
+
+
+@pytest.fixture(scope="module")
+def sim_root(tmp_path_factory) -> Path:
+    """Simulated training data: 3 subjects x 1 scan x 40 frames, 120 x 160 pixels."""
+    return simulated_train_root(tmp_path_factory.mktemp("sim") / "train", 40, ["LH_Par_C_DtP"])

@@ -26,21 +26,10 @@ TINY = ModelConfig(**{**TINY_BASE.to_dict(), "window": 8, "scan_conditioning": T
 
 
 @pytest.fixture(scope="module")
-def sim_root(tmp_path_factory):
-    """Simulated training data: 3 subjects x 2 scans x 30 frames, 120 x 160 pixels."""
-    from tusrec.simulate.dataset import simulate_dataset
-
-    root = tmp_path_factory.mktemp("sim") / "train"
-    simulate_dataset(
-        root,
-        [0, 1, 2],
-        layout="train",
-        frames=30,
-        names=["LH_Par_C_DtP", "RH_Per_L_PtD"],
-        image_size=(120, 160),
-        landmarks=False,
-    )
-    return root
+def sim_root(tmp_path_factory, train_simulator):
+    """Simulated training data: 3 subjects x 2 scans (a parallel and a perpendicular
+    sweep) x 30 frames, 120 x 160 pixels."""
+    return train_simulator(tmp_path_factory.mktemp("sim") / "train", 30, ["LH_Par_C_DtP", "RH_Per_L_PtD"])
 
 
 @pytest.fixture(scope="module")

@@ -56,24 +56,6 @@ def tiny_config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def sim_root(tmp_path_factory):
-    """Simulated training data: 3 subjects x 1 scan x 40 frames, 120 x 160 pixels."""
-    from tusrec.simulate.dataset import simulate_dataset
-
-    root = tmp_path_factory.mktemp("sim") / "train"
-    simulate_dataset(
-        root,
-        [0, 1, 2],
-        layout="train",
-        frames=40,
-        names=["LH_Par_C_DtP"],
-        image_size=(120, 160),
-        landmarks=False,
-    )
-    return root
-
-
 # --------------------------------------------------------------------------- config
 
 
