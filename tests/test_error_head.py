@@ -198,3 +198,44 @@ def test_a_member_whose_subjects_are_missing_gets_a_clear_error(trained, dataset
     with pytest.raises(TrainError, match=r"subjects \['000', '001'\] that .* does not have"):
         fit_members(trained, other, progress=False)
     assert ensemble.load_members(trained)  # the weights folder is as it was, still valid
+
+
+def test_a_hostile_expected_error_is_reported_and_never_followed(trained, sim_root, dataset_factory, tmp_path):
+    """A submission's expected_error_mm goes through the read policy like every other
+    dataset: links are not followed, groups, text and wrong shapes are named problems,
+    and evaluate show neither follows a link nor draws a value it cannot use."""
+    from tusrec.ddf import GroundTruth
+    from tusrec.show.poses import ShowError, read_poses
+
+    fit_members(trained, sim_root, steps=3, progress=False)
+    data_root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_Par_C_DtP",), 9)
+    predict_folder(data_root, tmp_path / "p", trained, "cpu", log=lambda *a: None)
+    data = open_data(data_root)
+    scan = data.scans[0]
+    path = tmp_path / "p" / f"{scan.key}.h5"
+    (tmp_path / "elsewhere.h5").write_bytes(path.read_bytes())
+    hostile = {
+        "external link": lambda f: h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "expected_error_mm"),
+        "soft link": lambda f: h5py.SoftLink("/transforms_local"),
+        "group": None,
+        "text": lambda f: np.array(["0.1"] * (scan.n_frames - 1), dtype=h5py.string_dtype()),
+        "shape": lambda f: np.ones((scan.n_frames - 1, 2), np.float32),
+    }
+    gt = GroundTruth.from_scan(scan, data.calibration)
+    for case, value in hostile.items():
+        with h5py.File(path, "a") as f:
+            del f["expected_error_mm"]
+            if value is None:
+                f.create_group("expected_error_mm")
+            else:
+                f["expected_error_mm"] = value(f)
+        problems = " ".join(map(str, check_predictions(tmp_path / "p", data)))
+        assert "expected_error_mm" in problems, (case, problems)
+        if "link" in case:
+            with pytest.raises(ShowError, match="'expected_error_mm' is a link"):
+                read_poses(path, scan, gt)
+        elif case == "group":
+            with pytest.raises(ShowError, match="'expected_error_mm' is not a dataset"):
+                read_poses(path, scan, gt)
+        else:
+            assert read_poses(path, scan, gt).expected_error is None, case
