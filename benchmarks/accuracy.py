@@ -175,17 +175,18 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
         inputs = read_scan_input(scan, members[0].cfg.input_size, steps).network_input()
         read_s = time.perf_counter() - t0
         preds: dict[str, tuple[np.ndarray, float]] = {}
-        expected = []  # the members' expected errors (error heads), (N-1,) mm or None each
+        expected = {}  # label -> the model's expected errors (error head), (N-1,) mm or None
         identity = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
         preds["identity"] = (identity, 0.0)
         for label, m in pair_labels + [(m.name, m) for m in members]:
             t0 = time.perf_counter()
             out = members_outputs([m], inputs, "cpu", None, False, scan_code(scan.name))[0]
             preds[label] = (out.local, time.perf_counter() - t0)
-            if m in members:
-                expected.append(out.expected_error_mm)
+            expected[label] = out.expected_error_mm
         t0 = time.perf_counter()
-        combined = combine([preds[m.name][0] for m in members], expected_errors=expected)
+        combined = combine(
+            [preds[m.name][0] for m in members], expected_errors=[expected[m.name] for m in members]
+        )
         ensemble = combined.local
         preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
         frames.append(

@@ -200,7 +200,9 @@ def test_a_member_whose_subjects_are_missing_gets_a_clear_error(trained, dataset
     assert ensemble.load_members(trained)  # the weights folder is as it was, still valid
 
 
-def test_a_hostile_expected_error_is_reported_and_never_followed(trained, sim_root, dataset_factory, tmp_path):
+def test_a_hostile_expected_error_is_reported_and_never_followed(
+    trained, sim_root, dataset_factory, tmp_path
+):
     """A submission's expected_error_mm goes through the read policy like every other
     dataset: links are not followed, groups, text and wrong shapes are named problems,
     and evaluate show neither follows a link nor draws a value it cannot use."""

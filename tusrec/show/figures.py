@@ -113,19 +113,25 @@ def trajectory_figure(
         frameon=True,
     )
     frames = np.arange(1, n)
+    # the file's expected error per frame is the LPE's own quantity (the mean point
+    # distance of T(i->i-1)), so it is drawn over the LPE
     panels = [
-        (poses.gpe, "GPE per frame (mm)", f"global pixel error: mean {poses.gpe.mean():.2f} mm"),
-        (poses.lpe, "LPE per frame (mm)", f"local pixel error: mean {poses.lpe.mean():.3f} mm"),
+        (poses.gpe, None, "GPE per frame (mm)", f"global pixel error: mean {poses.gpe.mean():.2f} mm"),
+        (
+            poses.lpe,
+            poses.expected_error,
+            "LPE per frame (mm)",
+            f"local pixel error: mean {poses.lpe.mean():.3f} mm",
+        ),
     ]
     axes = []
-    for r, (values, ylabel, title) in enumerate(panels):
+    for r, (values, expected, ylabel, title) in enumerate(panels):
         ax = fig.add_subplot(gs[r, 1], sharex=axes[0] if axes else None)
         ax.plot(frames, values, color=PRED_COLOUR, lw=1.4, label="error")
         top = float(np.max(values))
-        if values is poses.lpe and poses.expected_error is not None:
-            # the same quantity as the LPE per frame: the mean point distance of T(i->i-1)
-            ax.plot(frames, poses.expected_error, color="#1b9e77", lw=1.2, ls="--", label="expected (file)")
-            top = max(top, float(np.max(poses.expected_error)))
+        if expected is not None:
+            ax.plot(frames, expected, color="#1b9e77", lw=1.2, ls="--", label="expected (file)")
+            top = max(top, float(np.max(expected)))
             ax.legend(loc="upper right", fontsize=8.5, frameon=True)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10.5)

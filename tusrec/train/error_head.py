@@ -54,9 +54,7 @@ def with_error_head(net: torch.nn.Module) -> torch.nn.Module:
         import copy
 
         return copy.deepcopy(net)
-    cfg = dataclasses.replace(net.cfg, error_head=True)
-    torch.manual_seed(0)  # the head's initial draw; fit_error_head reseeds before fitting
-    out = build_network(cfg)
+    out = build_network(dataclasses.replace(net.cfg, error_head=True))
     missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(".error_head." not in f".{k}" for k in missing):
         raise TrainError(f"cannot add an error head: missing {missing}, unexpected {unexpected}")
@@ -201,13 +199,17 @@ def fit_members(
     ``weights_dir`` on the scans of their own training subjects (trained.train_subjects of
     each manifest entry) of ``data_root`` (fit_error_head), and save each back (new file and checksum; the
     entry keeps its training record and gains ``error_head``: the fit's record and its
-    subjects). Returns the new entries."""
+    subjects). Every member is checked before any is fitted, so a bad entry changes
+    nothing; members that share an input size and frame steps share one read of the data.
+    Returns the new entries."""
+    from tusrec.data import open_data
     from tusrec.model.ensemble import load_members, save_member
     from tusrec.train.cache import load_cache
     from tusrec.train.trainer import cache_steps
 
     members = load_members(weights_dir, "cpu", names)
-    entries = []
+    have = {scan.subject for scan in open_data(data_root).scans}
+    plans = []  # (member, its training subjects, the cache it reads)
     for member in members:
         trained = member.info.get("trained")
         if not isinstance(trained, dict) or "config" not in trained or "train_subjects" not in trained:
@@ -215,15 +217,21 @@ def fit_members(
                 f"member {member.name!r} has no training record (trained.config, trained.train_subjects) "
                 "in its manifest entry: its error head is fitted on the subjects it was trained on"
             )
-        config = TrainConfig.from_dict(trained["config"])
-        data = load_cache(data_root, member.cfg.input_size, None, progress, cache_steps(config), cache_dir)
         subjects = [str(s) for s in trained["train_subjects"]]
-        missing = sorted(set(subjects) - set(data.subjects))
+        missing = sorted(set(subjects) - have)
         if missing:
             raise TrainError(
                 f"member {member.name!r} was trained on subjects {missing} that {data_root} does not have: "
                 "its error head is fitted on the data it was trained on"
             )
+        frame_steps = cache_steps(TrainConfig.from_dict(trained["config"]))
+        plans.append((member, subjects, (tuple(member.cfg.input_size), frame_steps)))
+    caches: dict = {}
+    entries = []
+    for member, subjects, key in plans:
+        if key not in caches:
+            caches[key] = load_cache(data_root, key[0], None, progress, key[1], cache_dir)
+        data = caches[key]
         net, record = fit_error_head(
             member.net,
             data.of_subjects(subjects),
