@@ -19,6 +19,9 @@ validation GPE) it reports
   sweeps, whose sign the name gives): out-of-plane motion that nothing signs is predicted
   as 0 by every member, an error they share by construction, which the second
   correlation leaves out;
+* with ``--combo LABEL=NAME,NAME,...`` (repeatable), the mean of those members as well
+  (names as printed: ``folder/name`` when several weights folders are given), to compare
+  ensembles of other make-ups (more seeds, other architectures) on the same runs;
 * with ``--scales``, the mean of all with its translations scaled (a post-hoc output
   scale, the cheapest correction of a shared error, if that error is a scale);
 * GPE per scan kind, and GPE against the observable motion (``GPE_observable``): how far
@@ -69,6 +72,23 @@ def scan_kind(name: str) -> str:
     return p.orientation or "unknown"
 
 
+def parse_combos(specs: list[str], names: list[str]) -> dict[str, list[str]]:
+    """``["LABEL=a,b", ...]`` -> {LABEL: [a, b]}; every name must be one of ``names``."""
+    combos = {}
+    for spec in specs:
+        label, sep, members = spec.partition("=")
+        chosen = [n.strip() for n in members.split(",") if n.strip()]
+        if not sep or not label or not chosen:
+            raise SystemExit(f"--combo {spec!r}: expected LABEL=NAME,NAME,...")
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise SystemExit(
+                f"--combo {label}: no member named {', '.join(unknown)} (members: {', '.join(names)})"
+            )
+        combos[label] = chosen
+    return combos
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -89,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", default="011")
     p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
     p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
+    p.add_argument(
+        "--combo",
+        action="append",
+        default=[],
+        metavar="LABEL=NAME,NAME,...",
+        help="also score the mean of these members (repeatable; names as printed)",
+    )
     p.add_argument("--fast", action="store_true", help="only the rho and the error correlation")
     p.add_argument(
         "--scales",
@@ -122,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.top:
         if 1 < k < len(members):
             combos[f"mean-top{k}"] = [m.name for m in ranked[:k]]
+    combos.update(parse_combos(args.combo, [m.name for m in members]))
     kinds = sorted({scan_kind(parse_scan_key(s.key)[1]) for s in scans})
 
     per: dict[str, dict] = {}
@@ -131,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     errors_observable: dict[str, list] = {m.name: [] for m in members}
     frames: list[dict] = []  # the mean of all: per-transition disagreement and error
     own_frames: dict[str, list] = {m.name: [] for m in members}  # each member's expected and own error
+    combo_frames: dict[str, list] = {}  # the same as frames, for each --combo and mean-topk
 
     def record(label: str, local: np.ndarray, scan, kind: str, observable_global: np.ndarray) -> None:
         row = per.setdefault(label, {"GPE": [], "LPE": [], "GPE_observable": []})
@@ -176,8 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         for label, local in locals_.items():
             record(label, local, scan, kind, observable_global)
         for label, names in combos.items():
-            local = mean_all if label == "mean-all" else combine([locals_[n] for n in names]).local
-            record(label, local, scan, kind, observable_global)
+            if label == "mean-all":
+                record(label, mean_all, scan, kind, observable_global)
+                continue
+            chosen = [locals_[n] for n in names]
+            sub = combine(chosen, expected_errors=[outputs[n].expected_error_mm for n in names])
+            record(label, sub.local, scan, kind, observable_global)
+            combo_frames.setdefault(label, []).append(
+                {
+                    "disagreement": member_disagreement(chosen, sub.local, ts, scan.image_size),
+                    "error": frame_point_errors(sub.local, scan.local, ts, scan.image_size),
+                    "expected_error": sub.expected_error_mm,
+                }
+            )
         for k in args.scales:
             scaled = mean_all.copy()
             scaled[:, :3, 3] *= k
@@ -200,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         result["expected_error_members"] = {
             label: uncertainty_rho(own, "expected_error") for label, own in own_frames.items() if own
         }
+    for label, fr in combo_frames.items():
+        result.setdefault("uncertainty_combos", {})[label] = {"disagreement": uncertainty_rho(fr)}
+        if all(f["expected_error"] is not None for f in fr):
+            result["uncertainty_combos"][label]["expected_error"] = uncertainty_rho(fr, "expected_error")
     for label, row in per.items():
         entry = {k: float(np.mean(v)) for k, v in row.items()}
         for kind in kinds:
@@ -228,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mean of all, expected error vs error:", result["expected_error_mean_all"])
         for label, u in result["expected_error_members"].items():
             print(f"  {label}: its expected error vs its error: {u}")
+    for label, u in result.get("uncertainty_combos", {}).items():
+        print(f"{label}: rho with the error, {u}")
     if "error_correlation" in result:
         print("member error correlation:", result["error_correlation"])
         print("... against the observable motion:", result["error_correlation_observable"])

@@ -7,7 +7,7 @@ from scipy.spatial.transform import Rotation
 
 from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
 from benchmarks.observable import in_plane, name_signs_tz
-from benchmarks.validation import dofs, recovery
+from benchmarks.validation import dofs, parse_combos, recovery
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import default_calibration, frame_transforms
 
@@ -112,3 +112,16 @@ def test_the_name_signs_tz_of_perpendicular_sweeps_only(name, signed):
     from tusrec.data import ScanPattern
 
     assert name_signs_tz(ScanPattern.from_name(name)) is signed
+
+
+def test_combos_name_members_as_printed_and_refuse_unknown_or_malformed_ones():
+    names = ["weights/len2", "weights/len5", "baseline/pair0"]
+    assert parse_combos(["hybrid=weights/len2, baseline/pair0", "two=weights/len5"], names) == {
+        "hybrid": ["weights/len2", "baseline/pair0"],
+        "two": ["weights/len5"],
+    }
+    with pytest.raises(SystemExit, match="no member named weights/len9"):
+        parse_combos(["x=weights/len9,weights/len2"], names)
+    for bad in ("weights/len2", "=weights/len2", "x="):
+        with pytest.raises(SystemExit, match="expected LABEL=NAME"):
+            parse_combos([bad], names)

@@ -516,3 +516,32 @@ def test_predict_ddfs_passes_a_known_scan_name_to_conditioned_members(data_root,
     predict_folder(data_root, tmp_path / "p", tmp_path / "w", "cpu", log=lambda *a: None, form="ddf")
     with h5py.File(tmp_path / "p" / f"{scan.key}.h5") as f:
         np.testing.assert_array_equal(named[0], f["GP"][()])
+
+
+def test_a_mixed_ensemble_runs_each_configuration_batched_and_keeps_the_members_order(tmp_path, monkeypatch):
+    """Sequence members beside a frame-pair one: the same transforms as each alone, in
+    the order of the members (the two sequence members still share one vmapped pass)."""
+    from tusrec.model.network import PairNet
+
+    make_weights(tmp_path / "w", n=2, seed=3)
+    torch.manual_seed(9)
+    pair = PairNet(ModelConfig(**{**TINY.to_dict(), "architecture": "pair"}))
+    for p in pair.head[-1].parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    save_member(tmp_path / "w", "member0b-pair", pair, {"trained": "random init (test)"})
+    members = load_members(tmp_path / "w")
+    assert [m.cfg.architecture for m in members] == ["dual-encoder", "pair", "dual-encoder"]
+    frames = np.random.default_rng(2).normal(size=(19, 2, 16, 20)).astype(np.float32)
+    batched_passes = []
+    real = ensemble._Batched
+
+    def spy(group):
+        batched_passes.append([m.name for m in group])
+        return real(group)
+
+    monkeypatch.setattr(ensemble, "_Batched", spy)
+    mixed = ensemble.members_local_transforms(members, frames)
+    assert batched_passes == [["member0", "member1"]]
+    for member, out in zip(members, mixed, strict=True):
+        np.testing.assert_allclose(out, ensemble.member_local_transforms(member, frames), atol=1e-6)
+    assert np.abs(mixed[0] - mixed[1]).max() > 1e-3 and np.abs(mixed[1] - mixed[2]).max() > 1e-3

@@ -259,13 +259,24 @@ def members_outputs(
     decorrelation) or (N, h, w) frames only; a member uses its first cfg.in_channels.
     ``code``: the scan's (4,) inputs.scan_code of its name (None: unknown, as zeros); only
     members with ModelConfig.scan_conditioning use it.
-    Returns one MemberOutput per member. Checks ``deadline`` between windows and raises
-    OutOfTimeError past it.
+    Members of several configurations (a mixed ensemble: sequence members beside
+    frame-pair ones) run as one batched pass per configuration.
+    Returns one MemberOutput per member, in the members' order. Checks ``deadline``
+    between windows and raises OutOfTimeError past it.
     """
     inputs = as_channels(inputs)
-    cfgs = [m.cfg.to_dict() for m in members]
-    if len(members) > 1 and any(c != cfgs[0] for c in cfgs):
-        return [r for m in members for r in members_outputs([m], inputs, device, deadline, autocast, code)]
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(json.dumps(m.cfg.to_dict(), sort_keys=True), []).append(i)
+    if len(groups) > 1:
+        out: list[MemberOutput | None] = [None] * len(members)
+        for idx in groups.values():
+            group = [members[i] for i in idx]
+            for i, r in zip(
+                idx, members_outputs(group, inputs, device, deadline, autocast, code), strict=True
+            ):
+                out[i] = r
+        return out
     cfg = members[0].cfg
     if inputs.shape[1] < cfg.in_channels:
         raise ValueError(
