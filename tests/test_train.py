@@ -253,7 +253,18 @@ def test_tiny_training_run_learns_resumes_and_predicts(sim_root, tmp_path):
     assert entry["trained"]["train_scans"] == len(train)
     assert entry["trained"]["train_frames"] == sum(s.n_frames for s in train)
     assert entry["trained"]["val_frames"] == sum(s.n_frames for s in by_subject["002"])
-    assert set(entry["metrics"]) == {"val_GPE", "val_LPE"}
+    assert set(entry["metrics"]) == {"val_GPE", "val_LPE", "val_identity_GPE"}
+    # The identity's GPE on the validation subject, from the raw tforms and dense pixel
+    # displacements (the identity predicts none, so its error is the true field's size).
+    calib = open_data(sim_root).calibration
+    identity = []
+    for scan in by_subject["002"]:
+        global_ = frame_transforms(scan.read_tforms(), calib)[0]
+        h, w = scan.image_size
+        ddf = pixel_ddfs(global_, calib.T_scale, h, w, dtype=np.float64)  # (N-1, 3, h*w)
+        identity.append(np.linalg.norm(ddf, axis=1).mean())
+    assert entry["metrics"]["val_identity_GPE"] == pytest.approx(np.mean(identity), rel=1e-9)
+    assert entry["metrics"]["val_GPE"] < entry["metrics"]["val_identity_GPE"]
 
     members = ensemble.load_members(out / "weights")
     end_loss = fixed_loss(members[0].net)
@@ -422,7 +433,11 @@ def test_pair_baseline_trains_and_predicts_through_the_same_code(sim_root, tmp_p
     pair = ModelConfig(**{**TINY.to_dict(), "architecture": "pair"})
     cfg = tiny_config(model=pair.to_dict(), steps=6, val_every=3)
     entry = train_member(sim_root, tmp_path / "pair", cfg, "pair", progress=False)
-    assert entry["config"]["architecture"] == "pair" and set(entry["metrics"]) == {"val_GPE", "val_LPE"}
+    assert entry["config"]["architecture"] == "pair" and set(entry["metrics"]) == {
+        "val_GPE",
+        "val_LPE",
+        "val_identity_GPE",
+    }
     (member,) = ensemble.load_members(tmp_path / "pair" / "weights")
     assert isinstance(member.net, PairNet)
     # Each transition from its own pair: one frame pair alone gives the same transform.
@@ -504,6 +519,8 @@ def test_weights_command_lists_members_and_picks_the_best(sim_root, tmp_path, ca
     assert main(["weights", str(weights)]) == 0
     out = capsys.readouterr().out
     assert "2 member(s), checksums verified" in out and "m0: dual-encoder, seed 0, 2 steps" in out
+    # 2 steps from the identity start: still on the plateau, and said so.
+    assert out.count("of the identity's GPE: ON THE NO-MOTION PLATEAU") == 2, out
     assert main(["weights", str(weights), "--best"]) == 0
     gpe = {m.name: m.info["metrics"]["val_GPE"] for m in ensemble.load_members(weights)}
     assert capsys.readouterr().out.strip() == min(gpe, key=gpe.get)
@@ -865,7 +882,11 @@ def test_a_conditioned_member_trains_and_the_predictor_gives_it_the_scan_name(
         model=cond.to_dict(), steps=4, val_every=2, augment=AugmentConfig(intensity=False, forget_name=0.3)
     )
     entry = train_member(sim_root, tmp_path / "c", cfg, "c", progress=False)
-    assert entry["config"]["scan_conditioning"] and set(entry["metrics"]) == {"val_GPE", "val_LPE"}
+    assert entry["config"]["scan_conditioning"] and set(entry["metrics"]) == {
+        "val_GPE",
+        "val_LPE",
+        "val_identity_GPE",
+    }
     (member,) = ensemble.load_members(tmp_path / "c" / "weights")
     data = open_data(sim_root)
     scan = data.scans[0]

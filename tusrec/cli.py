@@ -528,7 +528,13 @@ def add_weights(sub) -> None:
 def run_weights(args) -> int:
     # Listing and --best read the manifest and verify the checksums without torch (a
     # fraction of a second); only --export goes through the ensemble module.
-    from tusrec.model.manifest import DEFAULT_WEIGHTS, WeightsError, checked_entries, validation_gpe
+    from tusrec.model.manifest import (
+        DEFAULT_WEIGHTS,
+        PLATEAU_RATIO,
+        WeightsError,
+        checked_entries,
+        validation_gpe,
+    )
 
     folder = args.folder or DEFAULT_WEIGHTS
     if args.top is not None and args.export is None:
@@ -556,6 +562,11 @@ def run_weights(args) -> int:
         seed = trained.get("config", {}).get("seed", "?")
         minutes = trained.get("seconds", float("nan")) / 60
         scores = ", ".join(f"{k} {v:.3f} mm" for k, v in metrics.items()) or "no validation metrics"
+        if metrics.get("val_GPE") is not None and metrics.get("val_identity_GPE"):
+            ratio = metrics["val_GPE"] / metrics["val_identity_GPE"]
+            # The convergence criterion: at least 30 % below the identity's GPE.
+            verdict = "left the no-motion plateau" if ratio <= PLATEAU_RATIO else "ON THE NO-MOTION PLATEAU"
+            scores += f" ({ratio:.2f} of the identity's GPE: {verdict})"
         architecture = entry.get("config", {}).get("architecture", "dual-encoder")
         head = entry.get("error_head")
         head = f", error head ({head.get('steps', '?')} steps)" if isinstance(head, dict) else ""

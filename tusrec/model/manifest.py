@@ -30,6 +30,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A member has left the no-motion plateau when its validation GPE is at most this share
+# of the identity's on the same subjects (metrics.val_identity_GPE, recorded by training).
+PLATEAU_RATIO = 0.7
+
+
 def validation_gpe(entry: dict) -> float:
     """A member's held-out GPE from its manifest entry (mm; inf when it has none)."""
     return float(entry.get("metrics", {}).get("val_GPE", float("inf")))

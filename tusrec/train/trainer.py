@@ -77,6 +77,19 @@ def validate(
     return {"val_GPE": total_gpe / count, "val_LPE": total_lpe / count}
 
 
+def identity_gpe(scans: list[CachedScan], T_scale: np.ndarray) -> float:
+    """GPE (mm, mean per scan, as validate) of predicting no motion on ``scans``: the
+    no-motion plateau's level, against which a member's val_GPE says whether it learned."""
+    return float(
+        np.mean(
+            [
+                mean_pixel_error(np.tile(np.eye(4), (len(s.global_), 1, 1)), s.global_, T_scale, s.image_size)
+                for s in scans
+            ]
+        )
+    )
+
+
 def _to_torch(batch: dict, device) -> dict[str, torch.Tensor]:
     """A sampler batch (numpy arrays, or the tensors a DataLoader made of them) as network
     inputs: video (B, C, T, h, w) normalised (frames, plus the decorrelation channel when
@@ -394,6 +407,11 @@ def train_member(
     )
     net.load_state_dict(best_ckpt["model"])
     metrics = {k: best_ckpt[k] for k in ("val_GPE", "val_LPE") if k in best_ckpt}
+    if val_scans:
+        # The identity on the same subjects: val_GPE / this is the share of the no-motion
+        # error left (a seed on the plateau stays near 1; bagged members validate on
+        # different subjects, so only the ratio compares them).
+        metrics["val_identity_GPE"] = identity_gpe(val_scans, T_scale)
     info = {
         "trained": {
             "data_root": str(Path(data_root).resolve()),
