@@ -6,7 +6,7 @@ The tool for choosing levers (never the benchmark's subjects): every member of t
 weights folders is run on the held-out validation scans of DATA (subject 011 unless
 ``--subjects``) as the predictor runs it (windowed inference, the scan name's code), and
 for each member, for the mean of all and for the mean of the best k (by the manifests'
-validation GPE) it reports
+validation: ensemble.ranked_by_validation) it reports
 
 * GPE and LPE (mm, mean over scans; the trainer's own validation numbers);
 * per-DOF recovery of the frame-to-frame motion T(i->i-1): the slope of the predicted on
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.observable import in_plane, name_signs_tz
     from tusrec.data import ScanPattern, open_data, parse_scan_key
     from tusrec.geometry import compose_local
-    from tusrec.model.ensemble import combine, load_members, members_outputs, validation_gpe
+    from tusrec.model.ensemble import combine, load_members, members_outputs, ranked_by_validation
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.metrics import transform_pixel_error
     from tusrec.train.cache import load_cache
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_cache(args.data, size, keys, False, steps, args.cache)
     scans = data.scans
     ts = data.calib.T_scale
-    ranked = sorted(members, key=validation_gpe)
+    ranked = ranked_by_validation(members)
     combos = {"mean-all": [m.name for m in members]}
     for k in args.top:
         if 1 < k < len(members):

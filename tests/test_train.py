@@ -962,3 +962,37 @@ def test_rotation_share_draws_that_share_of_clips_from_rotation_scans(dataset_fa
     sweeps = [s for s in data.scans if "rotation" not in s.key]
     with pytest.raises(ValueError, match="needs both rotation scans and sweeps"):
         ClipSampler(sweeps, 6, 4, NO_AUGMENT, ts, np.random.default_rng(0), rotation_share=0.3)
+
+
+def test_members_validated_on_different_subjects_rank_by_their_share_of_the_identity():
+    from tusrec.model.manifest import validation_key
+
+    # b has the higher GPE but on harder subjects: it left more of the identity's error behind.
+    a = {"name": "a", "metrics": {"val_GPE": 10.0, "val_identity_GPE": 40.0}}  # 0.25
+    b = {"name": "b", "metrics": {"val_GPE": 12.0, "val_identity_GPE": 80.0}}  # 0.15
+    assert min([a, b], key=validation_key([a, b]))["name"] == "b"
+    # Without the identity's GPE for every member, the raw GPE (ratios would mix scales).
+    old = {"name": "old", "metrics": {"val_GPE": 11.0}}
+    assert [e["name"] for e in sorted([a, b, old], key=validation_key([a, b, old]))] == ["a", "old", "b"]
+    assert validation_key([])({"name": "none"}) == float("inf")
+
+
+def test_weights_best_and_export_use_the_share_of_the_identity(sim_root, tmp_path, capsys):
+    from tusrec.cli import main
+    from tusrec.train.trainer import train_ensemble
+
+    train_ensemble(sim_root, tmp_path / "ens", tiny_config(steps=2, val_every=2), 2, "m", progress=False)
+    weights = tmp_path / "ens" / "weights"
+    path = weights / "manifest.json"
+    manifest = json.loads(path.read_text())
+    # As if m1 had validated on subjects twice as hard, with a slightly higher GPE.
+    m0, m1 = manifest["members"]
+    m1["metrics"]["val_GPE"] = m0["metrics"]["val_GPE"] * 1.1
+    m1["metrics"]["val_identity_GPE"] = m0["metrics"]["val_identity_GPE"] * 2
+    path.write_text(json.dumps(manifest))
+    assert main(["weights", str(weights), "--best"]) == 0
+    assert capsys.readouterr().out.strip() == "m1"
+    assert main(["weights", str(weights), "--export", str(tmp_path / "top"), "--top", "1"]) == 0
+    assert [m["name"] for m in json.loads((tmp_path / "top" / "manifest.json").read_text())["members"]] == [
+        "m1"
+    ]

@@ -511,10 +511,12 @@ def add_weights(sub) -> None:
         "weights",
         help="list the members of a weights folder with their training and held-out metrics",
         description="List the members of a weights folder (manifest.json, checksums verified): "
-        "architecture, seed, training steps and time, and validation GPE/LPE. With --best, "
-        "print only the name of the member with the lowest validation GPE. With --export DIR, "
-        "copy the --top N members with the lowest validation GPE (default all) into a new "
-        "weights folder, as the shipped ensemble was picked from its pool of trained seeds.",
+        "architecture, seed, training steps and time, validation GPE/LPE, and the share of "
+        "the identity's GPE on the same scans (whether the member left the no-motion plateau). "
+        "With --best, print only the name of the best member by validation; with --export DIR, "
+        "copy the --top N best (default all) into a new weights folder. Best: the lowest share "
+        "of the identity's GPE when every member records it (bagged members validate on "
+        "different subjects), else the lowest validation GPE.",
     )
     p.add_argument("folder", type=Path, nargs="?", default=None, help="weights folder (default: shipped)")
     p.add_argument("--best", action="store_true", help="print the best member's name only")
@@ -533,7 +535,7 @@ def run_weights(args) -> int:
         PLATEAU_RATIO,
         WeightsError,
         checked_entries,
-        validation_gpe,
+        validation_key,
     )
 
     folder = args.folder or DEFAULT_WEIGHTS
@@ -545,14 +547,14 @@ def run_weights(args) -> int:
             from tusrec.model.ensemble import export_members
 
             names = export_members(folder, args.export, args.top)
-            print(f"exported {', '.join(names)} (lowest validation GPE first) to {args.export}")
+            print(f"exported {', '.join(names)} (best by validation first) to {args.export}")
             return 0
         entries = checked_entries(folder)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.best:
-        print(min(entries, key=validation_gpe)["name"])
+        print(min(entries, key=validation_key(entries))["name"])
         return 0
     print(f"{folder}: {len(entries)} member(s), checksums verified")
     for entry in entries:

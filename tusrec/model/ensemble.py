@@ -98,15 +98,17 @@ def load_members(
     return members
 
 
-def validation_gpe(member: Member) -> float:
-    """A member's held-out GPE from its manifest entry (mm; inf when it has none)."""
-    return manifest.validation_gpe(member.info)
+def ranked_by_validation(members: list[Member]) -> list[Member]:
+    """Members best first by their manifest entries' validation (manifest.validation_key:
+    the share of the identity's GPE left when all record it, else the validation GPE)."""
+    key = manifest.validation_key([m.info for m in members])
+    return sorted(members, key=lambda m: key(m.info))
 
 
 def export_members(src: str | Path, dest: str | Path, top: int | None = None) -> list[str]:
-    """Copy the ``top`` members of weights folder ``src`` with the lowest validation GPE
-    (all when None) into a new weights folder ``dest``: files and manifest entries
-    unchanged, checksums verified on the way. Returns the exported names, best first.
+    """Copy the ``top`` best members of weights folder ``src`` by validation
+    (ranked_by_validation; all when None) into a new weights folder ``dest``: files and
+    manifest entries unchanged, checksums verified on the way. Returns the exported names, best first.
 
     This is how a shipped ensemble is picked from a larger pool of trained seeds: by the
     held-out validation subjects, never by the benchmark's. ``dest`` must not hold a
@@ -116,7 +118,7 @@ def export_members(src: str | Path, dest: str | Path, top: int | None = None) ->
     src, dest = Path(src), Path(dest)
     if (dest / MANIFEST).exists():
         raise WeightsError(f"{dest / MANIFEST} exists: export into a new folder")
-    members = sorted(load_members(src), key=validation_gpe)  # verifies every checksum
+    members = ranked_by_validation(load_members(src))  # verifies every checksum
     if top is not None and not 1 <= top <= len(members):
         raise WeightsError(f"{src}: cannot pick {top} of its {len(members)} member(s)")
     keep = members[: top or len(members)]

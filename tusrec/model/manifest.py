@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -38,6 +39,23 @@ PLATEAU_RATIO = 0.7
 def validation_gpe(entry: dict) -> float:
     """A member's held-out GPE from its manifest entry (mm; inf when it has none)."""
     return float(entry.get("metrics", {}).get("val_GPE", float("inf")))
+
+
+def validation_ratio(entry: dict) -> float | None:
+    """A member's held-out GPE as a share of the identity's on the same scans (None when
+    its entry lacks either)."""
+    metrics = entry.get("metrics", {})
+    gpe, identity = metrics.get("val_GPE"), metrics.get("val_identity_GPE")
+    return float(gpe) / float(identity) if gpe is not None and identity else None
+
+
+def validation_key(entries: list[dict]) -> Callable[[dict], float]:
+    """How to rank these members by validation (lower is better): by validation_ratio when
+    every entry records the identity's GPE, so that members validated on different subjects
+    (bagging) compare fairly; else by the raw validation GPE."""
+    if entries and all(validation_ratio(e) is not None for e in entries):
+        return validation_ratio  # type: ignore[return-value]
+    return validation_gpe
 
 
 def checked_entries(weights_dir: str | Path, names: list[str] | None = None) -> list[dict]:
