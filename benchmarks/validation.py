@@ -170,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         row["LPE"].append(transform_pixel_error(local, scan.local, ts, scan.image_size))
         pred_d.setdefault(label, {k: [] for k in kinds})[kind].append(dofs(local))
 
+    def uncertainty_frame(locals_list: list[np.ndarray], combined, scan) -> dict:
+        """A mean's per-transition disagreement, error and expected error, (N-1,) each."""
+        return {
+            "disagreement": member_disagreement(locals_list, combined.local, ts, scan.image_size),
+            "error": frame_point_errors(combined.local, scan.local, ts, scan.image_size),
+            "expected_error": combined.expected_error_mm,
+        }
+
     for scan in scans:
         name = parse_scan_key(scan.key)[1]
         kind = scan_kind(name)
@@ -185,13 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             list(locals_.values()), expected_errors=[o.expected_error_mm for o in outputs.values()]
         )
         mean_all = combined.local
-        frames.append(
-            {
-                "disagreement": member_disagreement(list(locals_.values()), mean_all, ts, scan.image_size),
-                "error": frame_point_errors(mean_all, scan.local, ts, scan.image_size),
-                "expected_error": combined.expected_error_mm,
-            }
-        )
+        frames.append(uncertainty_frame(list(locals_.values()), combined, scan))
         for label, local in locals_.items():
             errors[label].append(frame_point_errors(local, scan.local, ts, scan.image_size))
             if outputs[label].expected_error_mm is not None:
@@ -211,13 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [locals_[n] for n in names]
             sub = combine(chosen, expected_errors=[outputs[n].expected_error_mm for n in names])
             record(label, sub.local, scan, kind, observable_global)
-            combo_frames.setdefault(label, []).append(
-                {
-                    "disagreement": member_disagreement(chosen, sub.local, ts, scan.image_size),
-                    "error": frame_point_errors(sub.local, scan.local, ts, scan.image_size),
-                    "expected_error": sub.expected_error_mm,
-                }
-            )
+            combo_frames.setdefault(label, []).append(uncertainty_frame(chosen, sub, scan))
         for k in args.scales:
             scaled = mean_all.copy()
             scaled[:, :3, 3] *= k

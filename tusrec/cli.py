@@ -536,6 +536,7 @@ def run_weights(args) -> int:
         WeightsError,
         checked_entries,
         validation_key,
+        validation_ratio,
     )
 
     folder = args.folder or DEFAULT_WEIGHTS
@@ -564,8 +565,8 @@ def run_weights(args) -> int:
         seed = trained.get("config", {}).get("seed", "?")
         minutes = trained.get("seconds", float("nan")) / 60
         scores = ", ".join(f"{k} {v:.3f} mm" for k, v in metrics.items()) or "no validation metrics"
-        if metrics.get("val_GPE") is not None and metrics.get("val_identity_GPE"):
-            ratio = metrics["val_GPE"] / metrics["val_identity_GPE"]
+        ratio = validation_ratio(entry)
+        if ratio is not None:
             # The convergence criterion: at least 30 % below the identity's GPE.
             verdict = "left the no-motion plateau" if ratio <= PLATEAU_RATIO else "ON THE NO-MOTION PLATEAU"
             scores += f" ({ratio:.2f} of the identity's GPE: {verdict})"
