@@ -339,6 +339,19 @@ def significance_grid(
 # --------------------------------------------------------------------------- distributions
 
 
+def _log_scale(ax, axis: str) -> None:
+    """A log ``axis`` ('x' or 'y') labelled in plain numbers at 1, 2 and 5 a decade:
+    matplotlib's default labels every minor tick of a span under two decades in
+    scientific notation, and the labels overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log")
+    target = getattr(ax, f"{axis}axis")
+    target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+
+
 def _log_useful(values: list[np.ndarray]) -> bool:
     v = np.concatenate([x[np.isfinite(x) & (x > 0)] for x in values]) if values else np.array([])
     return len(v) > 0 and np.quantile(v, 0.99) / max(np.quantile(v, 0.01), 1e-12) > 50
@@ -380,7 +393,7 @@ def box_plots(
                 means, [i + 1 for i in present], marker="D", s=18, color="white", edgecolors="black", zorder=3
             )
         if log and _log_useful(series):
-            ax.set_xscale("log")
+            _log_scale(ax, "x")
         ax.set_title(labels.get(name, name), fontsize=11)
         ax.grid(axis="x", color="0.92")
     axes[0].set_yticks(range(1, t + 1), [f"{ranking.ranks[k]}. {_wrap(ranking.teams[k])}" for k in order])
@@ -460,7 +473,7 @@ def pattern_plot(
             ax.set_xticks(range(len(levels)), [LEVEL_LABELS.get(v, v) for v in levels], fontsize=8)
             ax.set_xlim(-0.5, len(levels) - 0.5)
             if metric != "FS" and _log_useful(every):
-                ax.set_yscale("log")
+                _log_scale(ax, "y")
             if a == 0:
                 ax.set_title(SCORE_LABELS.get(metric, ERROR_LABELS.get(metric, metric)), fontsize=11)
             if b == 0:
@@ -534,7 +547,7 @@ def length_plot(
                 ax.plot(mids, meds, color=colours[k], lw=2.2, path_effects=_halo)
                 lines += 1
         if any(len(v) for v in values) and min(v.min() for v in values if len(v)) > 0:
-            ax.set_yscale("log")  # teams differ by factors: a log axis separates them
+            _log_scale(ax, "y")  # teams differ by factors: a log axis separates them
         rs = corr[(corr["error"] == name) & (corr["level"] == "scan")]["r"].to_numpy(float)
         rs_subj = corr[(corr["error"] == name) & (corr["level"] == "subject")]["r"].to_numpy(float)
         med = f"{np.nanmedian(rs):.2f}" if np.isfinite(rs).any() else "n/a"
