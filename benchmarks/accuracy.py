@@ -22,7 +22,10 @@ one, mm, the same grid): Spearman's rho (scipy.stats.spearmanr) over all transit
 a subset, and the median of the per-scan rhos ("uncertainty" in the JSON and markdown).
 When the members have error heads (tusrec.train.error_head), the same for the ensemble's
 expected error (the mean of the members' heads, mm) against its error, with both means
-("uncertainty_expected_error").
+("uncertainty_expected_error"). And for the frames' positions, the errors GPE averages:
+per frame, the members' disagreement about T(i->0) against the ensemble's error there,
+beside the frame's place in the scan (drift grows with it) and the disagreement's
+partial rho with the place held fixed ("uncertainty_global").
 
 GPE/LPE come from the transforms with the evaluator's own exact formula
 (metrics.transform_pixel_error in float32, equal to scoring the dense float32 DDFs;
@@ -99,6 +102,59 @@ def uncertainty_rho(frames: list[dict], key: str = "disagreement") -> dict:
     }
 
 
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """Spearman's rho of x and y with z held fixed (x, y, z: (n,)): the Pearson correlation
+    of the ranks' residuals after a least-squares line on z's ranks. Whether an uncertainty
+    ranks the error beyond what a third quantity (the frame's place in the scan) already
+    does."""
+    from scipy.stats import rankdata
+
+    rx, ry, rz = (rankdata(v) for v in (x, y, z))
+    design = np.stack([np.ones_like(rz), rz], 1)
+    res = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in (rx, ry)]
+    # Ranks that are z's own (a disagreement that rises frame by frame with the place)
+    # leave only rounding behind: no rho to speak of, not a random number.
+    if min(np.abs(e).max() for e in res) < 1e-9 * len(rz):
+        return float("nan")
+    return float(np.corrcoef(res[0], res[1])[0, 1])
+
+
+def global_uncertainty_rho(frames: list[dict]) -> dict:
+    """The same for the frames' positions (GP): per frame i = 1..N-1, the members'
+    disagreement about T(i->0) against the ensemble's error there ('global_disagreement',
+    'global_error', (N-1,) mm, one dict per scan). Drift grows along a scan, so anything
+    that grows with i ranks this error too: beside the disagreement, the frame's place i
+    as an uncertainty of its own, and the disagreement's rho with i held fixed."""
+    place = [np.arange(1, len(f["global_error"]) + 1) for f in frames]
+    given = [
+        partial_spearman(f["global_disagreement"], f["global_error"], i)
+        for f, i in zip(frames, place, strict=True)
+    ]
+    pooled = (
+        np.concatenate([f["global_disagreement"] for f in frames]),
+        np.concatenate([f["global_error"] for f in frames]),
+        np.concatenate(place),
+    )
+    return {
+        "disagreement": uncertainty_rho(
+            [{"u": f["global_disagreement"], "error": f["global_error"]} for f in frames], "u"
+        ),
+        # scans where the place alone gives the ranks (their partial rho is undefined)
+        "scans_disagreement_rises_every_frame": sum(
+            bool(np.all(np.diff(f["global_disagreement"]) > 0)) for f in frames
+        ),
+        "scans_error_rises_every_frame": sum(bool(np.all(np.diff(f["global_error"]) > 0)) for f in frames),
+        "frame_index": uncertainty_rho(
+            [{"u": i, "error": f["global_error"]} for f, i in zip(frames, place, strict=True)], "u"
+        ),
+        "disagreement_given_frame_index": {
+            "spearman_rho": partial_spearman(*pooled),
+            "per_scan_rho_median": float(np.nanmedian(given)) if not np.isnan(given).all() else None,
+            "transitions": len(pooled[0]),
+        },
+    }
+
+
 def scan_errors(
     local: np.ndarray,
     true_global: np.ndarray,
@@ -154,7 +210,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
     import torch
 
     from tusrec.data import open_data
-    from tusrec.geometry import frame_transforms
+    from tusrec.geometry import compose_local, frame_transforms
     from tusrec.model.ensemble import combine, load_members, members_outputs, read_scan_input
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.score import scan_row
@@ -188,6 +244,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
             [preds[m.name][0] for m in members], expected_errors=[expected[m.name] for m in members]
         )
         ensemble = combined.local
+        ensemble_global = compose_local(ensemble)
         preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
         frames.append(
             {
@@ -198,6 +255,10 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
                 ),
                 "error": frame_point_errors(ensemble, true_local, ts, scan.image_size),
                 "expected_error": combined.expected_error_mm,
+                "global_disagreement": member_disagreement(
+                    [compose_local(preds[m.name][0]) for m in members], ensemble_global, ts, scan.image_size
+                ),
+                "global_error": frame_point_errors(ensemble_global, true_global, ts, scan.image_size),
             }
         )
         base = {**scan_row(scan), "status": "ok", "read_s": read_s}
@@ -253,6 +314,7 @@ def markdown(
     meta: dict,
     uncertainty: dict | None = None,
     expected_error: dict | None = None,
+    global_uncertainty: dict | None = None,
 ) -> str:
     lines = [
         "SYNTHETIC data: simulated held-out subjects "
@@ -289,6 +351,28 @@ def markdown(
             lines.append(
                 f"| {subset} | {u['transitions']} | {u['spearman_rho']:.3f} "
                 f"| {u['per_scan_rho_median']:.3f} | {u['mean_expected_mm']:.3f} | {u['mean_error_mm']:.3f} |"
+            )
+        lines.append("")
+    if global_uncertainty:
+        lines += [
+            "**uncertainty of the frames' positions** (per frame, the members' disagreement about "
+            "T(i->0) against the ensemble's error there, both mm on image points; Spearman's rho. "
+            "Drift grows along a scan, so the frame's place i is given as an uncertainty of its own, "
+            "and the disagreement's partial rho with i held fixed)",
+            "",
+            "| subset | frames | disagreement: rho, all / median per scan "
+            "| frame's place: rho, all / median per scan | disagreement, place held fixed: all / median "
+            "| scans whose disagreement / error rises at every frame |",
+            "|---|---|---|---|---|---|",
+        ]
+        for subset, u in global_uncertainty.items():
+            d, i, g = u["disagreement"], u["frame_index"], u["disagreement_given_frame_index"]
+            median = "n/a" if g["per_scan_rho_median"] is None else f"{g['per_scan_rho_median']:.3f}"
+            lines.append(
+                f"| {subset} | {d['transitions']} | {d['spearman_rho']:.3f} / {d['per_scan_rho_median']:.3f} "
+                f"| {i['spearman_rho']:.3f} / {i['per_scan_rho_median']:.3f} "
+                f"| {g['spearman_rho']:.3f} / {median} | {u['scans_disagreement_rises_every_frame']} "
+                f"/ {u['scans_error_rises_every_frame']} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -332,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         t.to_csv(out / "metrics.csv", index=False)
     order = [m for m in ORDER[:2] if m in tables] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
     protocol = table.drop_duplicates("key").set_index("key")["protocol"]
-    summary, uncertainty, expected_error = {}, {}, {}
+    summary, uncertainty, expected_error, global_uncertainty = {}, {}, {}, {}
     for subset, keep in (("all scans", None), ("2024 sweeps", "2024"), ("2025 rotation scans", "2025")):
         part = {
             m: t[t["key"].map(protocol) == keep].reset_index(drop=True) if keep else t
@@ -341,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[subset] = fs_table({m: part[m] for m in order}).set_index("model").loc[order].reset_index()
         subset_frames = [f for f in frames if keep is None or f["protocol"] == keep]
         uncertainty[subset] = uncertainty_rho(subset_frames)
+        global_uncertainty[subset] = global_uncertainty_rho(subset_frames)
         if all(f["expected_error"] is not None for f in subset_frames):
             expected_error[subset] = {
                 **uncertainty_rho(subset_frames, "expected_error"),
@@ -364,9 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v.to_dict(orient="records") for k, v in summary.items()},
         "uncertainty": uncertainty,
         **({"uncertainty_expected_error": expected_error} if expected_error else {}),
+        "uncertainty_global": global_uncertainty,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(summary, meta, uncertainty, expected_error)
+    md = markdown(summary, meta, uncertainty, expected_error, global_uncertainty)
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)
     print(

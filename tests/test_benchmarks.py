@@ -4,8 +4,15 @@ validation tool's per-DOF recovery, against independent computations."""
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
+from scipy.stats import spearmanr
 
-from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
+from benchmarks.accuracy import (
+    frame_point_errors,
+    global_uncertainty_rho,
+    member_disagreement,
+    partial_spearman,
+    uncertainty_rho,
+)
 from benchmarks.observable import in_plane, name_signs_tz
 from benchmarks.validation import dofs, parse_combos, recovery
 from tusrec.ddf import pixel_ddfs
@@ -54,6 +61,51 @@ def test_uncertainty_rho_is_spearmans_over_all_transitions_and_per_scan():
     rd, re = d.argsort().argsort(), e.argsort().argsort()
     expected = np.corrcoef(rd, re)[0, 1]
     assert out["spearman_rho"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_partial_spearman_is_the_rank_partial_correlation_of_the_precision_matrix():
+    r = np.random.default_rng(3)
+    z = r.random(200)
+    x = z + 0.5 * r.random(200)
+    y = z**2 + 0.5 * r.random(200) + 0.3 * x
+    # Independent formula: the partial correlation from the inverse of the 3 x 3
+    # correlation matrix of the ranks, -P_xy / sqrt(P_xx P_yy).
+    ranks = np.stack([v.argsort().argsort() for v in (x, y, z)])
+    P = np.linalg.inv(np.corrcoef(ranks))
+    expected = -P[0, 1] / np.sqrt(P[0, 0] * P[1, 1])
+    assert partial_spearman(x, y, z) == pytest.approx(expected, abs=1e-12)
+    # x ranked exactly as z: nothing is left to correlate, so no rho (not rounding noise).
+    assert np.isnan(partial_spearman(2 * z + 1, y, z))
+    # x and y tied only through z: nothing left once z is held fixed.
+    a, b = z + 0.001 * r.random(200), z + 0.001 * r.random(200)
+    rho_ab = np.corrcoef(a.argsort().argsort(), b.argsort().argsort())[0, 1]
+    assert abs(partial_spearman(a, b, z)) < 0.3 < rho_ab
+
+
+def test_global_uncertainty_separates_what_the_frames_place_already_ranks():
+    r = np.random.default_rng(4)
+    n = 200
+    i = np.arange(1, n + 1)
+    drift = np.abs(np.cumsum(r.normal(0.3, 1.0, n)))  # grows along the scan, with wiggles
+    frames = [
+        # grows with the place and knows nothing else of the error
+        {"global_disagreement": i + r.normal(0, 5, n), "global_error": drift},
+        # tracks the error's wiggles beyond its growth
+        {"global_disagreement": drift + r.normal(0, 0.01, n), "global_error": drift},
+    ]
+    out = global_uncertainty_rho(frames)
+    assert out["disagreement"]["transitions"] == 2 * n
+    place = uncertainty_rho([{"u": i, "error": drift}] * 2, "u")
+    assert out["frame_index"] == place
+    given = [partial_spearman(f["global_disagreement"], f["global_error"], i) for f in frames]
+    assert out["disagreement_given_frame_index"]["per_scan_rho_median"] == pytest.approx(np.median(given))
+    raw = spearmanr(frames[0]["global_disagreement"], drift).statistic
+    assert raw > 0.5 and abs(given[0]) < 0.2  # ranked the error only through the place
+    assert given[1] > 0.9
+    assert out["scans_disagreement_rises_every_frame"] == out["scans_error_rises_every_frame"] == 0
+    rising = global_uncertainty_rho([{"global_disagreement": 3.0 * i, "global_error": drift}])
+    assert rising["scans_disagreement_rises_every_frame"] == 1
+    assert rising["disagreement_given_frame_index"]["per_scan_rho_median"] is None
 
 
 def test_recovery_is_the_share_of_each_motion_component_predicted():
