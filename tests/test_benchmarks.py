@@ -1,6 +1,7 @@
 """The accuracy benchmark's per-frame errors, disagreement and rank correlation, and the
 validation tool's per-DOF recovery, against independent computations."""
 
+import h5py
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -177,3 +178,47 @@ def test_combos_name_members_as_printed_and_refuse_unknown_or_malformed_ones():
     for bad in ("weights/len2", "=weights/len2", "x="):
         with pytest.raises(SystemExit, match="expected LABEL=NAME"):
             parse_combos([bad], names)
+
+
+def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
+    """benchmarks.validation end to end on a tiny data folder: each member's and the
+    mean's GPE per scan are the dense ground-truth DDF distance of the GP that ./predict
+    writes for the same members (the evaluator's formula), and the identity's is the true
+    GP's own size."""
+    import json
+
+    from benchmarks.validation import main
+    from tests.test_predict import make_weights
+    from tusrec.data import open_data
+    from tusrec.model import ensemble
+    from tusrec.predict.core import Predictor
+
+    names = ("LH_Par_C_DtP", "RH_Per_L_PtD", "LH_rotation")
+    root = dataset_factory(tmp_path / "data", "train", ("011", "003"), names, 12)
+    weights = make_weights(tmp_path / "weights")
+    out = tmp_path / "validation.json"
+    assert main([str(root), "--weights", str(weights), "--combo", "first=member0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scans"] == 3  # subject 011 only
+
+    data = open_data(root)
+    scans = [s for s in data.scans if s.subject == "011"]
+    calib = data.calibration
+    expected: dict[str, list[float]] = {"identity": []}
+    for label, members in (("mean-all", None), ("member0", ["member0"]), ("member1", ["member1"])):
+        predictor = Predictor(ensemble.load_members(weights, names=members), "cpu")
+        expected[label] = []
+        for scan in scans:
+            path = tmp_path / f"{label}-{scan.key}.h5"
+            assert predictor.predict_scan(scan, calib, path)["status"] == "ok"
+            true_global = frame_transforms(scan.read_tforms(), calib)[0]
+            h, w = scan.image_size
+            truth = pixel_ddfs(true_global, calib.T_scale, h, w, np.float64)
+            with h5py.File(path) as f:
+                gp = f["GP"][()].astype(np.float64)
+            expected[label].append(np.linalg.norm(gp - truth, axis=1).mean())
+            if label == "mean-all":
+                expected["identity"].append(np.linalg.norm(truth, axis=1).mean())
+    expected["first"] = expected["member0"]
+    for label, values in expected.items():
+        assert result["models"][label]["GPE"] == pytest.approx(np.mean(values), rel=1e-6), label
