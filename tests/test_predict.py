@@ -169,9 +169,9 @@ def test_members_side_by_side_give_the_same_prediction_bit_for_bit(data_root, we
 def test_batched_members_equal_one_by_one(weights):
     members = load_members(make_weights(weights.parent / "three", n=3, seed=5))
     frames = np.random.default_rng(1).normal(size=(23, 2, 16, 20)).astype(np.float32)
-    batched = ensemble.members_local_transforms(members, frames)
+    batched = [o.local for o in ensemble.members_outputs(members, frames)]
     for member, out in zip(members, batched, strict=True):
-        np.testing.assert_allclose(out, ensemble.member_local_transforms(member, frames), atol=1e-6)
+        np.testing.assert_allclose(out, ensemble.members_outputs([member], frames)[0].local, atol=1e-6)
     assert np.abs(batched[0] - batched[1]).max() > 1e-3  # the members do differ
 
 
@@ -192,12 +192,12 @@ def test_batched_conditioned_members_equal_one_by_one_and_use_the_code(tmp_path)
     members = load_members(tmp_path / "w")
     frames = np.random.default_rng(1).normal(size=(23, 2, 16, 20)).astype(np.float32)
     code = scan_code("LH_Per_L_DtP")
-    batched = ensemble.members_local_transforms(members, frames, code=code)
+    batched = [o.local for o in ensemble.members_outputs(members, frames, code=code)]
     for member, out in zip(members, batched, strict=True):
         np.testing.assert_allclose(
-            out, ensemble.member_local_transforms(member, frames, code=code), atol=1e-6
+            out, ensemble.members_outputs([member], frames, code=code)[0].local, atol=1e-6
         )
-    other = ensemble.members_local_transforms(members, frames, code=scan_code("LH_Per_L_PtD"))
+    other = [o.local for o in ensemble.members_outputs(members, frames, code=scan_code("LH_Per_L_PtD"))]
     assert np.abs(batched[0] - other[0]).max() > 1e-4  # the direction changes the output
 
 
@@ -205,7 +205,7 @@ def test_member_stops_between_windows_past_its_deadline(data_root, weights):
     member = load_members(weights)[0]
     frames = np.zeros((40, 2, 16, 20), np.float32)
     with pytest.raises(ensemble.OutOfTimeError, match="stopped at transition 0 of 39"):
-        ensemble.member_local_transforms(member, frames, deadline=time.perf_counter() - 1)
+        ensemble.members_outputs([member], frames, deadline=time.perf_counter() - 1)
 
 
 def test_windows_cover_every_transition_once_with_context():
@@ -227,9 +227,9 @@ def test_long_scan_windows_join_without_a_seam():
     for p in member.net.fusion.head[-1].parameters():
         torch.nn.init.normal_(p, 0, 0.05)
     frames = np.random.default_rng(0).normal(size=(41, 2, 16, 20)).astype(np.float32)
-    windowed = ensemble.member_local_transforms(member, frames)
+    windowed = ensemble.members_outputs([member], frames)[0].local
     member.net.cfg.window, member.net.cfg.overlap = 1000, 0
-    whole = ensemble.member_local_transforms(member, frames)
+    whole = ensemble.members_outputs([member], frames)[0].local
     step = np.abs(np.diff(windowed[:, :3, 3], axis=0)).max()
     assert np.abs(windowed - whole).max() < step  # smaller than the frame-to-frame variation
 
@@ -540,8 +540,8 @@ def test_a_mixed_ensemble_runs_each_configuration_batched_and_keeps_the_members_
         return real(group)
 
     monkeypatch.setattr(ensemble, "_Batched", spy)
-    mixed = ensemble.members_local_transforms(members, frames)
+    mixed = [o.local for o in ensemble.members_outputs(members, frames)]
     assert batched_passes == [["member0", "member1"]]
     for member, out in zip(members, mixed, strict=True):
-        np.testing.assert_allclose(out, ensemble.member_local_transforms(member, frames), atol=1e-6)
+        np.testing.assert_allclose(out, ensemble.members_outputs([member], frames)[0].local, atol=1e-6)
     assert np.abs(mixed[0] - mixed[1]).max() > 1e-3 and np.abs(mixed[1] - mixed[2]).max() > 1e-3

@@ -442,8 +442,8 @@ def test_pair_baseline_trains_and_predicts_through_the_same_code(sim_root, tmp_p
     assert isinstance(member.net, PairNet)
     # Each transition from its own pair: one frame pair alone gives the same transform.
     x = np.random.default_rng(0).normal(size=(7, 2, *TINY.input_size)).astype(np.float32)
-    whole = ensemble.member_local_transforms(member, x)
-    np.testing.assert_allclose(ensemble.member_local_transforms(member, x[2:4])[0], whole[2], atol=1e-5)
+    whole = ensemble.members_outputs([member], x)[0].local
+    np.testing.assert_allclose(ensemble.members_outputs([member], x[2:4])[0].local[0], whole[2], atol=1e-5)
     scan = open_data(sim_root).scans[0]
     row = Predictor([member], "cpu").predict_scan(scan, open_data(sim_root).calibration, tmp_path / "p.h5")
     assert row["status"] == "ok", row

@@ -147,24 +147,6 @@ def windows(n_transitions: int, window: int, overlap: int) -> list[tuple[int, in
     return out
 
 
-@torch.no_grad()
-def member_local_transforms(
-    member: Member,
-    inputs: np.ndarray,
-    device: str | torch.device = "cpu",
-    deadline: float | None = None,
-    autocast: bool = False,
-    code: np.ndarray | None = None,
-) -> np.ndarray:
-    """One member's T(i->i-1) for a preprocessed scan: inputs (N, [C,] h, w) -> (N-1, 4, 4) float64.
-    ``code``: the scan's (4,) inputs.scan_code (None: unknown), as members_local_transforms.
-
-    Checks ``deadline`` (time.perf_counter() value) between windows and raises
-    OutOfTimeError past it, so a slow member never overruns by more than one window.
-    """
-    return members_local_transforms([member], inputs, device, deadline, autocast, code)[0]
-
-
 class _Single:
     """One member behind the batched interface: outputs get a leading member axis of 1."""
 
@@ -219,20 +201,6 @@ def _sub(state: dict, prefix: str) -> dict:
 def as_channels(inputs: np.ndarray) -> np.ndarray:
     """Network input (N, h, w) or (N, C, h, w) -> (N, C, h, w)."""
     return inputs[:, None] if inputs.ndim == 3 else inputs
-
-
-@torch.no_grad()
-def members_local_transforms(
-    members: list[Member],
-    inputs: np.ndarray,
-    device: str | torch.device = "cpu",
-    deadline: float | None = None,
-    autocast: bool = False,
-    code: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """Several members' T(i->i-1) for a preprocessed scan: members_outputs' transforms,
-    one (N-1, 4, 4) float64 array per member."""
-    return [o.local for o in members_outputs(members, inputs, device, deadline, autocast, code)]
 
 
 @dataclass

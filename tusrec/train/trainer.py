@@ -22,7 +22,7 @@ import torch
 
 from tusrec.data import open_data, parse_scan_key
 from tusrec.geometry import compose_local
-from tusrec.model.ensemble import Member, members_local_transforms, save_member
+from tusrec.model.ensemble import Member, members_outputs, save_member
 from tusrec.model.inputs import normalise_frames, normalise_ncc, scan_code
 from tusrec.model.network import ModelConfig, build_network, pose9_to_matrix
 from tusrec.predict.core import pick_device
@@ -64,9 +64,9 @@ def validate(
     try:
         for scan in scans[ctx.rank :: ctx.world]:
             code = scan_code(parse_scan_key(scan.key)[1])  # as the predictor codes the scan's name
-            local = members_local_transforms(
-                [Member("val", net)], scan.normalised(), device, None, autocast, code
-            )[0]
+            local = members_outputs([Member("val", net)], scan.normalised(), device, None, autocast, code)[
+                0
+            ].local
             gpe.append(mean_pixel_error(compose_local(local), scan.global_, T_scale, scan.image_size))
             lpe.append(mean_pixel_error(local, scan.local, T_scale, scan.image_size))
     finally:
