@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tusrec.model.network import build_network, pose9_to_matrix
+from tusrec.model.network import build_network
 from tusrec.train.config import TrainConfig, TrainError
 from tusrec.train.loss import point_distance
 
@@ -65,18 +65,6 @@ def exponential_nll(s: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
     """The head's loss: s (...) log expected errors, error (...) mm >= 0 -> the mean of
     s + error * exp(-s), minimised by exp(s) = the mean error."""
     return (s + error * torch.exp(-s)).mean()
-
-
-def error_head_loss(raw: torch.Tensor, local: torch.Tensor, points: torch.Tensor, cfg) -> dict:
-    """raw (B, T-1, 10) network outputs with the error head, local (B, T-1, 4, 4) true
-    T(i->i-1), points (B, P, 4) probe points (image mm), cfg the ModelConfig.
-
-    Returns {"loss": exponential_nll (a scalar), "error_mm": the mean error e,
-    "expected_mm": the mean exp(s)}; e carries no gradient."""
-    pred = pose9_to_matrix(raw[..., :9].float(), cfg)
-    error = point_distance(pred, local.float(), points.float()).detach()  # (B, T-1) mm
-    s = raw[..., 9].float()
-    return {"loss": exponential_nll(s, error), "error_mm": error.mean(), "expected_mm": torch.exp(s).mean()}
 
 
 def _error_heads(net: torch.nn.Module) -> list[torch.nn.Module]:
