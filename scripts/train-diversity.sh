@@ -7,6 +7,9 @@
 # scripts/train-shipped.sh, on its data and cache; 2026-12-04 on the 2-core CPU: 745-774 s
 # of training a seed member, 652-748 s a pair member (2 side by side), each validation
 # run about 16-26 min (2 side by side).
+# Then (2026-12-05) a second validation subject, 012, for the 4 len + 4 pair make-up
+# (benchmarks/validation-012-rule.md), and the shipped 4 trained with a 4,500-step
+# schedule (benchmarks/validation-long-rule.md; about 34 min a run, 2 side by side).
 #
 #   bash scripts/train-diversity.sh [RUNS]      # RUNS as for train-shipped.sh (default runs/)
 set -euo pipefail
@@ -49,4 +52,39 @@ args=(--weights weights "$RUNS/ens/extra" "$RUNS/pairhead" "$RUNS/ens/pairs" --t
   --out "$RUNS/validation-diversity.json" &
 .venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${args[@]}" \
   --out "$RUNS/validation-diversity-300-frames.json"
+wait
+
+# Subject 012, simulated like 011, for both rules (never trained, selected or stopped on)
+$T simulate "$RUNS/sim012" --layout train --subjects 12 --frames 120-240 --no-landmarks
+$T simulate "$RUNS/sim012" --layout train --subjects 12 --frames 200-300 --protocol 2025 --no-landmarks
+$T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --no-landmarks
+$T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --protocol 2025 --no-landmarks
+v012=(--weights weights "$RUNS/ens/pairs" --subjects 012 --top --combo "len4-shipped=$L4"
+  --combo "len4+pairb4=$L4,$P4")
+.venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" "${v012[@]}" \
+  --out "$RUNS/validation-012.json" &
+.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" "${v012[@]}" \
+  --out "$RUNS/validation-012-300-frames.json"
+wait
+
+# The shipped recipe with a 4,500-step schedule (seeds, left-out subjects as train-shipped.sh)
+long() {  # name seed validation-subjects
+  $T train "$DATA" --out "$RUNS/long/$1" --config configs/member.json --name "$1" --seed "$2" \
+    --weights "$RUNS/long/weights" --val-subjects "$3" --cache "$RUNS/cache" --threads 1 \
+    --workers 1 --steps 4500 --resume >> "$RUNS/long-$1.log" 2>&1
+}
+(long len6 6 011,000,001; long len2 2 011,004,005) &
+long len5 5 011,002,003
+long len3 3 011,006,007
+wait
+$T error-head "$RUNS/long/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
+vl=(--weights "$RUNS/long/weights" --top)
+(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vl[@]}" \
+   --out "$RUNS/validation-long.json"
+ .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
+   "${vl[@]}" --out "$RUNS/validation-long-012.json") &
+.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vl[@]}" \
+  --out "$RUNS/validation-long-300-frames.json"
+.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
+  "${vl[@]}" --out "$RUNS/validation-long-012-300-frames.json"
 wait
