@@ -64,9 +64,8 @@ def validate(
     try:
         for scan in scans[ctx.rank :: ctx.world]:
             code = scan_code(parse_scan_key(scan.key)[1])  # as the predictor codes the scan's name
-            local = members_outputs([Member("val", net)], scan.normalised(), device, None, autocast, code)[
-                0
-            ].local
+            (out,) = members_outputs([Member("val", net)], scan.normalised(), device, None, autocast, code)
+            local = out.local
             gpe.append(mean_pixel_error(compose_local(local), scan.global_, T_scale, scan.image_size))
             lpe.append(mean_pixel_error(local, scan.local, T_scale, scan.image_size))
     finally:
