@@ -211,7 +211,13 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
 
     from tusrec.data import open_data
     from tusrec.geometry import compose_local, frame_transforms
-    from tusrec.model.ensemble import combine, load_members, members_outputs, read_scan_input
+    from tusrec.model.ensemble import (
+        combine,
+        decorrelation_steps,
+        load_members,
+        members_outputs,
+        read_scan_input,
+    )
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.score import scan_row
 
@@ -227,8 +233,8 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
         true_global, true_local = frame_transforms(scan.read_tforms(), data.calibration)
         landmarks = scan.read_landmarks()
         t0 = time.perf_counter()
-        steps = (1,) if any(m.cfg.decorrelation for m in members + pair) else ()
-        inputs = read_scan_input(scan, members[0].cfg.input_size, steps).network_input()
+        m = decorrelation_steps(members + pair)
+        inputs = read_scan_input(scan, members[0].cfg.input_size, tuple(range(1, m + 1))).network_input(m)
         read_s = time.perf_counter() - t0
         preds: dict[str, tuple[np.ndarray, float]] = {}
         expected = {}  # label -> the model's expected errors (error head), (N-1,) mm or None

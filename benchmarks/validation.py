@@ -96,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.observable import in_plane, name_signs_tz
     from tusrec.data import ScanPattern, open_data, parse_scan_key
     from tusrec.geometry import compose_local
-    from tusrec.model.ensemble import combine, load_members, members_outputs, ranked_by_validation
+    from tusrec.model.ensemble import (
+        combine,
+        decorrelation_steps,
+        load_members,
+        members_outputs,
+        ranked_by_validation,
+    )
     from tusrec.model.inputs import scan_code
     from tusrec.scoring.metrics import transform_pixel_error
     from tusrec.train.cache import load_cache
@@ -107,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, nargs="+", required=True)
     p.add_argument("--members", nargs="*", default=None, help="only these members")
     p.add_argument("--subjects", default="011")
-    p.add_argument("--steps", default="1,2", help="frame steps of the cache entries (default 1,2)")
+    p.add_argument(
+        "--steps",
+        default="1,2",
+        help="frame steps of the cache entries (default 1,2; 1,2,4 for members with 2 decorrelation steps)",
+    )
     p.add_argument("--top", type=int, nargs="*", default=[2, 3, 4])
     p.add_argument(
         "--combo",
@@ -141,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     # The frame steps of the training cache's entries (cache_steps of the configs), so the
     # trainers' cache is read, not rebuilt; the predictor's step-1 maps are among them.
     steps = tuple(int(k) for k in args.steps.split(","))
+    channels = decorrelation_steps(members)
+    if not set(range(1, channels + 1)) <= set(steps):
+        p.error(f"--steps {args.steps} lacks frame steps 1..{channels}, which the members' input has")
     data = load_cache(args.data, size, keys, False, steps, args.cache)
     scans = data.scans
     ts = data.calib.T_scale
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for scan in scans:
         name = parse_scan_key(scan.key)[1]
         kind = scan_kind(name)
-        inputs = scan.normalised()
+        inputs = scan.normalised(channels)
         outputs = {
             m.name: members_outputs([m], inputs, "cpu", None, False, scan_code(name))[0] for m in members
         }

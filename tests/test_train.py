@@ -415,7 +415,9 @@ def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp
             if p == 0 and not (0 <= j - step < 20):
                 partner = idx[1]
             expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
-            np.testing.assert_array_equal(s["decorrelation"][p], expected[:, ::-1] if mirrored else expected)
+            np.testing.assert_array_equal(
+                s["decorrelation"][0, p], expected[:, ::-1] if mirrored else expected
+            )
     assert mirrored_seen
     with pytest.raises(ValueError, match="lack decorrelation maps"):
         ClipSampler(

@@ -213,6 +213,12 @@ class MemberOutput:
     expected_error_mm: np.ndarray | None
 
 
+def decorrelation_steps(members: list[Member]) -> int:
+    """How many decorrelation channels (frame steps 1..m) the members' input needs: the
+    most any member uses; each member takes the first cfg.in_channels (members_outputs)."""
+    return max((len(m.cfg.frame_steps) for m in members), default=0)
+
+
 @torch.no_grad()
 def members_outputs(
     members: list[Member],
@@ -225,8 +231,9 @@ def members_outputs(
     """Several members' predictions for a preprocessed scan, as one batched pass when they
     share a configuration (torch.func.vmap over their stacked weights), else one by one.
 
-    inputs: (N, C, h, w) (ScanInput.network_input; channel 0 the frames, channel 1 the
-    decorrelation) or (N, h, w) frames only; a member uses its first cfg.in_channels.
+    inputs: (N, C, h, w) (ScanInput.network_input; channel 0 the frames, channel k the
+    decorrelation of frame step k) or (N, h, w) frames only; a member uses its first
+    cfg.in_channels.
     ``code``: the scan's (4,) inputs.scan_code of its name (None: unknown, as zeros); only
     members with ModelConfig.scan_conditioning use it.
     Members of several configurations (a mixed ensemble: sequence members beside
@@ -251,7 +258,8 @@ def members_outputs(
     if inputs.shape[1] < cfg.in_channels:
         raise ValueError(
             f"member {members[0].name!r} needs {cfg.in_channels} input channels "
-            f"(frames{' + decorrelation' if cfg.decorrelation else ''}), got {inputs.shape[1]}"
+            f"(frames{f' + decorrelation of frame steps {cfg.frame_steps}' if cfg.decorrelation else ''}), "
+            f"got {inputs.shape[1]}"
         )
     inputs = inputs[:, : cfg.in_channels]
     n = len(inputs)

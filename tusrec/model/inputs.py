@@ -154,12 +154,15 @@ class ScanInput:
     decorrelation: dict[int, np.ndarray]
     box: tuple[int, int, int, int]
 
-    def network_input(self, step: int = 1) -> np.ndarray:
-        """(N, C, h, w) float32: normalised frames, plus the step-``step`` decorrelation
-        channel when it was computed."""
+    def network_input(self, steps: int = 1) -> np.ndarray:
+        """(N, C, h, w) float32: normalised frames, then the decorrelation channels of frame
+        steps 1, 2, ..., ``steps`` that were computed, up to the first missing one (so that
+        channel c is always step c, ModelConfig.frame_steps)."""
         channels = [normalise_frames(self.frames)]
-        if step in self.decorrelation:
-            channels.append(normalise_ncc(self.decorrelation[step]))
+        for k in range(1, steps + 1):
+            if k not in self.decorrelation:
+                break
+            channels.append(normalise_ncc(self.decorrelation[k]))
         return np.stack(channels, axis=1)
 
 

@@ -38,6 +38,11 @@ class ModelConfig:
     # A second input channel: speckle decorrelation with the previous frame, measured at
     # native resolution (inputs.decorrelation_u8). Only the local encoder sees it.
     decorrelation: bool = True
+    # Multi-step decorrelation: channels for frame steps 1..decorrelation_steps (frame i
+    # with i-1, i-2, ...). One step gives the size of the out-of-plane motion; two also
+    # tell whether it went on in the same direction or turned back (frames i and i-2 are
+    # far apart, or close), never which direction. Only with ``decorrelation``.
+    decorrelation_steps: int = 1
     channels: tuple[int, ...] = (16, 32, 48, 64)  # local 3D CNN stages (stride 2 each)
     global_channels: tuple[int, ...] = (16, 32, 48, 64)  # global 2D CNN stages
     dim: int = 96  # token width
@@ -73,6 +78,8 @@ class ModelConfig:
         cfg = cls(**d)
         if cfg.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {cfg.architecture!r}: expected one of {ARCHITECTURES}")
+        if cfg.decorrelation_steps < 1:
+            raise ValueError(f"decorrelation_steps must be at least 1, got {cfg.decorrelation_steps}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -80,8 +87,13 @@ class ModelConfig:
 
     @property
     def in_channels(self) -> int:
-        """Channels of the local input: frames, plus decorrelation when on."""
-        return 2 if self.decorrelation else 1
+        """Channels of the local input: frames, plus one per decorrelation step when on."""
+        return 1 + len(self.frame_steps)
+
+    @property
+    def frame_steps(self) -> tuple[int, ...]:
+        """Frame steps of the decorrelation channels, in channel order: (1, ..., m), or ()."""
+        return tuple(range(1, self.decorrelation_steps + 1)) if self.decorrelation else ()
 
     @property
     def outputs(self) -> int:
@@ -291,7 +303,7 @@ class TrackerlessNet(nn.Module):
 
 class PairNet(nn.Module):
     """The frame-pair baseline, in the style of the organisers' baseline: frames i-1 and i
-    (and frame i's decorrelation map when cfg.decorrelation) stacked as channels, a 2D CNN,
+    (and frame i's decorrelation maps when cfg.decorrelation) stacked as channels, a 2D CNN,
     global average pooling and an MLP -> T(i->i-1). No temporal context, no global
     encoder: every transition is estimated on its own. Same call signature as
     TrackerlessNet, so training, windowed inference and the ensemble code serve both.
@@ -303,7 +315,7 @@ class PairNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         layers: list[nn.Module] = []
-        c_in = 2 + (1 if cfg.decorrelation else 0)
+        c_in = 1 + cfg.in_channels
         for c in cfg.channels:
             layers += [
                 nn.Conv2d(c_in, c, 3, stride=2, padding=1),
@@ -337,8 +349,8 @@ class PairNet(nn.Module):
         code (B, 4) as for TrackerlessNet (only with cfg.scan_conditioning)."""
         b, _, t, h, w = video.shape
         prev, cur = video[:, :1, :-1], video[:, :1, 1:]  # frames only: (B, 1, T-1, h, w)
-        parts = [prev, cur] + ([video[:, 1:2, 1:]] if self.cfg.decorrelation else [])
-        pairs = torch.cat(parts, dim=1).transpose(1, 2).reshape(b * (t - 1), len(parts), h, w)
+        parts = [prev, cur] + ([video[:, 1:, 1:]] if self.cfg.decorrelation else [])
+        pairs = torch.cat(parts, dim=1).transpose(1, 2).reshape(b * (t - 1), 1 + self.cfg.in_channels, h, w)
         features = self.cnn(pairs).mean(dim=(-2, -1)).view(b, t - 1, -1)
         if self.kind is None:
             return _with_error(self.head(features), self.error_head, features)

@@ -48,6 +48,7 @@ from tusrec.model.ensemble import (
     MemberOutput,
     OutOfTimeError,
     combine,
+    decorrelation_steps,
     members_outputs,
     read_scan_input,
 )
@@ -145,8 +146,10 @@ class Predictor:
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
         """The scan as the members' input: (N, C, h, w) float32 (ScanInput.network_input)."""
         cfg = self.members[0].cfg
-        steps = (1,) if any(m.cfg.decorrelation for m in self.members) else ()
-        return read_scan_input(scan, cfg.input_size, steps, self.chunk, self.workers).network_input()
+        m = decorrelation_steps(self.members)
+        return read_scan_input(
+            scan, cfg.input_size, tuple(range(1, m + 1)), self.chunk, self.workers
+        ).network_input(m)
 
     def predict_local(
         self, frames: np.ndarray, deadline: float, code: np.ndarray | None = None

@@ -66,9 +66,10 @@ class CachedScan:
         state["decorrelation"] = {k: _unpickle_array(v) for k, v in state["decorrelation"].items()}
         self.__dict__.update(state)
 
-    def normalised(self) -> np.ndarray:
-        """The scan as the predictor gives it to the network: (N, C, h, w) float32."""
-        return ScanInput(self.frames, self.decorrelation, self.box).network_input()
+    def normalised(self, steps: int = 1) -> np.ndarray:
+        """The scan as the predictor gives it to the network: (N, C, h, w) float32, with the
+        decorrelation channels of frame steps 1..``steps`` (ScanInput.network_input)."""
+        return ScanInput(self.frames, self.decorrelation, self.box).network_input(steps)
 
 
 @dataclass

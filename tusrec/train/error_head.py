@@ -135,7 +135,9 @@ def fit_error_head(
     for scan in tqdm(scans, desc="error head: scans", unit="scan", disable=not progress):
         if scan.n_frames < 2:
             continue
-        z, local = scan_features(net, scan.normalised(), scan_code(parse_scan_key(scan.key)[1]), device)
+        z, local = scan_features(
+            net, scan.normalised(len(net.cfg.frame_steps)), scan_code(parse_scan_key(scan.key)[1]), device
+        )
         points = torch.from_numpy(loss_points(scan.image_size, sx, sy)).double()[None]
         e = point_distance(torch.from_numpy(local)[None], torch.from_numpy(scan.local)[None], points)[0]
         features.append(z)

@@ -92,9 +92,10 @@ class ClipSampler:
     numpy arrays, ``batch(B)`` stacks B of them:
 
         frames (T, h, w) float32, uint8 range (normalise with inputs.normalise_frames)
-        decorrelation (T, h, w) uint8 encoded NCC of each clip frame with its predecessor in
-            the (augmented) view, the first frame of a view with its successor, as
-            inputs.read_scan_input gives the predictor (only with ``decorrelation``)
+        decorrelation (m, T, h, w) uint8 encoded NCC of each clip frame with the frame j
+            before it in the (augmented) view, channel j-1 for frame steps j = 1..m (m =
+            ``decorrelation``); the first j frames of a view with the frame j after them,
+            as inputs.read_scan_input gives the predictor (only with ``decorrelation`` > 0)
         positions (T-1,) float32, scan positions of the clip's transitions
         global_frames (G, h, w) float32, uint8 range
         global_positions (G,) float32
@@ -114,7 +115,7 @@ class ClipSampler:
         augment: AugmentConfig,
         T_scale: np.ndarray,
         rng: np.random.Generator,
-        decorrelation: bool = False,
+        decorrelation: int = 0,
         conditioning: bool = False,
         rotation_share: float = 0.0,
     ):
@@ -122,9 +123,12 @@ class ClipSampler:
         self.scans = [s for s in scans if s.n_frames >= clip_frames]
         if not self.scans:
             raise ValueError(f"no training scan has at least clip_frames={clip_frames} frames")
-        self.decorrelation = decorrelation
+        # How many decorrelation channels (frame steps 1..m of the view); True is 1.
+        self.decorrelation = int(decorrelation)
         if decorrelation:
-            steps = set(range(1, augment.frame_skip + 1))
+            steps = {
+                j * k for j in range(1, self.decorrelation + 1) for k in range(1, augment.frame_skip + 1)
+            }
             lacking = [s.key for s in self.scans if not steps <= set(s.decorrelation)]
             if lacking:
                 raise ValueError(
@@ -179,13 +183,20 @@ class ClipSampler:
         gframes = scan.frames[view[gidx]]
         ncc = None
         if self.decorrelation:
-            # Frame view[p] pairs with view[p-1] (view[1] for p = 0); the step-k map of the
-            # later frame of a pair holds the pair's NCC.
+            # For frame step j, frame view[p] pairs with view[p-j] (view[p+j] for p < j);
+            # the step-jk map of the later frame of a pair holds the pair's NCC.
             pos = np.arange(start, start + T)
-            ncc = scan.decorrelation[k][np.maximum(view[pos], view[np.where(pos >= 1, pos - 1, 1)])]
+            ncc = np.stack(
+                [
+                    scan.decorrelation[j * k][
+                        np.maximum(view[pos], view[np.where(pos >= j, pos - j, pos + j)])
+                    ]
+                    for j in range(1, self.decorrelation + 1)
+                ]
+            )
         if aug.mirror and rng.random() < 0.5:
             frames, gframes = frames[:, :, ::-1], gframes[:, :, ::-1]
-            ncc = None if ncc is None else ncc[:, :, ::-1]
+            ncc = None if ncc is None else ncc[..., ::-1]
             local = mirror_transforms(local, mirror_matrix(scan.box, self.sx))
         if aug.intensity and rng.random() < 0.5:
             both = remap_intensity(np.concatenate([frames, gframes]), rng)

@@ -64,7 +64,9 @@ def validate(
     try:
         for scan in scans[ctx.rank :: ctx.world]:
             code = scan_code(parse_scan_key(scan.key)[1])  # as the predictor codes the scan's name
-            (out,) = members_outputs([Member("val", net)], scan.normalised(), device, None, autocast, code)
+            (out,) = members_outputs(
+                [Member("val", net)], scan.normalised(len(net.cfg.frame_steps)), device, None, autocast, code
+            )
             local = out.local
             gpe.append(mean_pixel_error(compose_local(local), scan.global_, T_scale, scan.image_size))
             lpe.append(mean_pixel_error(local, scan.local, T_scale, scan.image_size))
@@ -91,13 +93,13 @@ def identity_gpe(scans: list[CachedScan], T_scale: np.ndarray) -> float:
 
 def _to_torch(batch: dict, device) -> dict[str, torch.Tensor]:
     """A sampler batch (numpy arrays, or the tensors a DataLoader made of them) as network
-    inputs: video (B, C, T, h, w) normalised (frames, plus the decorrelation channel when
-    the batch has one), global_frames normalised, the rest as is."""
+    inputs: video (B, C, T, h, w) normalised (frames, then the decorrelation channels when
+    the batch has them), global_frames normalised, the rest as is."""
     out = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items() if k != "indices"}
-    channels = [normalise_frames(out.pop("frames"))]
+    channels = [normalise_frames(out.pop("frames"))[:, None]]
     if "decorrelation" in out:
-        channels.append(normalise_ncc(out.pop("decorrelation")))
-    out["video"] = torch.stack(channels, dim=1)
+        channels.append(normalise_ncc(out.pop("decorrelation")))  # (B, m, T, h, w)
+    out["video"] = torch.cat(channels, dim=1)
     out["global_frames"] = normalise_frames(out["global_frames"])
     return out
 
@@ -156,8 +158,11 @@ def data_counts(scans: list, prefix: str) -> dict:
 
 
 def cache_steps(cfg: TrainConfig) -> tuple[int, ...]:
-    """Frame steps whose decorrelation maps a run needs: 1..frame_skip, none without the channel."""
-    return tuple(range(1, cfg.augment.frame_skip + 1)) if cfg.model_config.decorrelation else ()
+    """Frame steps whose decorrelation maps a run needs, sorted: j * k for every channel's
+    step j (ModelConfig.frame_steps) and frame skip k in 1..frame_skip (a view of every
+    k-th frame pairs frames j * k apart); none without decorrelation."""
+    skips = range(1, cfg.augment.frame_skip + 1)
+    return tuple(sorted({j * k for j in cfg.model_config.frame_steps for k in skips}))
 
 
 def _rng_states(sampler_rng: np.random.Generator) -> dict:
@@ -298,7 +303,7 @@ def train_member(
         cfg.augment,
         T_scale,
         sampler_rng,
-        mcfg.decorrelation,
+        len(mcfg.frame_steps),
         mcfg.scan_conditioning,
         cfg.rotation_share,
     )
