@@ -88,3 +88,27 @@ vl=(--weights "$RUNS/long/weights" --top)
 .venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
   "${vl[@]}" --out "$RUNS/validation-long-012-300-frames.json"
 wait
+
+# Multi-step decorrelation (benchmarks/validation-multistep-rule.md): the shipped recipe
+# with configs/member-multistep.json (decorrelation maps of frame steps 1 and 2); the
+# cache then holds frame steps 1, 2 and 4, and the validation reads them (--steps 1,2,4).
+multistep() {  # name seed validation-subjects
+  $T train "$DATA" --out "$RUNS/multistep/$1" --config configs/member-multistep.json --name "$1" \
+    --seed "$2" --weights "$RUNS/multistep/weights" --val-subjects "$3" --cache "$RUNS/cache" \
+    --threads 1 --workers 1 --resume >> "$RUNS/multistep-$1.log" 2>&1
+}
+(multistep len6 6 011,000,001; multistep len2 2 011,004,005) &
+multistep len5 5 011,002,003
+multistep len3 3 011,006,007
+wait
+$T error-head "$RUNS/multistep/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
+vm=(--weights "$RUNS/multistep/weights" --steps 1,2,4 --top)
+(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vm[@]}" \
+   --out "$RUNS/validation-multistep.json"
+ .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
+   "${vm[@]}" --out "$RUNS/validation-multistep-012.json") &
+.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vm[@]}" \
+  --out "$RUNS/validation-multistep-300-frames.json"
+.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
+  "${vm[@]}" --out "$RUNS/validation-multistep-012-300-frames.json"
+wait
