@@ -391,38 +391,103 @@ def test_a_mapped_scan_pickles_as_its_file_not_its_contents(dataset_factory, tmp
     assert len(pickle.dumps(plain)) > plain.frames.nbytes
 
 
-def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp_path):
-    """Under reversal, frame skip and mirroring, each clip frame's map is the NCC of that
-    frame with its predecessor in the augmented scan, computed from the raw frames."""
+@pytest.mark.parametrize("channels, cached", [(1, (1, 2)), (2, (1, 2, 4))])
+def test_sampler_decorrelation_is_the_ncc_of_each_clip_pair(dataset_factory, tmp_path, channels, cached):
+    """Under reversal, frame skip and mirroring, each clip frame's map j is the NCC of that
+    frame with the frame j before it in the augmented scan (the view's first j frames
+    with the frame j after them), computed from the raw frames."""
     root = dataset_factory(tmp_path / "d", "train", ("000",), ("LH_rotation",), 20, (24, 32))
-    data = load_cache(root, (8, 10), steps=(1, 2))
+    data = load_cache(root, (8, 10), steps=cached)
     scan = data.scans[0]
     raw = open_data(root).scans[0].read_frames()
     box = scan.box
     crop = raw[:, box[0] : box[1], box[2] : box[3]].astype(np.float32)
     aug = AugmentConfig(reverse=True, mirror=True, intensity=False, frame_skip=2)
-    sampler = ClipSampler(data.scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(2), True)
-    mirrored_seen = False
+    sampler = ClipSampler(data.scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(2), channels)
+    mirrored_seen, skips = False, set()
     for _ in range(30):
         s = sampler.sample()
+        assert s["decorrelation"].shape == (channels, 5, 8, 10)
         idx = s["indices"]
-        step = int(idx[1] - idx[0])
+        step = int(idx[1] - idx[0])  # negative in a reversed view
+        skips.add(abs(step))
         mirrored = not np.array_equal(s["frames"], scan.frames[idx])
         mirrored_seen |= mirrored
-        for p, j in enumerate(idx):
-            # the predecessor in the augmented view; the view's first frame pairs forwards
-            partner = j - step if 0 <= j - step < 20 else j + step
-            if p == 0 and not (0 <= j - step < 20):
-                partner = idx[1]
-            expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
-            np.testing.assert_array_equal(
-                s["decorrelation"][0, p], expected[:, ::-1] if mirrored else expected
-            )
-    assert mirrored_seen
+        for c in range(channels):
+            back = (c + 1) * step  # frame step c + 1 of the view, in original frames
+            for p, j in enumerate(idx):
+                # the view holds every frame of j's residue: j - back is in it when in the scan
+                partner = j - back if 0 <= j - back < 20 else j + back
+                expected = inputs.encode_ncc(inputs.block_ncc(crop[partner], crop[j], (8, 10)))
+                got = s["decorrelation"][c, p]
+                np.testing.assert_array_equal(got, expected[:, ::-1] if mirrored else expected)
+    assert mirrored_seen and skips == {1, 2}
+    short = load_cache(root, (8, 10), steps=cached[:-1])
     with pytest.raises(ValueError, match="lack decorrelation maps"):
-        ClipSampler(
-            load_cache(root, (8, 10)).scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(0), True
-        )
+        ClipSampler(short.scans, 5, 4, aug, data.calib.T_scale, np.random.default_rng(0), channels)
+
+
+def test_cache_steps_cover_every_decorrelation_step_at_every_frame_skip():
+    """A view of every k-th frame pairs frames j * k apart for channel j."""
+    from tusrec.train.trainer import cache_steps
+
+    def steps(m, skip, decorrelation=True):
+        model = {**TINY.to_dict(), "decorrelation": decorrelation, "decorrelation_steps": m}
+        return cache_steps(tiny_config(model=model, augment=AugmentConfig(frame_skip=skip)))
+
+    assert steps(1, 2) == (1, 2)  # the shipped recipe's cache, unchanged
+    assert steps(2, 2) == (1, 2, 4)
+    assert steps(2, 3) == (1, 2, 3, 4, 6)
+    assert steps(3, 1) == (1, 2, 3)
+    assert steps(2, 2, decorrelation=False) == ()
+
+
+def test_network_input_puts_frame_step_k_in_channel_k():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (6, 4, 5), dtype=np.uint8)
+    maps = {k: rng.integers(0, 255, (6, 4, 5), dtype=np.uint8) for k in (1, 2, 4)}
+    scan = inputs.ScanInput(frames, maps, (0, 4, 0, 5))
+    x = scan.network_input(2)
+    assert x.shape == (6, 3, 4, 5)
+    np.testing.assert_array_equal(x[:, 0], normalise(frames))
+    for k in (1, 2):
+        np.testing.assert_array_equal(x[:, k], inputs.normalise_ncc(maps[k]))
+    assert scan.network_input(4).shape[1] == 3  # step 3 missing: channel 3 would not be step 3
+    assert scan.network_input().shape[1] == 2 and scan.network_input(0).shape[1] == 1
+    # A manifest written before the option (the shipped members'): one step.
+    old = {k: v for k, v in TINY.to_dict().items() if k != "decorrelation_steps"}
+    assert ModelConfig.from_dict(old) == TINY and TINY.frame_steps == (1,)
+    with pytest.raises(ValueError, match="decorrelation_steps must be at least 1"):
+        ModelConfig.from_dict({**TINY.to_dict(), "decorrelation_steps": 0})
+
+
+def test_a_multistep_member_trains_and_the_predictor_gives_it_its_training_inputs(sim_root, tmp_path):
+    """A member with decorrelation_steps 2: the inputs its validation and error head read
+    from the training cache are exactly what the predictor reads from the scan file, and
+    beside a one-step member each predicts as it does alone."""
+    from tusrec.predict.core import Predictor
+
+    model = {**TINY.to_dict(), "decorrelation_steps": 2}
+    cfg = tiny_config(model=model, steps=4, val_every=2)
+    entry = train_member(sim_root, tmp_path / "m", cfg, "two", progress=False, cache_dir=tmp_path / "c")
+    assert np.isfinite(entry["metrics"]["val_GPE"])
+    (two,) = ensemble.load_members(tmp_path / "m" / "weights")
+    assert two.cfg.frame_steps == (1, 2) and two.cfg.in_channels == 3
+    data = load_cache(sim_root, TINY.input_size, steps=(1, 2, 4), cache_dir=tmp_path / "c")
+    cached = {s.key: s for s in data.scans}
+    torch.manual_seed(4)
+    one = ensemble.Member("one", ensemble.build_network(TINY))
+    for scan in open_data(sim_root).scans[:2]:
+        x = Predictor([one, two], "cpu").read_preprocessed(scan)
+        np.testing.assert_array_equal(x, cached[scan.key].normalised(2))
+        assert Predictor([one], "cpu").read_preprocessed(scan).shape[1] == 2
+        both = ensemble.members_outputs([one, two], x)
+        np.testing.assert_array_equal(both[1].local, ensemble.members_outputs([two], x)[0].local)
+        np.testing.assert_array_equal(both[0].local, ensemble.members_outputs([one], x[:, :2])[0].local)
+        with pytest.raises(
+            ValueError, match=r"needs 3 input channels \(frames \+ decorrelation of frame steps"
+        ):
+            ensemble.members_outputs([two], x[:, :2])
 
 
 # --------------------------------------------------------------------------- pair baseline, reproduction
