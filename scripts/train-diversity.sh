@@ -10,6 +10,8 @@
 # Then (2026-12-05) a second validation subject, 012, for the 4 len + 4 pair make-up
 # (benchmarks/validation-012-rule.md), and the shipped 4 trained with a 4,500-step
 # schedule (benchmarks/validation-long-rule.md; about 34 min a run, 2 side by side).
+# Then (2026-12-05, later) multi-step decorrelation and a clip-length curriculum
+# (benchmarks/validation-multistep-rule.md, validation-curriculum-rule.md).
 #
 #   bash scripts/train-diversity.sh [RUNS]      # RUNS as for train-shipped.sh (default runs/)
 set -euo pipefail
@@ -111,4 +113,27 @@ vm=(--weights "$RUNS/multistep/weights" --steps 1,2,4 --top)
   --out "$RUNS/validation-multistep-300-frames.json"
 .venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
   "${vm[@]}" --out "$RUNS/validation-multistep-012-300-frames.json"
+wait
+
+# A clip-length curriculum (benchmarks/validation-curriculum-rule.md): the shipped recipe
+# with configs/member-curriculum.json (clips of 8, then 16, then 24 frames).
+curriculum() {  # name seed validation-subjects
+  $T train "$DATA" --out "$RUNS/curriculum/$1" --config configs/member-curriculum.json --name "$1" \
+    --seed "$2" --weights "$RUNS/curriculum/weights" --val-subjects "$3" --cache "$RUNS/cache" \
+    --threads 1 --workers 1 --resume >> "$RUNS/curriculum-$1.log" 2>&1
+}
+(curriculum len6 6 011,000,001; curriculum len2 2 011,004,005) &
+curriculum len5 5 011,002,003
+curriculum len3 3 011,006,007
+wait
+$T error-head "$RUNS/curriculum/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
+vc=(--weights "$RUNS/curriculum/weights" --top)
+(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vc[@]}" \
+   --out "$RUNS/validation-curriculum.json"
+ .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
+   "${vc[@]}" --out "$RUNS/validation-curriculum-012.json") &
+.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vc[@]}" \
+  --out "$RUNS/validation-curriculum-300-frames.json"
+.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
+  "${vc[@]}" --out "$RUNS/validation-curriculum-012-300-frames.json"
 wait

@@ -1031,6 +1031,45 @@ def test_rotation_share_draws_that_share_of_clips_from_rotation_scans(dataset_fa
         ClipSampler(sweeps, 6, 4, NO_AUGMENT, ts, np.random.default_rng(0), rotation_share=0.3)
 
 
+def test_a_clip_curriculum_draws_each_steps_clips_at_its_length(sim_root, tmp_path):
+    """Short clips first: the clips of step s have clip_frames_at(s) frames, each the first
+    frames of the clip the same generator draws at full length only where the lengths
+    agree; with no curriculum every step has clip_frames (the shipped members' runs)."""
+    from tusrec.train.sampler import StepBatches, clip_rng
+
+    cfg = tiny_config(clip_curriculum=[[0, 4], [3, 6]], clip_frames=5, steps=6, val_every=3)
+    assert [cfg.clip_frames_at(s) for s in range(6)] == [4, 4, 4, 6, 6, 6] and cfg.longest_clip == 6
+    plain = tiny_config(clip_frames=5)
+    assert [plain.clip_frames_at(s) for s in (0, 10**6)] == [5, 5] and plain.longest_clip == 5
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    data = load_cache(sim_root, TINY.input_size, steps=(1, 2))
+    sampler = ClipSampler(data.scans, 6, 4, cfg.augment, data.calib.T_scale, np.random.default_rng(0), True)
+    batches = StepBatches(sampler, 7, 6, range(3), cfg.clip_frames_at)
+    for step in range(6):
+        b = batches[step]
+        t = cfg.clip_frames_at(step)
+        assert b["frames"].shape[:2] == (3, t) and b["local"].shape[:2] == (3, t - 1)
+        assert b["decorrelation"].shape[:3] == (3, 1, t)
+        one = sampler.sample(rng=clip_rng(7, step, 1), frames=t)  # the same clip, drawn alone
+        np.testing.assert_array_equal(one["frames"], b["frames"][1])
+    assert StepBatches(sampler, 7, 6, range(3))[0]["frames"].shape[1] == 6
+    with pytest.raises(ValueError, match="a clip has 2 to clip_frames=6 frames, not 7"):
+        sampler.sample(frames=7)
+    entry = train_member(sim_root, tmp_path / "c", cfg, "curr", progress=False)
+    assert np.isfinite(entry["metrics"]["val_GPE"])
+    checkpoint = torch.load(tmp_path / "c" / "last.pt", weights_only=False)
+    assert checkpoint["frames_seen"] == 4 * (3 * 4 + 3 * 6)
+    for bad, match in [
+        ([[1, 4]], "start at 0"),
+        ([[0, 4], [0, 6]], "increase"),
+        ([[0, 1]], "at least 2 frames"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tiny_config(clip_curriculum=bad)
+    with pytest.raises(ValueError, match="needs 'per-clip' sampling"):
+        tiny_config(clip_curriculum=[[0, 4]], sampling="sequential")
+
+
 def test_members_validated_on_different_subjects_rank_by_their_share_of_the_identity():
     from tusrec.model.manifest import validation_key
 

@@ -6,6 +6,7 @@ can always be told apart and resumed with the settings it started with.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -86,6 +87,11 @@ class TrainConfig:
     rotation_share: the share of training clips drawn from 2025 rotation scans (the rest
     from the sweeps), each group still by length; 0 draws every scan by its length alone
     (the default, and how every shipped member was trained).
+
+    clip_curriculum: [[step, frames], ...], the first at step 0, steps increasing: from
+    each step on, clips have that many frames (short clips first, a curriculum); [] keeps
+    ``clip_frames`` throughout (how every shipped member was trained). Scans shorter
+    than the longest clip are never drawn, at any step. Needs "per-clip" sampling.
     """
 
     model: dict = field(default_factory=lambda: ModelConfig().to_dict())
@@ -103,6 +109,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: str = "per-clip"
     rotation_share: float = 0.0
+    clip_curriculum: list = field(default_factory=list)
 
     def __post_init__(self):
         self.model = ModelConfig.from_dict(self.model).to_dict()  # validates, normalises tuples
@@ -124,6 +131,30 @@ class TrainConfig:
             raise ValueError(f"rotation_share is a share of the clips in [0, 1), got {self.rotation_share}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        self.clip_curriculum = [[int(a), int(b)] for a, b in self.clip_curriculum]
+        if self.clip_curriculum:
+            starts = [a for a, _ in self.clip_curriculum]
+            if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
+                raise ValueError(f"clip_curriculum: steps must start at 0 and increase, got {starts}")
+            if min(b for _, b in self.clip_curriculum) < 2:
+                raise ValueError("clip_curriculum: clips must have at least 2 frames")
+            if self.sampling != "per-clip":
+                raise ValueError(
+                    "clip_curriculum draws each step's clips by step: it needs 'per-clip' sampling"
+                )
+
+    def clip_frames_at(self, step: int) -> int:
+        """Frames a clip of training step ``step`` has (clip_curriculum, else clip_frames)."""
+        frames = self.clip_frames
+        for start, n in self.clip_curriculum:
+            if start <= step:
+                frames = n
+        return frames
+
+    @property
+    def longest_clip(self) -> int:
+        """The most frames a clip of this run ever has."""
+        return max([self.clip_frames] if not self.clip_curriculum else [n for _, n in self.clip_curriculum])
 
     @property
     def model_config(self) -> ModelConfig:

@@ -17,6 +17,8 @@ augmented scan:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from tusrec.data import ScanPattern, parse_scan_key
@@ -151,10 +153,18 @@ class ClipSampler:
         self.sx, self.sy = float(T_scale[0, 0]), float(T_scale[1, 1])
         self.rng = rng
 
-    def sample(self, scan: CachedScan | None = None, rng: np.random.Generator | None = None) -> dict:
-        """One clip (the arrays above), drawn with ``rng`` (default: the sampler's own)."""
+    def sample(
+        self,
+        scan: CachedScan | None = None,
+        rng: np.random.Generator | None = None,
+        frames: int | None = None,
+    ) -> dict:
+        """One clip (the arrays above), drawn with ``rng`` (default: the sampler's own), of
+        ``frames`` frames (default ``clip_frames``; at most that, so every scan holds it)."""
         rng = self.rng if rng is None else rng
-        aug, T = self.augment, self.T
+        aug, T = self.augment, self.T if frames is None else int(frames)
+        if not 2 <= T <= self.T:
+            raise ValueError(f"a clip has 2 to clip_frames={self.T} frames, not {T}")
         if scan is None:
             scan = self.scans[rng.choice(len(self.scans), p=self.p)]
         n = scan.n_frames
@@ -223,11 +233,14 @@ class ClipSampler:
         other from the sampler's own generator (TrainConfig.sampling "sequential")."""
         return stack([self.sample() for _ in range(size)])
 
-    def step_batch(self, seed: int, step: int, clips: range) -> dict[str, np.ndarray]:
+    def step_batch(
+        self, seed: int, step: int, clips: range, frames: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Clips ``clips`` of the global batch of training step ``step``, each drawn with its
         own generator clip_rng(seed, step, index) (TrainConfig.sampling "per-clip"): the
-        same clips whichever process or data-loader worker draws them, and in any order."""
-        return stack([self.sample(rng=clip_rng(seed, step, i)) for i in clips])
+        same clips whichever process or data-loader worker draws them, and in any order.
+        ``frames``: the step's clip length (TrainConfig.clip_frames_at; default clip_frames)."""
+        return stack([self.sample(rng=clip_rng(seed, step, i), frames=frames) for i in clips])
 
 
 def is_rotation_scan(key: str) -> bool:
@@ -252,11 +265,20 @@ class StepBatches:
     not depend on the number of workers or processes. Memory-mapped scans are shared
     with the workers, not copied (CachedScan pickles a mapped array as its file)."""
 
-    def __init__(self, sampler: ClipSampler, seed: int, steps: int, clips: range):
+    def __init__(
+        self,
+        sampler: ClipSampler,
+        seed: int,
+        steps: int,
+        clips: range,
+        frames_at: Callable[[int], int] | None = None,
+    ):
         self.sampler, self.seed, self.steps, self.clips = sampler, seed, steps, clips
+        self.frames_at = frames_at  # step -> clip length (TrainConfig.clip_frames_at); None: fixed
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        return self.sampler.step_batch(self.seed, int(step), self.clips)
+        frames = None if self.frames_at is None else self.frames_at(int(step))
+        return self.sampler.step_batch(self.seed, int(step), self.clips, frames)

@@ -209,7 +209,8 @@ def _batches(sampler: ClipSampler, cfg: TrainConfig, start: int, ctx: Context, w
     if cfg.sampling == "sequential":
         while True:
             yield sampler.batch(cfg.batch_size)
-    dataset = StepBatches(sampler, cfg.seed, cfg.steps, ctx.clips(cfg.batch_size))
+    frames_at = cfg.clip_frames_at if cfg.clip_curriculum else None
+    dataset = StepBatches(sampler, cfg.seed, cfg.steps, ctx.clips(cfg.batch_size), frames_at)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # an item is already a batch
@@ -298,7 +299,7 @@ def train_member(
     sampler_rng = np.random.default_rng(cfg.seed)
     sampler = ClipSampler(
         train_scans,
-        cfg.clip_frames,
+        cfg.longest_clip,
         mcfg.global_frames,
         cfg.augment,
         T_scale,
@@ -385,7 +386,7 @@ def train_member(
                     metric = row["val_GPE"]
                 extra = {
                     "seconds": row["seconds"],
-                    "frames_seen": step * cfg.batch_size * cfg.clip_frames,
+                    "frames_seen": cfg.batch_size * sum(map(cfg.clip_frames_at, range(step))),
                     "schedule": schedule,
                     **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 }
