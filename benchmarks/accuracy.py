@@ -86,10 +86,11 @@ def member_disagreement(
     return np.sqrt((d**2).mean(0))
 
 
-def uncertainty_rho(frames: list[dict], key: str = "disagreement") -> dict:
+def uncertainty_rho(frames: list[dict], key: str = "disagreement", unit: str = "transitions") -> dict:
     """Spearman's rho between a per-transition uncertainty and the error: pooled over all
     transitions of ``frames`` (one dict per scan: the ``key`` array, e.g. 'disagreement'
-    or 'expected_error', and 'error') and the median of the per-scan rhos."""
+    or 'expected_error', and 'error') and the median of the per-scan rhos. ``unit`` names
+    the count ('frames' for the positions)."""
     from scipy.stats import spearmanr
 
     d = np.concatenate([f[key] for f in frames])
@@ -98,7 +99,7 @@ def uncertainty_rho(frames: list[dict], key: str = "disagreement") -> dict:
     return {
         "spearman_rho": float(spearmanr(d, e).statistic),
         "per_scan_rho_median": float(np.nanmedian(per_scan)),
-        "transitions": len(d),
+        unit: len(d),
     }
 
 
@@ -137,7 +138,7 @@ def global_uncertainty_rho(frames: list[dict]) -> dict:
     )
     return {
         "disagreement": uncertainty_rho(
-            [{"u": f["global_disagreement"], "error": f["global_error"]} for f in frames], "u"
+            [{"u": f["global_disagreement"], "error": f["global_error"]} for f in frames], "u", "frames"
         ),
         # scans where the place alone gives the ranks (their partial rho is undefined)
         "scans_disagreement_rises_every_frame": sum(
@@ -145,12 +146,12 @@ def global_uncertainty_rho(frames: list[dict]) -> dict:
         ),
         "scans_error_rises_every_frame": sum(bool(np.all(np.diff(f["global_error"]) > 0)) for f in frames),
         "frame_index": uncertainty_rho(
-            [{"u": i, "error": f["global_error"]} for f, i in zip(frames, place, strict=True)], "u"
+            [{"u": i, "error": f["global_error"]} for f, i in zip(frames, place, strict=True)], "u", "frames"
         ),
         "disagreement_given_frame_index": {
             "spearman_rho": partial_spearman(*pooled),
             "per_scan_rho_median": float(np.nanmedian(given)) if not np.isnan(given).all() else None,
-            "transitions": len(pooled[0]),
+            "frames": len(pooled[0]),
         },
     }
 
@@ -375,7 +376,7 @@ def markdown(
             d, i, g = u["disagreement"], u["frame_index"], u["disagreement_given_frame_index"]
             median = "n/a" if g["per_scan_rho_median"] is None else f"{g['per_scan_rho_median']:.3f}"
             lines.append(
-                f"| {subset} | {d['transitions']} | {d['spearman_rho']:.3f} / {d['per_scan_rho_median']:.3f} "
+                f"| {subset} | {d['frames']} | {d['spearman_rho']:.3f} / {d['per_scan_rho_median']:.3f} "
                 f"| {i['spearman_rho']:.3f} / {i['per_scan_rho_median']:.3f} "
                 f"| {g['spearman_rho']:.3f} / {median} | {u['scans_disagreement_rises_every_frame']} "
                 f"/ {u['scans_error_rises_every_frame']} |"

@@ -95,8 +95,8 @@ def test_global_uncertainty_separates_what_the_frames_place_already_ranks():
         {"global_disagreement": drift + r.normal(0, 0.01, n), "global_error": drift},
     ]
     out = global_uncertainty_rho(frames)
-    assert out["disagreement"]["transitions"] == 2 * n
-    place = uncertainty_rho([{"u": i, "error": drift}] * 2, "u")
+    assert out["disagreement"]["frames"] == out["disagreement_given_frame_index"]["frames"] == 2 * n
+    place = uncertainty_rho([{"u": i, "error": drift}] * 2, "u", "frames")
     assert out["frame_index"] == place
     given = [partial_spearman(f["global_disagreement"], f["global_error"], i) for f in frames]
     assert out["disagreement_given_frame_index"]["per_scan_rho_median"] == pytest.approx(np.median(given))
