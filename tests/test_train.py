@@ -985,6 +985,22 @@ def test_image_only_configs_are_the_shipped_ones_without_the_name_code():
         assert cond == plain
 
 
+def test_the_lever_configs_are_the_shipped_recipe_with_one_change():
+    """The Levers table's configs differ from configs/member.json in what it says alone."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shipped = TrainConfig.load(root / "member.json").to_dict()
+
+    def changes(name):
+        lever = TrainConfig.load(root / name).to_dict()
+        out = {f"model.{k}": v for k, v in lever.pop("model").items() if v != shipped["model"][k]}
+        return out | {k: v for k, v in lever.items() if k != "model" and v != shipped[k]}
+
+    assert changes("member-multistep.json") == {"model.decorrelation_steps": 2}
+    assert changes("member-curriculum.json") == {"clip_curriculum": [[0, 8], [300, 16], [600, 24]]}
+    assert changes("member-rotation.json") == {"rotation_share": 0.4}
+    assert changes("member-large.json") == {"model.input_size": [128, 160]}
+
+
 def test_a_checkpoint_from_before_the_conditioning_key_resumes_and_another_model_does_not(sim_root, tmp_path):
     from tusrec.train.config import TrainError
 
