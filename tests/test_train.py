@@ -1084,6 +1084,11 @@ def test_a_clip_curriculum_draws_each_steps_clips_at_its_length(sim_root, tmp_pa
             tiny_config(clip_curriculum=bad)
     with pytest.raises(ValueError, match="needs 'per-clip' sampling"):
         tiny_config(clip_curriculum=[[0, 4]], sampling="sequential")
+    # A view's first frames pair with the frame m after them: clips of 2m frames at least.
+    two_steps = {**TINY.to_dict(), "decorrelation_steps": 2}
+    tiny_config(model=two_steps, clip_curriculum=[[0, 4], [2, 8]])
+    with pytest.raises(ValueError, match="clips of 3 frames are too short for 2 decorrelation steps"):
+        tiny_config(model=two_steps, clip_curriculum=[[0, 3], [2, 8]])
 
 
 def test_members_validated_on_different_subjects_rank_by_their_share_of_the_identity():

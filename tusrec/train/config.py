@@ -143,6 +143,14 @@ class TrainConfig:
                     "clip_curriculum draws each step's clips by step: it needs 'per-clip' sampling"
                 )
 
+        shortest = min([n for _, n in self.clip_curriculum] or [self.clip_frames])
+        m = len(self.model_config.frame_steps)
+        if shortest < 2 * m:
+            # a clip's first frames pair with the frame m after them, inside the clip's view
+            raise ValueError(
+                f"clips of {shortest} frames are too short for {m} decorrelation steps: use {2 * m}+"
+            )
+
     def clip_frames_at(self, step: int) -> int:
         """Frames a clip of training step ``step`` has (clip_curriculum, else clip_frames)."""
         frames = self.clip_frames
