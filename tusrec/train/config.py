@@ -143,7 +143,7 @@ class TrainConfig:
                     "clip_curriculum draws each step's clips by step: it needs 'per-clip' sampling"
                 )
 
-        shortest = min([n for _, n in self.clip_curriculum] or [self.clip_frames])
+        shortest = min(self.clip_lengths)
         m = len(self.model_config.frame_steps)
         if shortest < 2 * m:
             # a clip's first frames pair with the frame m after them, inside the clip's view
@@ -160,9 +160,14 @@ class TrainConfig:
         return frames
 
     @property
+    def clip_lengths(self) -> list[int]:
+        """The clip lengths of this run, in frames: the curriculum's, else [clip_frames]."""
+        return [n for _, n in self.clip_curriculum] or [self.clip_frames]
+
+    @property
     def longest_clip(self) -> int:
         """The most frames a clip of this run ever has."""
-        return max([self.clip_frames] if not self.clip_curriculum else [n for _, n in self.clip_curriculum])
+        return max(self.clip_lengths)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -128,9 +128,7 @@ class ClipSampler:
         # How many decorrelation channels (frame steps 1..m of the view); True is 1.
         self.decorrelation = int(decorrelation)
         if decorrelation:
-            steps = {
-                j * k for j in range(1, self.decorrelation + 1) for k in range(1, augment.frame_skip + 1)
-            }
+            steps = set(decorrelation_frame_steps(self.decorrelation, augment.frame_skip))
             lacking = [s.key for s in self.scans if not steps <= set(s.decorrelation)]
             if lacking:
                 raise ValueError(
@@ -241,6 +239,13 @@ class ClipSampler:
         same clips whichever process or data-loader worker draws them, and in any order.
         ``frames``: the step's clip length (TrainConfig.clip_frames_at; default clip_frames)."""
         return stack([self.sample(rng=clip_rng(seed, step, i), frames=frames) for i in clips])
+
+
+def decorrelation_frame_steps(channels: int, frame_skip: int) -> tuple[int, ...]:
+    """Frame steps whose decorrelation maps clips need, sorted: j * k for each channel's
+    step j in 1..``channels`` and frame skip k in 1..``frame_skip`` (a view of every k-th
+    frame pairs frames j * k apart); () for no channels."""
+    return tuple(sorted({j * k for j in range(1, channels + 1) for k in range(1, frame_skip + 1)}))
 
 
 def is_rotation_scan(key: str) -> bool:

@@ -31,7 +31,7 @@ from tusrec.train.cache import CachedScan, TrainData, load_cache, split_subjects
 from tusrec.train.config import TrainConfig, TrainError
 from tusrec.train.distributed import Context, context
 from tusrec.train.loss import clip_loss
-from tusrec.train.sampler import ClipSampler, StepBatches
+from tusrec.train.sampler import ClipSampler, StepBatches, decorrelation_frame_steps
 
 LOG_COLUMNS = ("step", "loss", "points_mm", "drift_mm", "lr", "val_GPE", "val_LPE", "seconds")
 LOG_EVERY = 10  # steps between training-loss rows of the log
@@ -158,11 +158,9 @@ def data_counts(scans: list, prefix: str) -> dict:
 
 
 def cache_steps(cfg: TrainConfig) -> tuple[int, ...]:
-    """Frame steps whose decorrelation maps a run needs, sorted: j * k for every channel's
-    step j (ModelConfig.frame_steps) and frame skip k in 1..frame_skip (a view of every
-    k-th frame pairs frames j * k apart); none without decorrelation."""
-    skips = range(1, cfg.augment.frame_skip + 1)
-    return tuple(sorted({j * k for j in cfg.model_config.frame_steps for k in skips}))
+    """Frame steps whose decorrelation maps a run needs (sampler.decorrelation_frame_steps
+    of its channels and frame skip); none without decorrelation."""
+    return decorrelation_frame_steps(len(cfg.model_config.frame_steps), cfg.augment.frame_skip)
 
 
 def _rng_states(sampler_rng: np.random.Generator) -> dict:
@@ -209,8 +207,7 @@ def _batches(sampler: ClipSampler, cfg: TrainConfig, start: int, ctx: Context, w
     if cfg.sampling == "sequential":
         while True:
             yield sampler.batch(cfg.batch_size)
-    frames_at = cfg.clip_frames_at if cfg.clip_curriculum else None
-    dataset = StepBatches(sampler, cfg.seed, cfg.steps, ctx.clips(cfg.batch_size), frames_at)
+    dataset = StepBatches(sampler, cfg.seed, cfg.steps, ctx.clips(cfg.batch_size), cfg.clip_frames_at)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # an item is already a batch
