@@ -69,71 +69,40 @@ v012=(--weights weights "$RUNS/ens/pairs" --subjects 012 --top --combo "len4-shi
   --out "$RUNS/validation-012-300-frames.json"
 wait
 
-# The shipped recipe with a 4,500-step schedule (seeds, left-out subjects as train-shipped.sh)
-long() {  # name seed validation-subjects
-  $T train "$DATA" --out "$RUNS/long/$1" --config configs/member.json --name "$1" --seed "$2" \
-    --weights "$RUNS/long/weights" --val-subjects "$3" --cache "$RUNS/cache" --threads 1 \
-    --workers 1 --steps 4500 --resume >> "$RUNS/long-$1.log" 2>&1
+# The shipped 4 retrained with one change each (a lever of the README's Levers table; the
+# same seeds, left-out subjects and data as train-shipped.sh), their error heads fitted,
+# then scored on 011 and 012, at their own lengths and at 300 frames, under the rule
+# committed before the runs (benchmarks/validation-NAME-rule.md): RUNS/validation-NAME*.json.
+variant() {  # name config cache-frame-steps [train arguments...]
+  local v=$1 config=$2 steps=$3
+  shift 3
+  local extra=("$@")
+  member() {  # member seed validation-subjects
+    $T train "$DATA" --out "$RUNS/$v/$1" --config "$config" --name "$1" --seed "$2" \
+      --weights "$RUNS/$v/weights" --val-subjects "$3" --cache "$RUNS/cache" --threads 1 \
+      --workers 1 --resume "${extra[@]}" >> "$RUNS/$v-$1.log" 2>&1
+  }
+  (member len6 6 011,000,001; member len2 2 011,004,005) &
+  member len5 5 011,002,003
+  member len3 3 011,006,007
+  wait
+  $T error-head "$RUNS/$v/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
+  score() {  # data cache subject suffix
+    .venv/bin/python -m benchmarks.validation "$1" --cache "$2" --subjects "$3" \
+      --weights "$RUNS/$v/weights" --steps "$steps" --top --out "$RUNS/validation-$v$4.json"
+  }
+  # 2 chains of about equal length: a 300-frame run and an own-length one each
+  (score "$RUNS/sim011-300" "$RUNS/cache300" 011 -300-frames
+   score "$RUNS/sim012" "$RUNS/cache012" 012 -012) &
+  score "$RUNS/sim012-300" "$RUNS/cache012-300" 012 -012-300-frames
+  score "$DATA" "$RUNS/cache" 011 ""
+  wait
 }
-(long len6 6 011,000,001; long len2 2 011,004,005) &
-long len5 5 011,002,003
-long len3 3 011,006,007
-wait
-$T error-head "$RUNS/long/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
-vl=(--weights "$RUNS/long/weights" --top)
-(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vl[@]}" \
-   --out "$RUNS/validation-long.json"
- .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
-   "${vl[@]}" --out "$RUNS/validation-long-012.json") &
-.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vl[@]}" \
-  --out "$RUNS/validation-long-300-frames.json"
-.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
-  "${vl[@]}" --out "$RUNS/validation-long-012-300-frames.json"
-wait
-
-# Multi-step decorrelation (benchmarks/validation-multistep-rule.md): the shipped recipe
-# with configs/member-multistep.json (decorrelation maps of frame steps 1 and 2); the
-# cache then holds frame steps 1, 2 and 4, and the validation reads them (--steps 1,2,4).
-multistep() {  # name seed validation-subjects
-  $T train "$DATA" --out "$RUNS/multistep/$1" --config configs/member-multistep.json --name "$1" \
-    --seed "$2" --weights "$RUNS/multistep/weights" --val-subjects "$3" --cache "$RUNS/cache" \
-    --threads 1 --workers 1 --resume >> "$RUNS/multistep-$1.log" 2>&1
-}
-(multistep len6 6 011,000,001; multistep len2 2 011,004,005) &
-multistep len5 5 011,002,003
-multistep len3 3 011,006,007
-wait
-$T error-head "$RUNS/multistep/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
-vm=(--weights "$RUNS/multistep/weights" --steps 1,2,4 --top)
-(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vm[@]}" \
-   --out "$RUNS/validation-multistep.json"
- .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
-   "${vm[@]}" --out "$RUNS/validation-multistep-012.json") &
-.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vm[@]}" \
-  --out "$RUNS/validation-multistep-300-frames.json"
-.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
-  "${vm[@]}" --out "$RUNS/validation-multistep-012-300-frames.json"
-wait
-
-# A clip-length curriculum (benchmarks/validation-curriculum-rule.md): the shipped recipe
-# with configs/member-curriculum.json (clips of 8, then 16, then 24 frames).
-curriculum() {  # name seed validation-subjects
-  $T train "$DATA" --out "$RUNS/curriculum/$1" --config configs/member-curriculum.json --name "$1" \
-    --seed "$2" --weights "$RUNS/curriculum/weights" --val-subjects "$3" --cache "$RUNS/cache" \
-    --threads 1 --workers 1 --resume >> "$RUNS/curriculum-$1.log" 2>&1
-}
-(curriculum len6 6 011,000,001; curriculum len2 2 011,004,005) &
-curriculum len5 5 011,002,003
-curriculum len3 3 011,006,007
-wait
-$T error-head "$RUNS/curriculum/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
-vc=(--weights "$RUNS/curriculum/weights" --top)
-(.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${vc[@]}" \
-   --out "$RUNS/validation-curriculum.json"
- .venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" --subjects 012 \
-   "${vc[@]}" --out "$RUNS/validation-curriculum-012.json") &
-.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${vc[@]}" \
-  --out "$RUNS/validation-curriculum-300-frames.json"
-.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" --subjects 012 \
-  "${vc[@]}" --out "$RUNS/validation-curriculum-012-300-frames.json"
-wait
+# A 4,500-step schedule (benchmarks/validation-long-rule.md).
+variant long configs/member.json 1,2 --steps 4500
+# Multi-step decorrelation (benchmarks/validation-multistep-rule.md): maps of frame steps
+# 1 and 2, so the cache holds frame steps 1, 2 and 4, and the validation reads them.
+variant multistep configs/member-multistep.json 1,2,4
+# A clip-length curriculum (benchmarks/validation-curriculum-rule.md): clips of 8, then
+# 16, then 24 frames.
+variant curriculum configs/member-curriculum.json 1,2
