@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
+
 ROOT = Path(__file__).resolve().parent.parent
 GRID_STEP = 8  # pixels between the image points of the per-frame errors
 
@@ -205,9 +207,16 @@ def simulate(
             raise SystemExit(f"simulation failed: {p.args}")
 
 
-def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], list[dict]]:
+def score_models(
+    folder: str, weights: str, baseline: str, in_plane: str = "network"
+) -> tuple[list[dict], list[dict]]:
     """Every model's errors on every scan of one data folder: rows of (model, key, ...);
-    and per scan the ensemble's per-transition disagreement and error (mm)."""
+    and per scan the ensemble's per-transition disagreement and error (mm).
+
+    ``in_plane``: as ``./predict --in-plane``. With 'registration' the ensemble and each
+    member alone (as ./predict would run it) get their in-plane motion from registration
+    started from their own estimate; the frame-pair baseline stays the organisers' style
+    (network only). The disagreement stays the members' networks' (what ./predict writes)."""
     import torch
 
     from tusrec.data import open_data
@@ -220,6 +229,7 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
         read_scan_input,
     )
     from tusrec.model.inputs import scan_code
+    from tusrec.model.registration import register_in_plane, square_frames, with_in_plane
     from tusrec.scoring.score import scan_row
 
     torch.set_num_threads(1)
@@ -247,23 +257,31 @@ def score_models(folder: str, weights: str, baseline: str) -> tuple[list[dict], 
             preds[label] = (out.local, time.perf_counter() - t0)
             expected[label] = out.expected_error_mm
         t0 = time.perf_counter()
-        combined = combine(
-            [preds[m.name][0] for m in members], expected_errors=[expected[m.name] for m in members]
-        )
-        ensemble = combined.local
+        member_locals = [preds[m.name][0] for m in members]  # the networks' own, before any registration
+        combined = combine(member_locals, expected_errors=[expected[m.name] for m in members])
+        network_mean = combined.local
+        preds["ensemble"] = (network_mean, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
+        if in_plane == "registration":
+            square = square_frames((block for _, block in scan.iter_frames()), data.calibration)
+            for label in [m.name for m in members] + ["ensemble"]:
+                t0 = time.perf_counter()
+                fitted, _ = register_in_plane(square, preds[label][0])
+                seconds = preds[label][1] + time.perf_counter() - t0
+                preds[label] = (with_in_plane(preds[label][0], fitted), seconds)
+        ensemble = preds["ensemble"][0]
         ensemble_global = compose_local(ensemble)
-        preds["ensemble"] = (ensemble, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
         frames.append(
             {
                 "key": scan.key,
                 "protocol": scan.pattern.protocol,
-                "disagreement": member_disagreement(
-                    [preds[m.name][0] for m in members], ensemble, ts, scan.image_size
-                ),
+                "disagreement": member_disagreement(member_locals, network_mean, ts, scan.image_size),
                 "error": frame_point_errors(ensemble, true_local, ts, scan.image_size),
                 "expected_error": combined.expected_error_mm,
                 "global_disagreement": member_disagreement(
-                    [compose_local(preds[m.name][0]) for m in members], ensemble_global, ts, scan.image_size
+                    [compose_local(local) for local in member_locals],
+                    compose_local(network_mean),
+                    ts,
+                    scan.image_size,
                 ),
                 "global_error": frame_point_errors(ensemble_global, true_global, ts, scan.image_size),
             }
@@ -330,6 +348,12 @@ def markdown(
         "Errors in mm (mean over scans), FS/GS/LS under identity normalisation (higher is better).",
         "",
     ]
+    if meta.get("in_plane", "network") != "network":
+        lines += [
+            f"In-plane motion (tx, ty, rz) of the ensemble and of each member: {meta['in_plane']} "
+            "(`./predict --in-plane`); the frame-pair baseline: its network's.",
+            "",
+        ]
     lines += score_tables(summary)
     if uncertainty:
         lines += [
@@ -396,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", default="100,101")
     p.add_argument("--frames", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--in-plane",
+        choices=IN_PLANE_SOURCES,
+        default=DEFAULT_IN_PLANE,
+        help=f"as ./predict --in-plane (default {DEFAULT_IN_PLANE}, the predictor's)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.json")
     args = p.parse_args(argv)
     subjects = [int(s) for s in args.subjects.split(",")]
@@ -408,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         parts = list(
-            pool.map(score_models, map(str, folders), [str(args.weights)] * 4, [str(args.baseline)] * 4)
+            pool.map(
+                score_models,
+                map(str, folders),
+                [str(args.weights)] * 4,
+                [str(args.baseline)] * 4,
+                [args.in_plane] * 4,
+            )
         )
         rows = [r for part, _ in parts for r in part]
         frames = [f for _, part in parts for f in part]
@@ -449,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate_s": simulate_s,
         "score_s": score_s,
         "network_s_per_scan": table.groupby("model")["network_s"].mean().to_dict(),
+        "in_plane": args.in_plane,
         "synthetic": True,
     }
     result = {

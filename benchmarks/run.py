@@ -386,6 +386,38 @@ def predict(frames: int, form: str = "ddf") -> dict:
     }
 
 
+@bench
+def registration(frames: int) -> dict:
+    """In-plane registration of one 480 x 640 scan (`predict --in-plane registration`,
+    tusrec.model.registration), started from no motion: resampling to square pixels, then
+    the frame pairs on 1 thread and on all cores; seconds a pair (the predictor's
+    REGISTRATION_S_PER_PAIR reserve), and whether both give the same numbers."""
+    from tusrec.data import open_data, usable_cores
+    from tusrec.model.registration import register_in_plane, square_frames
+
+    if not (BENCH_DATA / f"predict{frames}" / "data").is_dir():  # run alone (--only)
+        predict_setup(frames)
+    data = open_data(BENCH_DATA / f"predict{frames}" / "data")
+    scan = data.scans[0]
+    t0 = time.perf_counter()
+    square = square_frames((block for _, block in scan.iter_frames()), data.calibration)
+    resample = time.perf_counter() - t0
+    result = {"frames": frames, "resample_s": resample, "square_size": list(square.frames.shape[1:])}
+    fitted = {}
+    for workers in sorted({1, usable_cores()}):
+        t0 = time.perf_counter()
+        fitted[workers], registered = register_in_plane(square, workers=workers)
+        seconds = time.perf_counter() - t0
+        result[f"workers_{workers}"] = {
+            "s": seconds,
+            "s_per_pair": seconds / (frames - 1),
+            "registered": int(registered.sum()),
+        }
+    result["same_on_any_workers"] = all(np.array_equal(fitted[1], f) for f in fitted.values())
+    result["load_average"] = os.getloadavg()[0]
+    return result
+
+
 def _demo_commands(demo: Path) -> list[str]:
     """The commands of `make demo` (its recipe as `make -n` prints it, continuation lines
     joined), with the demo folder at ``demo``; the set-up of the venv left out."""
@@ -875,12 +907,14 @@ PLAN = [
     ("predict_setup", {"frames": 500}),
     ("predict", {"frames": 500, "form": "transforms"}),
     ("predict", {"frames": 500}),
+    ("registration", {"frames": 500}),
     ("predict_setup", {"frames": 200}),
     ("predict", {"frames": 200, "form": "transforms"}),
     ("predict", {"frames": 200}),
     ("predict_setup", {"frames": 1600}),
     ("predict", {"frames": 1600, "form": "transforms"}),
     ("predict", {"frames": 1600}),
+    ("registration", {"frames": 1600}),
     ("rank", {"teams": 20, "scans": 768, "resamples": 2000}),
     ("demo", {}),
     ("cluster_scaling_setup", {"scans": 16, "sleep_s": 5.0}),

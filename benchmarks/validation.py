@@ -22,6 +22,10 @@ validation: ensemble.ranked_by_validation) it reports
 * with ``--combo LABEL=NAME,NAME,...`` (repeatable), the mean of those members as well
   (names as printed: ``folder/name`` when several weights folders are given), to compare
   ensembles of other make-ups (more seeds, other architectures) on the same runs;
+* with ``--registration``, the mean of all with its in-plane motion (tx, ty, rz) measured
+  by registering each frame onto the one before, started from its own estimate
+  (``tusrec.model.registration``, as the predictor runs it with ``--in-plane
+  registration``; reads the scans' native frames);
 * with ``--scales``, the mean of all with its translations scaled (a post-hoc output
   scale, the cheapest correction of a shared error, if that error is a scale);
 * GPE per scan kind, and GPE against the observable motion (``GPE_observable``): how far
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ranked_by_validation,
     )
     from tusrec.model.inputs import scan_code
+    from tusrec.model.registration import register_in_plane, square_frames, with_in_plane
     from tusrec.scoring.metrics import transform_pixel_error
     from tusrec.train.cache import load_cache
 
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also score the mean of all with its translations times each of these factors "
         "(a post-hoc output scale: is the members' shared error a scale?)",
     )
+    p.add_argument(
+        "--registration",
+        action="store_true",
+        help="also score the mean of all with its in-plane motion from registration",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -147,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 members.append(m)
     size = tuple(members[0].cfg.input_size)
     subjects = [f"{int(s):03d}" for s in args.subjects.split(",")]
-    keys = [s.key for s in open_data(args.data).scans if s.subject in subjects]
+    raw = {s.key: s for s in open_data(args.data).scans if s.subject in subjects}
+    keys = list(raw)
     # The frame steps of the training cache's entries (cache_steps of the configs), so the
     # trainers' cache is read, not rebuilt; the predictor's step-1 maps are among them.
     steps = tuple(int(k) for k in args.steps.split(","))
@@ -231,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             scaled = mean_all.copy()
             scaled[:, :3, 3] *= k
             record(f"mean-all, translation x {k:g}", scaled, scan, kind, observable_global)
+        if args.registration:
+            square = square_frames((b for _, b in raw[scan.key].iter_frames()), data.calib)
+            fitted, _ = register_in_plane(square, mean_all)
+            record("mean-all + registration", with_in_plane(mean_all, fitted), scan, kind, observable_global)
         record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind, observable_global)
         record("oracle: in-plane + named tz", observable, scan, kind, observable_global)
 

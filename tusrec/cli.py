@@ -284,6 +284,16 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--members", nargs="+", default=None, help="only these members of the weights manifest (default all)"
     )
+    from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
+
+    p.add_argument(
+        "--in-plane",
+        choices=IN_PLANE_SOURCES,
+        default=DEFAULT_IN_PLANE,
+        help="where the in-plane motion (tx, ty, rz) comes from: the members' estimate, or "
+        "registration of each frame onto the one before, started from it "
+        f"(default {DEFAULT_IN_PLANE})",
+    )
     _add_format(p)
     p.set_defaults(run=run_predict)
 
@@ -314,6 +324,7 @@ def run_predict(args) -> int:
             args.translation,
             members=args.members,
             form=args.format,
+            in_plane=args.in_plane,
         )
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,7 +27,9 @@ from tusrec.geometry import default_calibration, read_calibration
 from tusrec.model.ensemble import load_members
 from tusrec.model.manifest import DEFAULT_WEIGHTS
 from tusrec.predict.core import (
+    DEFAULT_IN_PLANE,
     DEFAULT_TIME_LIMIT_S,
+    IN_PLANE_SOURCES,
     Predictor,
     check_writable,
     pick_device,
@@ -37,7 +39,14 @@ from tusrec.predict.core import (
     write_rows,
 )
 
-__all__ = ["DEFAULT_WEIGHTS", "Predictor", "predict_ddfs", "predict_folder"]
+__all__ = [
+    "DEFAULT_IN_PLANE",
+    "DEFAULT_WEIGHTS",
+    "IN_PLANE_SOURCES",
+    "Predictor",
+    "predict_ddfs",
+    "predict_folder",
+]
 
 
 def predict_folder(
@@ -51,11 +60,15 @@ def predict_folder(
     log=print,
     members: list[str] | None = None,
     form: str = TRANSFORMS_FORM,
+    in_plane: str = DEFAULT_IN_PLANE,
 ) -> list[dict]:
     """Predict every scan of a validation/test folder into ``output_dir``.
 
     ``form``: 'transforms' (compact: the transforms and GL/LL, kilobytes a scan) or 'ddf'
-    (dense GP/LP as well, the challenge's official form, gigabytes a scan).
+    (dense GP/LP as well, the challenge's official form, gigabytes a scan). ``in_plane``:
+    where the in-plane motion comes from, 'network' (the members' combined estimate) or
+    'registration' (each frame registered onto the one before, started from it;
+    tusrec.model.registration).
 
     Scans this same ensemble (weights, members, translation rule, form) already predicted
     completely are kept (a rerun finishes what is missing; another ensemble's are redone);
@@ -71,7 +84,12 @@ def predict_folder(
         raise TusrecDataError(f"{input_dir}: no scans found")
     calib = data.calibration
     predictor = Predictor(
-        load_members(weights, pick_device(device), members), device, time_limit_s, translation, form=form
+        load_members(weights, pick_device(device), members),
+        device,
+        time_limit_s,
+        translation,
+        form=form,
+        in_plane=in_plane,
     )
     removed = remove_partial_files(output)
     if removed:

@@ -53,6 +53,13 @@ from tusrec.model.ensemble import (
     read_scan_input,
 )
 from tusrec.model.inputs import scan_code
+from tusrec.model.registration import (
+    DEFAULT_IN_PLANE,
+    IN_PLANE_SOURCES,
+    register_in_plane,
+    square_frames,
+    with_in_plane,
+)
 
 DEFAULT_TIME_LIMIT_S = 120.0
 # GP+LP written per second at 480 x 640, measured on a 2-core CPU with a plain disk
@@ -60,6 +67,10 @@ DEFAULT_TIME_LIMIT_S = 120.0
 DDF_WRITE_FRAMES_PER_S = 40.0
 RESERVE_FACTOR = 1.5
 RESERVE_MARGIN_S = 2.0
+# Registration seconds a frame pair on one core, measured on this kit's 2-core CPU at
+# 480 x 640 (12 ms: benchmarks, README); the members' deadline keeps this, with the
+# reserve's safety factor, for the registration that follows them.
+REGISTRATION_S_PER_PAIR = 0.012
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -79,6 +90,12 @@ def ddf_reserve_s(n_frames: int, image_size: tuple[int, int], form: str = DDF_FO
         return RESERVE_MARGIN_S
     pixels = image_size[0] * image_size[1] / (480 * 640)
     return RESERVE_FACTOR * n_frames * pixels / DDF_WRITE_FRAMES_PER_S + RESERVE_MARGIN_S
+
+
+def registration_reserve_s(n_frames: int, image_size: tuple[int, int], workers: int) -> float:
+    """Seconds to keep after the members for registering a scan's frame pairs."""
+    pixels = image_size[0] * image_size[1] / (480 * 640)
+    return RESERVE_FACTOR * max(n_frames - 1, 0) * pixels * REGISTRATION_S_PER_PAIR / max(workers, 1)
 
 
 @dataclass
@@ -107,12 +124,16 @@ class Predictor:
         batched: bool | None = None,
         form: str = DDF_FORM,
         workers: int | None = None,
+        in_plane: str = DEFAULT_IN_PLANE,
     ):
         if not members:
             raise ValueError("a predictor needs at least one ensemble member")
         if form not in PREDICTION_FORMS:
             raise ValueError(f"prediction form {form!r}; expected one of {PREDICTION_FORMS}")
+        if in_plane not in IN_PLANE_SOURCES:
+            raise ValueError(f"in-plane source {in_plane!r}; expected one of {IN_PLANE_SOURCES}")
         self.form = form
+        self.in_plane = in_plane
         self.device = pick_device(device)
         self.members = [Member(m.name, m.net.to(self.device).eval(), m.info) for m in members]
         self.time_limit_s = time_limit_s
@@ -138,9 +159,12 @@ class Predictor:
     @property
     def fingerprint(self) -> str:
         """What the predictions depend on: the members' weight files (sha256, in order),
-        the translation rule and the form; written into every prediction file so that a
-        rerun keeps only what this very ensemble predicted (16 hex digits)."""
+        the translation rule, the form and (when not the network's) the in-plane source;
+        written into every prediction file so that a rerun keeps only what this very
+        ensemble predicted (16 hex digits)."""
         parts = [m.info.get("sha256", m.name) for m in self.members] + [self.translation, self.form]
+        if self.in_plane != "network":
+            parts.append(f"in-plane: {self.in_plane}")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
@@ -257,6 +281,23 @@ class Predictor:
                     break
         return results, stopped
 
+    def register(
+        self, scan: Scan, calib: Calibration, local: np.ndarray, deadline: float
+    ) -> tuple[np.ndarray, str]:
+        """``local`` (N-1, 4, 4) with its in-plane part from registration (started from it)
+        where a pair registered by ``deadline``; and a note on the pairs that did not."""
+        square = square_frames((block for _, block in scan.iter_frames()), calib)
+        fitted, registered = register_in_plane(square, local, deadline, self.workers)
+        missed = int((~registered).sum())
+        note = ""
+        if missed:
+            why = "the time limit" if time.perf_counter() > deadline else "no convergence"
+            note = (
+                f"in-plane registration: {missed} of {len(registered)} frame pairs kept the "
+                f"network's estimate ({why})"
+            )
+        return with_in_plane(local, fitted), note
+
     def predict_scan(self, scan: Scan, calib: Calibration, out_path: Path) -> dict:
         """Predict one scan into ``out_path``; returns its manifest row."""
         t0 = time.perf_counter()
@@ -267,12 +308,21 @@ class Predictor:
             row["frames"] = n
             landmarks = scan.read_landmarks() if scan.has_landmarks else None
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
+            registering = self.in_plane == "registration"
+            reserve = registration_reserve_s(n, (h, w), self.workers) if registering else 0.0
             frames = self.read_preprocessed(scan)
             t_read = time.perf_counter()
-            pred = self.predict_local(frames, deadline, scan_code(scan.name))
+            pred = self.predict_local(frames, deadline - reserve, scan_code(scan.name))
             t_network = time.perf_counter()
             row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []
+            if registering:
+                local, note = self.register(scan, calib, pred.local, deadline)
+                pred.local = local
+                row["registration_s"] = time.perf_counter() - t_network
+                t_network = time.perf_counter()
+                if note:
+                    notes.append(note)
             if landmarks is None:
                 notes.append("no landmarks for this scan: GL/LL not written")
             extras = {}
@@ -288,6 +338,7 @@ class Predictor:
                 "model_fingerprint": self.fingerprint,
                 "members_used": pred.members_used,
                 "device": str(self.device),
+                "in_plane": self.in_plane,
             }
             write_predictions(
                 out_path,

@@ -1,0 +1,154 @@
+"""In-plane registration (tusrec.model.registration): its conventions against frames warped
+independently by a known rigid motion in image mm, its fallbacks, and the predictor's
+--in-plane registration."""
+
+import time
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from tusrec.data import open_data
+from tusrec.geometry import Calibration, default_calibration
+from tusrec.model.ensemble import load_members
+from tusrec.model.registration import (
+    in_plane_angle,
+    register_in_plane,
+    square_frames,
+    with_in_plane,
+)
+from tusrec.predict import core
+
+from .test_predict import make_weights
+
+SIZE = (240, 320)  # H, W
+
+
+def texture(rng: np.random.Generator, size=(400, 520)) -> np.ndarray:
+    """A speckle-like texture (blurred noise with some larger blobs), float32 0..255-ish."""
+    fine = cv2.GaussianBlur(rng.standard_normal(size).astype(np.float32), (0, 0), 1.5)
+    coarse = cv2.GaussianBlur(rng.standard_normal(size).astype(np.float32), (0, 0), 8.0)
+    img = 100 + 300 * fine + 1500 * coarse
+    return img
+
+
+def warp_by(source: np.ndarray, T: np.ndarray, calib: Calibration, offset: tuple[int, int]) -> np.ndarray:
+    """The frame whose pixel p shows what ``source`` shows at T @ (T_scale @ p): a frame i
+    with T(i->i-1) = T, where ``source`` is frame i-1's (larger) canvas and frame i-1 its
+    window at ``offset``. Built from tusrec.geometry's 1-based pixel convention directly:
+    (H, W) float32."""
+    h, w = SIZE
+    S = calib.T_scale
+    rows, cols = np.mgrid[1 : h + 1, 1 : w + 1].astype(np.float64)
+    p = np.stack([cols.ravel(), rows.ravel(), np.zeros(h * w), np.ones(h * w)])
+    q_prev = np.linalg.inv(S) @ (T @ (S @ p))  # 1-based pixel in frame i-1
+    map_x = (q_prev[0] - 1 + offset[1]).reshape(h, w).astype(np.float32)
+    map_y = (q_prev[1] - 1 + offset[0]).reshape(h, w).astype(np.float32)
+    return cv2.remap(source, map_x, map_y, cv2.INTER_CUBIC)
+
+
+def rigid(angle_deg: float, tx: float, ty: float, tz: float = 0.0, rx: float = 0.0, ry: float = 0.0):
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_rotvec(np.deg2rad([rx, ry, angle_deg])).as_matrix()
+    T[:3, 3] = tx, ty, tz
+    return T
+
+
+def scan_with_motion(rng, motions, calib):
+    """Frames (N, H, W) uint8 of one texture under the in-plane motions T(i->i-1) given,
+    on a depth gain that stays put in the image (which registration must ignore)."""
+    canvas = texture(rng)
+    offset = (80, 100)
+    gain = np.linspace(1.4, 0.6, SIZE[0], dtype=np.float32)[:, None]
+    h, w = SIZE
+    frames = [canvas[offset[0] : offset[0] + h, offset[1] : offset[1] + w]]
+    chain = np.eye(4)
+    for T in motions:
+        chain = chain @ T  # T(i->0)
+        frames.append(warp_by(canvas, chain, calib, offset))
+    return np.clip(np.stack(frames) * gain[None], 1, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def calib():
+    return default_calibration()  # 0.229 x 0.221 mm pixels: not square
+
+
+def test_registration_recovers_a_known_in_plane_motion(rng, calib):
+    """Rotations about the image mm origin (a corner, not the centre) and shifts, on
+    non-square pixels, from no motion as the start: the recovered T(i->i-1) is the one the
+    frames were warped by, independently of the module's pixel <-> mm algebra."""
+    motions = [rigid(0.6, 0.3, -0.2), rigid(-0.4, -0.5, 0.25), rigid(0.0, 0.8, 0.1), rigid(0.3, 0.0, -0.6)]
+    frames = scan_with_motion(rng, motions, calib)
+    square = square_frames([frames], calib)
+    fitted, registered = register_in_plane(square)
+    assert registered.all()
+    truth = np.array(
+        [[np.deg2rad(a), T[0, 3], T[1, 3]] for a, T in zip([0.6, -0.4, 0.0, 0.3], motions, strict=True)]
+    )
+    assert np.allclose(truth[:, 1:], fitted[:, 1:], atol=0.03), (truth, fitted)
+    assert np.allclose(truth[:, 0], fitted[:, 0], atol=np.deg2rad(0.03)), (truth, fitted)
+    # The frames read in blocks (as the predictor reads a scan) give the same square frames.
+    blocks = square_frames([frames[:2], frames[2:3], frames[3:]], calib)
+    assert np.array_equal(blocks.frames, square.frames)
+
+
+def test_registration_is_the_same_on_any_number_of_threads_and_respects_the_deadline(rng, calib):
+    motions = [rigid(0.2 * k, 0.1 * k, -0.1, 0.5) for k in range(5)]
+    square = square_frames([scan_with_motion(rng, motions, calib)], calib)
+    start = np.stack(motions)
+    one, ok1 = register_in_plane(square, start)
+    two, ok2 = register_in_plane(square, start, workers=2)
+    assert np.array_equal(one, two) and np.array_equal(ok1, ok2) and ok1.all()
+    # Past the deadline nothing is registered: the start's in-plane part is kept.
+    late, ok = register_in_plane(square, start, deadline=time.perf_counter() - 1.0)
+    assert not ok.any()
+    assert np.allclose(late, np.stack([in_plane_angle(start), start[:, 0, 3], start[:, 1, 3]], axis=1))
+
+
+def test_blank_or_single_frames_keep_the_start(calib):
+    blank = square_frames([np.zeros((3, *SIZE), np.uint8)], calib)
+    start = np.stack([rigid(0.1, 0.2, 0.3, 1.0), rigid(-0.1, 0.0, 0.1, 1.0)])
+    fitted, ok = register_in_plane(blank, start)
+    assert not ok.any() and np.allclose(fitted[:, 1:], start[:, :2, 3])
+    single = square_frames([np.full((1, *SIZE), 50, np.uint8)], calib)
+    fitted, ok = register_in_plane(single)
+    assert fitted.shape == (0, 3) and ok.shape == (0,)
+    with pytest.raises(ValueError, match="start transforms"):
+        register_in_plane(blank, start[:1])
+    with pytest.raises(ValueError, match="no frames"):
+        square_frames([], calib)
+
+
+def test_with_in_plane_replaces_tx_ty_rz_and_keeps_the_out_of_plane_part():
+    local = np.stack(
+        [rigid(0.5, 1.0, 2.0, 3.0, rx=0.7, ry=-0.2), rigid(-1.0, 0.1, 0.2, -0.3, rx=0.0, ry=0.4)]
+    )
+    in_plane = np.array([[np.deg2rad(0.2), -0.5, 0.4], [np.deg2rad(0.1), 0.0, 0.0]])
+    out = with_in_plane(local, in_plane)
+    vec_in, vec_out = (Rotation.from_matrix(T[:, :3, :3]).as_rotvec() for T in (local, out))
+    assert np.allclose(vec_out[:, :2], vec_in[:, :2]) and np.allclose(vec_out[:, 2], in_plane[:, 0])
+    assert np.allclose(out[:, :2, 3], in_plane[:, 1:]) and np.allclose(out[:, 2, 3], local[:, 2, 3])
+    assert np.allclose(out[:, 3], [0, 0, 0, 1]) and np.allclose(np.linalg.det(out[:, :3, :3]), 1.0)
+
+
+def test_the_predictor_takes_the_in_plane_motion_from_registration(dataset_factory, tmp_path):
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_rotation",), 8)
+    data = open_data(root)
+    scan, calib = data.scans[0], data.calibration
+    members = load_members(make_weights(tmp_path / "w"))
+    network = core.Predictor(members, "cpu", workers=1)
+    registering = core.Predictor(members, "cpu", workers=1, in_plane="registration")
+    assert registering.fingerprint != network.fingerprint
+    row_n = network.predict_scan(scan, calib, tmp_path / "n.h5")
+    row_r = registering.predict_scan(scan, calib, tmp_path / "r.h5")
+    assert row_n["status"] == row_r["status"] == "ok" and row_r["registration_s"] > 0
+    with h5py.File(tmp_path / "n.h5") as n, h5py.File(tmp_path / "r.h5") as r:
+        local_n, local_r = n["transforms_local"][()], r["transforms_local"][()]
+        assert r.attrs["in_plane"] == "registration" and n.attrs["in_plane"] == "network"
+    expected, _ = register_in_plane(square_frames([scan.read_frames()], calib), local_n)
+    assert np.allclose(local_r, with_in_plane(local_n, expected))
+    with pytest.raises(ValueError, match="in-plane source"):
+        core.Predictor(members, "cpu", in_plane="optical flow")

@@ -1,0 +1,203 @@
+"""In-plane motion from image registration: each frame registered rigidly onto the one before.
+
+The members learn the main motion that the scan's name and the speckle decorrelation give
+(tx of a parallel sweep, tz of a perpendicular one) and nothing of the rest of the in-plane
+motion: their recovery of ty and rz, and of tx outside the parallel sweeps, is about 0
+(``benchmarks.validation``). That motion lies in the image plane, where the speckle and the
+anatomy move with the tissue, so classical registration measures it directly. Each pair
+of neighbouring frames is registered by OpenCV's enhanced correlation coefficient
+(``cv2.findTransformECC``, Euclidean motion), started from the network's own estimate, and
+only the in-plane part (tx, ty, rz) of the network's T(i->i-1) is replaced; its
+out-of-plane part (tz, rx, ry), which no 2D registration sees, is kept
+(``with_in_plane``).
+
+Two things keep the registration honest on ultrasound:
+
+* the frames are resampled to square pixels (REGISTRATION_SPACING_MM on both axes), so
+  that a rigid motion in image mm is a rigid motion of the pixel grid (the 2024 data's
+  pixels are 0.229 x 0.221 mm);
+* each frame is divided by the scan's mean frame blurred by REGISTRATION_GAIN_SIGMA_MM:
+  what does not move with the tissue (the depth gain, shadows of the probe) would
+  otherwise pull every estimate towards no motion. The blur keeps the speckle and the
+  anatomy out of the divisor, which on a short or slow scan would otherwise hold them.
+  Only the field of view, eroded by REGISTRATION_MARGIN_MM (its edge stays put too), is
+  compared.
+
+A pair that OpenCV cannot register (its correlation does not converge, or a blank frame)
+keeps the network's in-plane estimate for that transition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from tusrec.geometry import Calibration
+
+# Where the predictor takes the in-plane motion (tx, ty, rz) from: the members' combined
+# estimate, or this registration started from it.
+IN_PLANE_SOURCES = ("network", "registration")
+DEFAULT_IN_PLANE = "network"
+
+REGISTRATION_SPACING_MM = 0.45  # square pixels of the registered frames (about half the native)
+REGISTRATION_MARGIN_MM = 5.0  # field-of-view erosion: the fan's edge does not move with the tissue
+REGISTRATION_GAIN_SIGMA_MM = 3.0  # the static gain pattern: the mean frame at this blur
+REGISTRATION_ITERATIONS = 50
+REGISTRATION_EPS = 1e-6
+
+
+@dataclass
+class SquareFrames:
+    """A scan's frames resampled to square pixels (``square_frames``).
+
+    frames: (N, h, w) uint8; pixel u (0-based column, row) is at image mm
+    ``pixel_mm * u + origin`` (tusrec.geometry.pixel_grid's 1-based convention).
+    """
+
+    frames: np.ndarray
+    pixel_mm: np.ndarray  # (2,) mm per pixel along x and y (equal up to rounding)
+    origin: np.ndarray  # (2,) mm
+
+
+def square_frames(
+    chunks: Iterable[np.ndarray], calib: Calibration, spacing_mm: float = REGISTRATION_SPACING_MM
+) -> SquareFrames:
+    """Frames resampled to square pixels of ``spacing_mm`` by area averaging.
+
+    chunks: consecutive (n_i, H, W) uint8 blocks of one scan (the whole scan as one
+    block, or Scan.iter_frames' blocks, so that a long scan is never held at native size).
+    """
+    sx, sy = calib.pixel_spacing_mm
+    out, ratio = [], None
+    for block in chunks:
+        _, height, width = block.shape
+        if ratio is None:
+            w2 = max(8, round(width * sx / spacing_mm))
+            h2 = max(8, round(height * sy / spacing_mm))
+            ratio = np.array([width / w2, height / h2])
+        small = np.empty((len(block), h2, w2), np.uint8)
+        for i, frame in enumerate(block):
+            small[i] = cv2.resize(frame, (w2, h2), interpolation=cv2.INTER_AREA)
+        out.append(small)
+    if ratio is None:
+        raise ValueError("no frames to register")
+    # cv2.resize: destination pixel u samples source 0-based x = (u + 0.5) * W / W' - 0.5,
+    # and source pixel x is at (x + 1) * s mm.
+    spacing = np.array([sx, sy])
+    return SquareFrames(np.concatenate(out), spacing * ratio, spacing * ((ratio - 1.0) / 2.0 + 1.0))
+
+
+def registration_mask(frames: np.ndarray, pixel_mm: np.ndarray, margin_mm: float = REGISTRATION_MARGIN_MM):
+    """The compared region: pixels non-zero in any frame (the fan), eroded by ``margin_mm``.
+    frames: (N, h, w) uint8 -> (h, w) uint8 0/1."""
+    fov = (frames > 0).any(axis=0).astype(np.uint8)
+    k = max(1, round(margin_mm / float(pixel_mm.min())))
+    return cv2.erode(fov, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
+
+
+def static_gain(frames: np.ndarray, pixel_mm: np.ndarray, sigma_mm: float = REGISTRATION_GAIN_SIGMA_MM):
+    """What stays put in the image: the mean frame blurred by ``sigma_mm`` inside the field
+    of view (a normalised convolution, so the fan's edge does not darken it), at least 1.
+    frames: (N, h, w) uint8 -> (h, w) float32, the divisor of every frame."""
+    sigma = sigma_mm / float(pixel_mm.min())
+    fov = (frames > 0).any(axis=0).astype(np.float32)
+    mean = frames.mean(axis=0, dtype=np.float64).astype(np.float32)
+    blurred = cv2.GaussianBlur(mean, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(fov, (0, 0), sigma), 1e-3)
+    return np.maximum(blurred, 1.0).astype(np.float32)
+
+
+def in_plane_angle(local: np.ndarray) -> np.ndarray:
+    """The angle (rad) of the rotation about the image normal z closest to each rotation
+    (Procrustes in 2D): (N, 4, 4) -> (N,)."""
+    return np.arctan2(local[:, 1, 0] - local[:, 0, 1], local[:, 0, 0] + local[:, 1, 1])
+
+
+def register_in_plane(
+    square: SquareFrames,
+    initial: np.ndarray | None = None,
+    deadline: float | None = None,
+    workers: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The in-plane motion T(i->i-1) of each pair of neighbouring frames, in image mm.
+
+    square: the scan (square_frames), N frames; initial: (N-1, 4, 4) transforms to start
+    from (their in-plane part; None: no motion); deadline: time.perf_counter() time after
+    which no pair is started; workers: threads (OpenCV releases the GIL; each pair is
+    registered alone, so the result does not depend on the number).
+
+    Returns (in_plane (N-1, 3) float64: angle about the image normal (rad), tx, ty (mm);
+    registered (N-1,) bool). A pair that did not register (no convergence, a blank frame,
+    the deadline) keeps the start's in-plane values.
+    """
+    frames, pixel_mm, origin = square.frames, square.pixel_mm, square.origin
+    n = len(frames)
+    if initial is None:
+        initial = np.tile(np.eye(4), (max(n - 1, 0), 1, 1))
+    initial = np.asarray(initial, np.float64)
+    if len(initial) != n - 1:
+        raise ValueError(f"{len(initial)} start transforms for {n} frames; expected {n - 1}")
+    result = np.stack([in_plane_angle(initial), initial[:, 0, 3], initial[:, 1, 3]], axis=1)
+    registered = np.zeros(n - 1, bool)
+    mask = registration_mask(frames, pixel_mm) if n > 1 else None
+    if n < 2 or int(mask.sum()) < 64:
+        return result, registered
+    flat = static_gain(frames, pixel_mm)
+    D, Dinv = np.diag(pixel_mm), np.diag(1.0 / pixel_mm)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, REGISTRATION_ITERATIONS, REGISTRATION_EPS)
+
+    def one(k: int) -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            return
+        angle, t = result[k, 0], result[k, 1:]
+        # In image mm q = D u + c, a rigid motion q' = R q + t is the pixel warp
+        # u' = (D^-1 R D) u + D^-1 (R c + t - c); ECC warps its template (frame i) onto
+        # its input (frame i-1), which is T(i->i-1).
+        R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        warp = np.zeros((2, 3), np.float32)
+        warp[:, :2] = Dinv @ R @ D
+        warp[:, 2] = Dinv @ (R @ origin + t - origin)
+        template = frames[k + 1].astype(np.float32) / flat
+        moving = frames[k].astype(np.float32) / flat
+        try:
+            _, warp = cv2.findTransformECC(template, moving, warp, cv2.MOTION_EUCLIDEAN, criteria, mask, 1)
+        except cv2.error:
+            return
+        if not np.all(np.isfinite(warp)):
+            return
+        M = D @ warp[:, :2].astype(np.float64) @ Dinv
+        result[k] = (
+            np.arctan2(M[1, 0] - M[0, 1], M[0, 0] + M[1, 1]),
+            *(D @ warp[:, 2].astype(np.float64) + origin - M @ origin),
+        )
+        registered[k] = True
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(n - 1)))
+    else:
+        for k in range(n - 1):
+            one(k)
+    return result, registered
+
+
+def with_in_plane(local: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
+    """Rigid transforms with their in-plane part replaced.
+
+    local: (N, 4, 4) T(i->i-1) in image mm; in_plane: (N, 3) (angle rad about z, tx mm,
+    ty mm). The rotation vector's z component becomes the angle and the translation's x
+    and y become tx, ty; rx, ry and tz are kept. Returns (N, 4, 4) float64.
+    """
+    from scipy.spatial.transform import Rotation
+
+    local = np.asarray(local, np.float64)
+    rotvec = Rotation.from_matrix(local[:, :3, :3]).as_rotvec()
+    rotvec[:, 2] = in_plane[:, 0]
+    out = local.copy()
+    out[:, :3, :3] = Rotation.from_rotvec(rotvec).as_matrix()
+    out[:, :2, 3] = in_plane[:, 1:3]
+    return out
