@@ -213,7 +213,7 @@ def score_models(
     """Every model's errors on every scan of one data folder: rows of (model, key, ...);
     and per scan the ensemble's per-transition disagreement and error (mm).
 
-    ``in_plane``: as ``./predict --in-plane``. With 'registration' the ensemble and each
+    ``in_plane``: as ``./predict --in-plane``. With registration the ensemble and each
     member alone (as ./predict would run it) get their in-plane motion from registration
     started from their own estimate; the frame-pair baseline stays the organisers' style
     (network only). The disagreement stays the members' networks' (what ./predict writes)."""
@@ -229,7 +229,7 @@ def score_models(
         read_scan_input,
     )
     from tusrec.model.inputs import scan_code
-    from tusrec.model.registration import register_in_plane, square_frames, with_in_plane
+    from tusrec.model.registration import keeps_sweep_tx, register_in_plane, square_frames, with_in_plane
     from tusrec.scoring.score import scan_row
 
     torch.set_num_threads(1)
@@ -261,13 +261,14 @@ def score_models(
         combined = combine(member_locals, expected_errors=[expected[m.name] for m in members])
         network_mean = combined.local
         preds["ensemble"] = (network_mean, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
-        if in_plane == "registration":
+        if in_plane != "network":
             square = square_frames((block for _, block in scan.iter_frames()), data.calibration)
             for label in [m.name for m in members] + ["ensemble"]:
                 t0 = time.perf_counter()
                 fitted, _ = register_in_plane(square, preds[label][0])
                 seconds = preds[label][1] + time.perf_counter() - t0
-                preds[label] = (with_in_plane(preds[label][0], fitted), seconds)
+                local = with_in_plane(preds[label][0], fitted, keeps_sweep_tx(in_plane, scan.name))
+                preds[label] = (local, seconds)
         ensemble = preds["ensemble"][0]
         ensemble_global = compose_local(ensemble)
         frames.append(

@@ -25,7 +25,8 @@ validation: ensemble.ranked_by_validation) it reports
 * with ``--registration``, the mean of all with its in-plane motion (tx, ty, rz) measured
   by registering each frame onto the one before, started from its own estimate
   (``tusrec.model.registration``, as the predictor runs it with ``--in-plane
-  registration``; reads the scans' native frames);
+  registration``; reads the scans' native frames), and the same with the network's tx
+  kept on the parallel sweeps (``--in-plane registration-except-sweep``);
 * with ``--scales``, the mean of all with its translations scaled (a post-hoc output
   scale, the cheapest correction of a shared error, if that error is a scale);
 * GPE per scan kind, and GPE against the observable motion (``GPE_observable``): how far
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ranked_by_validation,
     )
     from tusrec.model.inputs import scan_code
-    from tusrec.model.registration import register_in_plane, square_frames, with_in_plane
+    from tusrec.model.registration import keeps_sweep_tx, register_in_plane, square_frames, with_in_plane
     from tusrec.scoring.metrics import transform_pixel_error
     from tusrec.train.cache import load_cache
 
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             square = square_frames((b for _, b in raw[scan.key].iter_frames()), data.calib)
             fitted, _ = register_in_plane(square, mean_all)
             record("mean-all + registration", with_in_plane(mean_all, fitted), scan, kind, observable_global)
+            keep_tx = keeps_sweep_tx("registration-except-sweep", name)
+            local = with_in_plane(mean_all, fitted, keep_tx)
+            record("mean-all + registration except sweep", local, scan, kind, observable_global)
         record("identity", np.tile(np.eye(4), (len(scan.local), 1, 1)), scan, kind, observable_global)
         record("oracle: in-plane + named tz", observable, scan, kind, observable_global)
 

@@ -15,6 +15,7 @@ from tusrec.geometry import Calibration, default_calibration
 from tusrec.model.ensemble import load_members
 from tusrec.model.registration import (
     in_plane_angle,
+    keeps_sweep_tx,
     register_in_plane,
     square_frames,
     with_in_plane,
@@ -132,23 +133,51 @@ def test_with_in_plane_replaces_tx_ty_rz_and_keeps_the_out_of_plane_part():
     assert np.allclose(vec_out[:, :2], vec_in[:, :2]) and np.allclose(vec_out[:, 2], in_plane[:, 0])
     assert np.allclose(out[:, :2, 3], in_plane[:, 1:]) and np.allclose(out[:, 2, 3], local[:, 2, 3])
     assert np.allclose(out[:, 3], [0, 0, 0, 1]) and np.allclose(np.linalg.det(out[:, :3, :3]), 1.0)
+    kept = with_in_plane(local, in_plane, keep_tx=True)
+    assert np.allclose(kept[:, 0, 3], local[:, 0, 3]) and np.allclose(kept[:, 1, 3], in_plane[:, 2])
+    assert np.allclose(kept[:, :3, :3], out[:, :3, :3])
+
+
+@pytest.mark.parametrize(
+    "source, name, keep",
+    [
+        ("registration-except-sweep", "LH_Par_C_DtP", True),
+        ("registration-except-sweep", "RH_Par_S_PtD", True),
+        ("registration-except-sweep", "LH_Per_C_DtP", False),
+        ("registration-except-sweep", "LH_rotation", False),
+        ("registration-except-sweep", "scan", False),
+        ("registration-except-sweep", None, False),
+        ("registration", "LH_Par_C_DtP", False),
+        ("network", "LH_Par_C_DtP", False),
+    ],
+)
+def test_only_the_parallel_sweeps_keep_the_networks_tx(source, name, keep):
+    assert keeps_sweep_tx(source, name) is keep
 
 
 def test_the_predictor_takes_the_in_plane_motion_from_registration(dataset_factory, tmp_path):
-    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_rotation",), 8)
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_Par_C_DtP", "LH_rotation"), 8)
     data = open_data(root)
-    scan, calib = data.scans[0], data.calibration
+    calib = data.calibration
     members = load_members(make_weights(tmp_path / "w"))
     network = core.Predictor(members, "cpu", workers=1)
-    registering = core.Predictor(members, "cpu", workers=1, in_plane="registration")
-    assert registering.fingerprint != network.fingerprint
-    row_n = network.predict_scan(scan, calib, tmp_path / "n.h5")
-    row_r = registering.predict_scan(scan, calib, tmp_path / "r.h5")
-    assert row_n["status"] == row_r["status"] == "ok" and row_r["registration_s"] > 0
-    with h5py.File(tmp_path / "n.h5") as n, h5py.File(tmp_path / "r.h5") as r:
-        local_n, local_r = n["transforms_local"][()], r["transforms_local"][()]
-        assert r.attrs["in_plane"] == "registration" and n.attrs["in_plane"] == "network"
-    expected, _ = register_in_plane(square_frames([scan.read_frames()], calib), local_n)
-    assert np.allclose(local_r, with_in_plane(local_n, expected))
+    fingerprints = {network.fingerprint}
+    for source in ("registration", "registration-except-sweep"):
+        registering = core.Predictor(members, "cpu", workers=1, in_plane=source)
+        fingerprints.add(registering.fingerprint)
+        for scan in data.scans:
+            row_n = network.predict_scan(scan, calib, tmp_path / "n.h5")
+            row_r = registering.predict_scan(scan, calib, tmp_path / "r.h5")
+            assert row_n["status"] == row_r["status"] == "ok" and row_r["registration_s"] > 0
+            with h5py.File(tmp_path / "n.h5") as n, h5py.File(tmp_path / "r.h5") as r:
+                local_n, local_r = n["transforms_local"][()], r["transforms_local"][()]
+                assert r.attrs["in_plane"] == source and n.attrs["in_plane"] == "network"
+            fitted, _ = register_in_plane(square_frames([scan.read_frames()], calib), local_n)
+            keep = source == "registration-except-sweep" and scan.name == "LH_Par_C_DtP"
+            assert np.allclose(local_r, with_in_plane(local_n, fitted, keep))
+            assert np.allclose(local_r[:, 2, 3], local_n[:, 2, 3])  # tz is the network's
+            if keep:  # the parallel sweep's tx is the network's too
+                assert np.allclose(local_r[:, 0, 3], local_n[:, 0, 3])
+    assert len(fingerprints) == 3
     with pytest.raises(ValueError, match="in-plane source"):
         core.Predictor(members, "cpu", in_plane="optical flow")

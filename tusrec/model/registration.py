@@ -40,8 +40,10 @@ import numpy as np
 from tusrec.geometry import Calibration
 
 # Where the predictor takes the in-plane motion (tx, ty, rz) from: the members' combined
-# estimate, or this registration started from it.
-IN_PLANE_SOURCES = ("network", "registration")
+# estimate; this registration started from it; or the registration except for the
+# parallel sweep's own motion, tx, which the members learn from the name's direction and
+# the registration underestimates (keeps_sweep_tx).
+IN_PLANE_SOURCES = ("network", "registration", "registration-except-sweep")
 DEFAULT_IN_PLANE = "network"
 
 REGISTRATION_SPACING_MM = 0.45  # square pixels of the registered frames (about half the native)
@@ -185,12 +187,24 @@ def register_in_plane(
     return result, registered
 
 
-def with_in_plane(local: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
+def keeps_sweep_tx(source: str, name: str | None) -> bool:
+    """Whether ``source`` keeps the network's tx for the scan ``name``: the sweep motion of
+    a 2024 parallel sweep, under 'registration-except-sweep'."""
+    from tusrec.data import ScanPattern
+
+    if source != "registration-except-sweep" or name is None:
+        return False
+    pattern = ScanPattern.from_name(name)
+    return pattern.protocol == "2024" and pattern.orientation == "Par"
+
+
+def with_in_plane(local: np.ndarray, in_plane: np.ndarray, keep_tx: bool = False) -> np.ndarray:
     """Rigid transforms with their in-plane part replaced.
 
     local: (N, 4, 4) T(i->i-1) in image mm; in_plane: (N, 3) (angle rad about z, tx mm,
     ty mm). The rotation vector's z component becomes the angle and the translation's x
-    and y become tx, ty; rx, ry and tz are kept. Returns (N, 4, 4) float64.
+    and y become tx, ty (y only with ``keep_tx``); rx, ry and tz are kept. Returns
+    (N, 4, 4) float64.
     """
     from scipy.spatial.transform import Rotation
 
@@ -199,5 +213,8 @@ def with_in_plane(local: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
     rotvec[:, 2] = in_plane[:, 0]
     out = local.copy()
     out[:, :3, :3] = Rotation.from_rotvec(rotvec).as_matrix()
-    out[:, :2, 3] = in_plane[:, 1:3]
+    if keep_tx:
+        out[:, 1, 3] = in_plane[:, 2]
+    else:
+        out[:, :2, 3] = in_plane[:, 1:3]
     return out

@@ -56,6 +56,7 @@ from tusrec.model.inputs import scan_code
 from tusrec.model.registration import (
     DEFAULT_IN_PLANE,
     IN_PLANE_SOURCES,
+    keeps_sweep_tx,
     register_in_plane,
     square_frames,
     with_in_plane,
@@ -296,7 +297,7 @@ class Predictor:
                 f"in-plane registration: {missed} of {len(registered)} frame pairs kept the "
                 f"network's estimate ({why})"
             )
-        return with_in_plane(local, fitted), note
+        return with_in_plane(local, fitted, keeps_sweep_tx(self.in_plane, scan.name)), note
 
     def predict_scan(self, scan: Scan, calib: Calibration, out_path: Path) -> dict:
         """Predict one scan into ``out_path``; returns its manifest row."""
@@ -308,7 +309,7 @@ class Predictor:
             row["frames"] = n
             landmarks = scan.read_landmarks() if scan.has_landmarks else None
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
-            registering = self.in_plane == "registration"
+            registering = self.in_plane != "network"
             reserve = registration_reserve_s(n, (h, w), self.workers) if registering else 0.0
             frames = self.read_preprocessed(scan)
             t_read = time.perf_counter()
