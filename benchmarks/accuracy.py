@@ -442,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             pool.map(
                 score_models,
                 map(str, folders),
-                [str(args.weights)] * 4,
-                [str(args.baseline)] * 4,
-                [args.in_plane] * 4,
+                [str(args.weights)] * len(folders),
+                [str(args.baseline)] * len(folders),
+                [args.in_plane] * len(folders),
             )
         )
         rows = [r for part, _ in parts for r in part]
