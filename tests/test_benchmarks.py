@@ -183,8 +183,8 @@ def test_combos_name_members_as_printed_and_refuse_unknown_or_malformed_ones():
 def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
     """benchmarks.validation end to end on a tiny data folder: each member's and the
     mean's GPE per scan are the dense ground-truth DDF distance of the GP that ./predict
-    writes for the same members (the evaluator's formula), and the identity's is the true
-    GP's own size."""
+    writes for the same members (the evaluator's formula), with either in-plane source
+    of registration as well, and the identity's is the true GP's own size."""
     import json
 
     from benchmarks.validation import main
@@ -197,7 +197,8 @@ def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
     root = dataset_factory(tmp_path / "data", "train", ("011", "003"), names, 12)
     weights = make_weights(tmp_path / "weights")
     out = tmp_path / "validation.json"
-    assert main([str(root), "--weights", str(weights), "--combo", "first=member0", "--out", str(out)]) == 0
+    args = [str(root), "--weights", str(weights), "--combo", "first=member0", "--registration"]
+    assert main([*args, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["scans"] == 3  # subject 011 only
 
@@ -205,8 +206,15 @@ def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
     scans = [s for s in data.scans if s.subject == "011"]
     calib = data.calibration
     expected: dict[str, list[float]] = {"identity": []}
-    for label, members in (("mean-all", None), ("member0", ["member0"]), ("member1", ["member1"])):
-        predictor = Predictor(ensemble.load_members(weights, names=members), "cpu")
+    runs = (
+        ("mean-all", None, "network"),
+        ("member0", ["member0"], "network"),
+        ("member1", ["member1"], "network"),
+        ("mean-all + registration", None, "registration"),
+        ("mean-all + registration except sweep", None, "registration-except-sweep"),
+    )
+    for label, members, source in runs:
+        predictor = Predictor(ensemble.load_members(weights, names=members), "cpu", in_plane=source)
         expected[label] = []
         for scan in scans:
             path = tmp_path / f"{label}-{scan.key}.h5"
@@ -222,3 +230,47 @@ def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
     expected["first"] = expected["member0"]
     for label, values in expected.items():
         assert result["models"][label]["GPE"] == pytest.approx(np.mean(values), rel=1e-6), label
+
+
+def test_accuracy_benchmark_scores_what_predict_writes_with_either_in_plane_source(dataset_factory, tmp_path):
+    """benchmarks.accuracy.score_models with --in-plane registration: the ensemble's and
+    each member's LPE are those of the transforms ./predict writes with that source (the
+    member alone as ./predict would run it), the baseline is untouched, and the
+    disagreement stays the members' networks' (as ./predict writes it)."""
+    from benchmarks.accuracy import score_models
+    from tests.test_predict import make_weights
+    from tusrec.data import open_data
+    from tusrec.model import ensemble
+    from tusrec.predict.core import Predictor
+    from tusrec.scoring.metrics import transform_pixel_error
+
+    names = ("LH_Par_C_DtP", "RH_Per_L_PtD", "LH_rotation")
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), names, 10)
+    weights = make_weights(tmp_path / "weights")
+    baseline = make_weights(tmp_path / "baseline", n=1, seed=7)
+    rows, frames = {}, {}
+    for source in ("network", "registration-except-sweep"):
+        r, f = score_models(str(root), str(weights), str(baseline), source)
+        rows[source] = {(row["model"], row["key"]): row for row in r}
+        frames[source] = f
+    data = open_data(root)
+    for scan in data.scans:
+        true_local = frame_transforms(scan.read_tforms(), data.calibration)[1]
+        for label, members in (("ensemble", None), ("member0", ["member0"])):
+            predictor = Predictor(
+                ensemble.load_members(weights, names=members), "cpu", in_plane="registration-except-sweep"
+            )
+            path = tmp_path / f"{label}-{scan.key}.h5"
+            assert predictor.predict_scan(scan, data.calibration, path)["status"] == "ok"
+            with h5py.File(path) as f:
+                local = f["transforms_local"][()]
+            lpe = transform_pixel_error(local, true_local, data.calibration.T_scale, scan.image_size)
+            assert rows["registration-except-sweep"][(label, scan.key)]["LPE"] == pytest.approx(lpe, rel=1e-6)
+        for label in ("pair", "identity"):
+            assert (
+                rows["network"][(label, scan.key)]["LPE"]
+                == rows["registration-except-sweep"][(label, scan.key)]["LPE"]
+            )
+    for a, b in zip(frames["network"], frames["registration-except-sweep"], strict=True):
+        assert np.array_equal(a["disagreement"], b["disagreement"])
+        assert not np.array_equal(a["error"], b["error"])
