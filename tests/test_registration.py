@@ -181,3 +181,26 @@ def test_the_predictor_takes_the_in_plane_motion_from_registration(dataset_facto
     assert len(fingerprints) == 3
     with pytest.raises(ValueError, match="in-plane source"):
         core.Predictor(members, "cpu", in_plane="optical flow")
+
+
+def test_pairs_left_at_the_deadline_keep_the_networks_estimate_and_the_manifest_says_so(
+    dataset_factory, tmp_path, monkeypatch
+):
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_rotation",), 6)
+    data = open_data(root)
+    members = load_members(make_weights(tmp_path / "w"))
+    real = core.register_in_plane
+
+    def late(square, initial, deadline, workers):  # the deadline has passed when it starts
+        return real(square, initial, time.perf_counter() - 1.0, workers)
+
+    monkeypatch.setattr(core, "register_in_plane", late)
+    network = core.Predictor(members, "cpu", workers=1)
+    registering = core.Predictor(members, "cpu", workers=1, in_plane="registration", time_limit_s=1e6)
+    scan = data.scans[0]
+    row = registering.predict_scan(scan, data.calibration, tmp_path / "r.h5")
+    assert row["status"] == "ok"
+    assert "in-plane registration: 5 of 5 frame pairs kept the network's estimate" in row["message"]
+    network.predict_scan(scan, data.calibration, tmp_path / "n.h5")
+    with h5py.File(tmp_path / "n.h5") as n, h5py.File(tmp_path / "r.h5") as r:
+        assert np.allclose(n["transforms_local"][()], r["transforms_local"][()])

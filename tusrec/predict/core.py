@@ -1,8 +1,10 @@
 """Scan -> transforms -> DDFs under a time limit: the submission's predictor.
 
 Per scan: read the frames in chunks and preprocess them (small: 64 x 80 by default),
-run as many ensemble members as fit in the time left, combine them, chain the
-combined local transforms into global ones, and write the predictions file
+run as many ensemble members as fit in the time left, combine them, optionally take the
+in-plane motion from registration of the native frames (``in_plane``,
+tusrec.model.registration), chain the combined local transforms into global ones, and
+write the predictions file
 (tusrec.ddf.write_predictions), which appears under its name only when complete: in the
 compact form the transforms and GL/LL (kilobytes), in the dense form also GP/LP,
 streamed in frame chunks (gigabytes).
@@ -322,7 +324,6 @@ class Predictor:
                 local, note = self.register(scan, calib, pred.local, deadline)
                 pred.local = local
                 row["registration_s"] = time.perf_counter() - t_network
-                t_network = time.perf_counter()
                 if note:
                     notes.append(note)
             if landmarks is None:
@@ -342,6 +343,7 @@ class Predictor:
                 "device": str(self.device),
                 "in_plane": self.in_plane,
             }
+            t_write = time.perf_counter()
             write_predictions(
                 out_path,
                 compose_local(pred.local),
@@ -354,7 +356,7 @@ class Predictor:
                 started_at=t0,
                 form=self.form,
             )
-            row["write_s"] = time.perf_counter() - t_network
+            row["write_s"] = time.perf_counter() - t_write
             row["message"] = "; ".join(notes)
             row["members"] = pred.members_used
         except (TusrecDataError, OSError, ValueError) as err:
