@@ -44,7 +44,7 @@ from tusrec.geometry import Calibration
 # parallel sweep's own motion, tx, which the members learn from the name's direction and
 # the registration underestimates (keeps_sweep_tx).
 IN_PLANE_SOURCES = ("network", "registration", "registration-except-sweep")
-DEFAULT_IN_PLANE = "network"
+DEFAULT_IN_PLANE = "registration-except-sweep"
 
 REGISTRATION_SPACING_MM = 0.45  # square pixels of the registered frames (about half the native)
 REGISTRATION_MARGIN_MM = 5.0  # field-of-view erosion: the fan's edge does not move with the tissue
