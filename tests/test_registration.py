@@ -160,7 +160,7 @@ def test_the_predictor_takes_the_in_plane_motion_from_registration(dataset_facto
     data = open_data(root)
     calib = data.calibration
     members = load_members(make_weights(tmp_path / "w"))
-    network = core.Predictor(members, "cpu", workers=1)
+    network = core.Predictor(members, "cpu", workers=1, in_plane="network")
     fingerprints = {network.fingerprint}
     for source in ("registration", "registration-except-sweep"):
         registering = core.Predictor(members, "cpu", workers=1, in_plane=source)
@@ -195,7 +195,7 @@ def test_pairs_left_at_the_deadline_keep_the_networks_estimate_and_the_manifest_
         return real(square, initial, time.perf_counter() - 1.0, workers)
 
     monkeypatch.setattr(core, "register_in_plane", late)
-    network = core.Predictor(members, "cpu", workers=1)
+    network = core.Predictor(members, "cpu", workers=1, in_plane="network")
     registering = core.Predictor(members, "cpu", workers=1, in_plane="registration", time_limit_s=1e6)
     scan = data.scans[0]
     row = registering.predict_scan(scan, data.calibration, tmp_path / "r.h5")
