@@ -345,6 +345,7 @@ def predict(frames: int, form: str = "ddf") -> dict:
         "total_s": float(row["seconds"]),
         "read_s": float(row["read_s"]),
         "network_s": float(row["network_s"]),
+        "registration_s": float(row.get("registration_s", 0.0)),
         "write_s": float(row["write_s"]),
         "output_bytes": size,
     }
