@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tusrec.geometry import Calibration
+# roma-based (no scipy: the submission image has only the predictor's libraries)
+from tusrec.geometry import Calibration, matrix_to_pose6, pose6_to_matrix
 
 # Where the predictor takes the in-plane motion (tx, ty, rz) from: the members' combined
 # estimate; this registration started from it; or the registration except for the
@@ -206,13 +207,13 @@ def with_in_plane(local: np.ndarray, in_plane: np.ndarray, keep_tx: bool = False
     and y become tx, ty (y only with ``keep_tx``); rx, ry and tz are kept. Returns
     (N, 4, 4) float64.
     """
-    from scipy.spatial.transform import Rotation
-
     local = np.asarray(local, np.float64)
-    rotvec = Rotation.from_matrix(local[:, :3, :3]).as_rotvec()
-    rotvec[:, 2] = in_plane[:, 0]
+    if len(local) == 0:
+        return local.copy()
+    pose = matrix_to_pose6(local)  # (N, 6): rotation vector, translation
+    pose[:, 2] = in_plane[:, 0]
     out = local.copy()
-    out[:, :3, :3] = Rotation.from_rotvec(rotvec).as_matrix()
+    out[:, :3, :3] = pose6_to_matrix(pose)[:, :3, :3]
     if keep_tx:
         out[:, 1, 3] = in_plane[:, 2]
     else:
