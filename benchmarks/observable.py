@@ -60,8 +60,10 @@ def in_plane(local: np.ndarray, keep_tz: bool = False) -> np.ndarray:
     """The in-plane part of rigid transforms (N, 4, 4) -> (N, 4, 4) float64: the rotation
     about z closest to each rotation (Frobenius norm) and the translation (tx, ty, 0), or
     (tx, ty, tz) with ``keep_tz``."""
+    from tusrec.model.registration import in_plane_angle
+
     local = np.asarray(local, np.float64)
-    angle = np.arctan2(local[:, 1, 0] - local[:, 0, 1], local[:, 0, 0] + local[:, 1, 1])
+    angle = in_plane_angle(local)
     out = np.tile(np.eye(4), (len(local), 1, 1))
     out[:, 0, 0] = out[:, 1, 1] = np.cos(angle)
     out[:, 1, 0] = np.sin(angle)

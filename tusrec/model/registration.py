@@ -95,29 +95,31 @@ def square_frames(
     return SquareFrames(np.concatenate(out), spacing * ratio, spacing * ((ratio - 1.0) / 2.0 + 1.0))
 
 
-def registration_mask(frames: np.ndarray, pixel_mm: np.ndarray, margin_mm: float = REGISTRATION_MARGIN_MM):
-    """The compared region: pixels non-zero in any frame (the fan), eroded by ``margin_mm``.
-    frames: (N, h, w) uint8 -> (h, w) uint8 0/1."""
-    fov = (frames > 0).any(axis=0).astype(np.uint8)
+def registration_mask(fov: np.ndarray, pixel_mm: np.ndarray, margin_mm: float = REGISTRATION_MARGIN_MM):
+    """The compared region: the field of view ``fov`` (h, w) bool (pixels non-zero in any
+    frame: the fan), eroded by ``margin_mm``. -> (h, w) uint8 0/1."""
     k = max(1, round(margin_mm / float(pixel_mm.min())))
-    return cv2.erode(fov, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
+    return cv2.erode(fov.astype(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8))
 
 
-def static_gain(frames: np.ndarray, pixel_mm: np.ndarray, sigma_mm: float = REGISTRATION_GAIN_SIGMA_MM):
+def static_gain(
+    frames: np.ndarray, fov: np.ndarray, pixel_mm: np.ndarray, sigma_mm: float = REGISTRATION_GAIN_SIGMA_MM
+):
     """What stays put in the image: the mean frame blurred by ``sigma_mm`` inside the field
-    of view (a normalised convolution, so the fan's edge does not darken it), at least 1.
-    frames: (N, h, w) uint8 -> (h, w) float32, the divisor of every frame."""
+    of view ``fov`` (a normalised convolution, so the fan's edge does not darken it), at
+    least 1. frames: (N, h, w) uint8 -> (h, w) float32, the divisor of every frame."""
     sigma = sigma_mm / float(pixel_mm.min())
-    fov = (frames > 0).any(axis=0).astype(np.float32)
     mean = frames.mean(axis=0, dtype=np.float64).astype(np.float32)
-    blurred = cv2.GaussianBlur(mean, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(fov, (0, 0), sigma), 1e-3)
+    weight = cv2.GaussianBlur(fov.astype(np.float32), (0, 0), sigma)
+    blurred = cv2.GaussianBlur(mean, (0, 0), sigma) / np.maximum(weight, 1e-3)
     return np.maximum(blurred, 1.0).astype(np.float32)
 
 
-def in_plane_angle(local: np.ndarray) -> np.ndarray:
+def in_plane_angle(R: np.ndarray) -> np.ndarray:
     """The angle (rad) of the rotation about the image normal z closest to each rotation
-    (Procrustes in 2D): (N, 4, 4) -> (N,)."""
-    return np.arctan2(local[:, 1, 0] - local[:, 0, 1], local[:, 0, 0] + local[:, 1, 1])
+    (Procrustes in 2D) of matrices (..., k, k), k >= 2 (rigid 4 x 4, rotations, 2 x 2
+    linear parts alike): (...)."""
+    return np.arctan2(R[..., 1, 0] - R[..., 0, 1], R[..., 0, 0] + R[..., 1, 1])
 
 
 def register_in_plane(
@@ -146,10 +148,13 @@ def register_in_plane(
         raise ValueError(f"{len(initial)} start transforms for {n} frames; expected {n - 1}")
     result = np.stack([in_plane_angle(initial), initial[:, 0, 3], initial[:, 1, 3]], axis=1)
     registered = np.zeros(n - 1, bool)
-    mask = registration_mask(frames, pixel_mm) if n > 1 else None
-    if n < 2 or int(mask.sum()) < 64:
+    if n < 2:
         return result, registered
-    flat = static_gain(frames, pixel_mm)
+    fov = (frames > 0).any(axis=0)
+    mask = registration_mask(fov, pixel_mm)
+    if int(mask.sum()) < 64:
+        return result, registered
+    flat = static_gain(frames, fov, pixel_mm)
     D, Dinv = np.diag(pixel_mm), np.diag(1.0 / pixel_mm)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, REGISTRATION_ITERATIONS, REGISTRATION_EPS)
 
@@ -173,10 +178,7 @@ def register_in_plane(
         if not np.all(np.isfinite(warp)):
             return
         M = D @ warp[:, :2].astype(np.float64) @ Dinv
-        result[k] = (
-            np.arctan2(M[1, 0] - M[0, 1], M[0, 0] + M[1, 1]),
-            *(D @ warp[:, 2].astype(np.float64) + origin - M @ origin),
-        )
+        result[k] = (in_plane_angle(M), *(D @ warp[:, 2].astype(np.float64) + origin - M @ origin))
         registered[k] = True
 
     if workers > 1:
