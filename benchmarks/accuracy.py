@@ -228,12 +228,24 @@ def score_models(
         members_outputs,
         read_scan_input,
     )
+    from tusrec.model.error_model import load_error_model
     from tusrec.model.inputs import scan_code
-    from tusrec.model.registration import keeps_sweep_tx, register_in_plane, square_frames, with_in_plane
+    from tusrec.model.registration import (
+        keeps_sweep_tx,
+        pair_decorrelation,
+        register_in_plane,
+        square_frames,
+        with_in_plane,
+    )
     from tusrec.scoring.score import scan_row
 
     torch.set_num_threads(1)
     members = load_members(weights)
+    # The ensemble's expected error as ./predict writes it: from the error model when it
+    # registers with one fitted for these members, else the members' error heads.
+    error_model = load_error_model(weights) if in_plane != "network" else None
+    if error_model is not None and not error_model.fits([m.info for m in members]):
+        error_model = None
     pair = load_members(baseline)
     # The baseline is "pair" in the tables whatever its member is called.
     pair_labels = [("pair" if len(pair) == 1 else f"pair-{m.name}", m) for m in pair]
@@ -261,11 +273,15 @@ def score_models(
         combined = combine(member_locals, expected_errors=[expected[m.name] for m in members])
         network_mean = combined.local
         preds["ensemble"] = (network_mean, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
+        expected_error = combined.expected_error_mm
         if in_plane != "network":
             square = square_frames((block for _, block in scan.iter_frames()), data.calibration)
             for label in [m.name for m in members] + ["ensemble"]:
                 t0 = time.perf_counter()
                 fitted, _ = register_in_plane(square, preds[label][0])
+                if label == "ensemble" and error_model is not None:
+                    residual = pair_decorrelation(square, fitted)
+                    expected_error = error_model.expected_error_mm(residual, scan.name)
                 seconds = preds[label][1] + time.perf_counter() - t0
                 local = with_in_plane(preds[label][0], fitted, keeps_sweep_tx(in_plane, scan.name))
                 preds[label] = (local, seconds)
@@ -277,7 +293,7 @@ def score_models(
                 "protocol": scan.pattern.protocol,
                 "disagreement": member_disagreement(member_locals, network_mean, ts, scan.image_size),
                 "error": frame_point_errors(ensemble, true_local, ts, scan.image_size),
-                "expected_error": combined.expected_error_mm,
+                "expected_error": expected_error,
                 "global_disagreement": member_disagreement(
                     [compose_local(local) for local in member_locals],
                     compose_local(network_mean),

@@ -517,6 +517,59 @@ def run_error_head(args) -> int:
     return 0
 
 
+def add_error_model(sub) -> None:
+    p = sub.add_parser(
+        "error-model",
+        help="fit the ensemble's expected error from the registration residual (after training)",
+        description="Fit the registered ensemble's per-frame expected error (mm) from how unlike "
+        "each frame is the one before once the registered in-plane motion is taken out "
+        "(tusrec.model.error_model: log-linear, per kind of scan). Every scan of the given "
+        "subjects is predicted as ./predict predicts it and compared with its ground truth; the "
+        "subjects must be held out from every member's training (the validation subjects). "
+        "Writes error_model.json into the weights folder, which ./predict then uses for that "
+        "ensemble; prints each subject's Spearman rho when the model is fitted on the others.",
+    )
+    p.add_argument("weights", type=Path, help="weights folder (manifest.json) of trained members")
+    p.add_argument("data", type=Path, nargs="+", help="data folder(s) (train layout) holding the subjects")
+    p.add_argument("--subjects", required=True, help="held-out subjects, e.g. 011,012")
+    p.add_argument("--in-plane", default=None, help="the registration source (default: ./predict's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.set_defaults(run=run_error_model)
+
+
+def run_error_model(args) -> int:
+    from tusrec.data import TusrecDataError
+    from tusrec.model.error_model import fit_for_weights
+    from tusrec.model.manifest import WeightsError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    try:
+        model, report = fit_for_weights(
+            args.weights,
+            args.data,
+            subjects,
+            args.in_plane,
+            None if args.device == "auto" else args.device,
+            log=lambda line: print(f"error-model: {line}"),
+        )
+    except (WeightsError, TusrecDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {n}" for k, n in model.transitions.items())
+    print(f"error-model: saved in {args.weights} ({report['scans']} scans; transitions: {counts})")
+    for subject, r in report["held_out"].items():
+        print(
+            f"error-model: subject {subject} held out: rho {r['spearman_rho']:.3f} over its transitions, "
+            f"median per scan {r['per_scan_rho_median']:.3f} ({r['scans']} scans)"
+        )
+    return 0
+
+
 def add_weights(sub) -> None:
     p = sub.add_parser(
         "weights",
@@ -951,6 +1004,7 @@ COMMANDS = {
     "info": add_info,
     "train": add_train,
     "error-head": add_error_head,
+    "error-model": add_error_model,
     "weights": add_weights,
     "simulate": add_simulate,
     "landmarks": add_landmarks,

@@ -122,6 +122,32 @@ def in_plane_angle(R: np.ndarray) -> np.ndarray:
     return np.arctan2(R[..., 1, 0] - R[..., 0, 1], R[..., 0, 0] + R[..., 1, 1])
 
 
+def _prepared(square: SquareFrames) -> tuple[np.ndarray, np.ndarray] | None:
+    """The comparison mask (h, w) uint8 and the static gain (h, w) float32 of a scan's
+    square frames; None when the eroded field of view is too small to register on."""
+    fov = (square.frames > 0).any(axis=0)
+    mask = registration_mask(fov, square.pixel_mm)
+    if int(mask.sum()) < 64:
+        return None
+    return mask, static_gain(square.frames, fov, square.pixel_mm)
+
+
+def pixel_warp(in_plane: np.ndarray, pixel_mm: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """The (2, 3) float32 pixel warp of the square frames that is the rigid motion
+    ``in_plane`` = (angle rad, tx mm, ty mm) in image mm.
+
+    In image mm q = D u + c, a rigid motion q' = R q + t is the pixel warp
+    u' = (D^-1 R D) u + D^-1 (R c + t - c); ECC warps its template (frame i) onto its input
+    (frame i-1), which is T(i->i-1)."""
+    angle, t = in_plane[0], np.asarray(in_plane[1:3], np.float64)
+    D, Dinv = np.diag(pixel_mm), np.diag(1.0 / pixel_mm)
+    R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    warp = np.zeros((2, 3), np.float32)
+    warp[:, :2] = Dinv @ R @ D
+    warp[:, 2] = Dinv @ (R @ origin + t - origin)
+    return warp
+
+
 def register_in_plane(
     square: SquareFrames,
     initial: np.ndarray | None = None,
@@ -150,25 +176,17 @@ def register_in_plane(
     registered = np.zeros(n - 1, bool)
     if n < 2:
         return result, registered
-    fov = (frames > 0).any(axis=0)
-    mask = registration_mask(fov, pixel_mm)
-    if int(mask.sum()) < 64:
+    prepared = _prepared(square)
+    if prepared is None:
         return result, registered
-    flat = static_gain(frames, fov, pixel_mm)
+    mask, flat = prepared
     D, Dinv = np.diag(pixel_mm), np.diag(1.0 / pixel_mm)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, REGISTRATION_ITERATIONS, REGISTRATION_EPS)
 
     def one(k: int) -> None:
         if deadline is not None and time.perf_counter() > deadline:
             return
-        angle, t = result[k, 0], result[k, 1:]
-        # In image mm q = D u + c, a rigid motion q' = R q + t is the pixel warp
-        # u' = (D^-1 R D) u + D^-1 (R c + t - c); ECC warps its template (frame i) onto
-        # its input (frame i-1), which is T(i->i-1).
-        R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        warp = np.zeros((2, 3), np.float32)
-        warp[:, :2] = Dinv @ R @ D
-        warp[:, 2] = Dinv @ (R @ origin + t - origin)
+        warp = pixel_warp(result[k], pixel_mm, origin)
         template = frames[k + 1].astype(np.float32) / flat
         moving = frames[k].astype(np.float32) / flat
         try:
@@ -220,4 +238,57 @@ def with_in_plane(local: np.ndarray, in_plane: np.ndarray, keep_tx: bool = False
         out[:, 1, 3] = in_plane[:, 2]
     else:
         out[:, :2, 3] = in_plane[:, 1:3]
+    return out
+
+
+def _decorrelation(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - the zero-mean normalised correlation of two equal-length pixel vectors (0 when
+    they are alike up to gain and offset, 1 when unrelated; 1 for a blank one)."""
+    a = a - a.mean()
+    b = b - b.mean()
+    denominator = np.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return 1.0 - float((a * b).sum()) / denominator if denominator > 0 else 1.0
+
+
+def pair_decorrelation(square: SquareFrames, in_plane: np.ndarray, workers: int = 1) -> np.ndarray:
+    """How unlike each frame is the one before, before and after the in-plane motion.
+
+    square: the scan (square_frames), N frames; in_plane: (N-1, 3) (angle rad, tx mm,
+    ty mm), e.g. register_in_plane's. Returns (N-1, 2) float64: 1 - the zero-mean normalised
+    correlation of frame i with frame i-1 as they are, and with frame i-1 warped by the
+    in-plane motion, both on the gain-flattened frames inside the registration mask (as ECC
+    compares them). After the in-plane motion is taken out, what is left is the speckle's
+    decorrelation by the out-of-plane motion and what the registration missed, the two
+    sources of the registered ensemble's error (tusrec.model.error_model). All 1 when the
+    field of view is too small to compare. ``workers``: threads (the result does not
+    depend on them).
+    """
+    frames = square.frames
+    n = len(frames)
+    out = np.ones((max(n - 1, 0), 2))
+    prepared = _prepared(square) if n > 1 else None
+    if prepared is None:
+        return out
+    mask, flat = prepared
+    inside = mask.astype(bool)
+    h, w = frames.shape[1:]
+
+    def one(k: int) -> None:
+        template = frames[k + 1].astype(np.float32) / flat
+        moving = frames[k].astype(np.float32) / flat
+        warped = cv2.warpAffine(
+            moving,
+            pixel_warp(in_plane[k], square.pixel_mm, square.origin),
+            (w, h),
+            flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
+        )
+        out[k, 0] = _decorrelation(template[inside], moving[inside])
+        out[k, 1] = _decorrelation(template[inside], warped[inside])
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(n - 1)))
+    else:
+        for k in range(n - 1):
+            one(k)
     return out

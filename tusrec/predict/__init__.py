@@ -25,6 +25,7 @@ from tusrec.data import (
 )
 from tusrec.geometry import default_calibration, read_calibration
 from tusrec.model.ensemble import load_members
+from tusrec.model.error_model import load_error_model
 from tusrec.model.manifest import DEFAULT_WEIGHTS
 from tusrec.predict.core import (
     DEFAULT_IN_PLANE,
@@ -90,6 +91,7 @@ def predict_folder(
         translation,
         form=form,
         in_plane=in_plane,
+        error_model=load_error_model(weights),
     )
     removed = remove_partial_files(output)
     if removed:
@@ -140,7 +142,12 @@ def predict_ddfs(frames, landmark, data_path_calib, device=None, scan_name=None)
 
     if _PREDICTOR is None or (device is not None and _PREDICTOR.device != pick_device(str(device))):
         dev = None if device is None else str(device)
-        _PREDICTOR = Predictor(load_members(DEFAULT_WEIGHTS, pick_device(dev)), dev, float("inf"))
+        _PREDICTOR = Predictor(
+            load_members(DEFAULT_WEIGHTS, pick_device(dev)),
+            dev,
+            float("inf"),
+            error_model=load_error_model(DEFAULT_WEIGHTS),
+        )
     calib = read_calibration(data_path_calib) if data_path_calib else default_calibration()
     frames = np.asarray(frames)
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,11 +54,13 @@ from tusrec.model.ensemble import (
     members_outputs,
     read_scan_input,
 )
+from tusrec.model.error_model import ErrorModel
 from tusrec.model.inputs import scan_code
 from tusrec.model.registration import (
     DEFAULT_IN_PLANE,
     IN_PLANE_SOURCES,
     keeps_sweep_tx,
+    pair_decorrelation,
     register_in_plane,
     square_frames,
     with_in_plane,
@@ -129,7 +131,11 @@ class Predictor:
         form: str = DDF_FORM,
         workers: int | None = None,
         in_plane: str = DEFAULT_IN_PLANE,
+        error_model: ErrorModel | None = None,
     ):
+        """``error_model``: the ensemble's expected error from the registration residual
+        (tusrec.model.error_model), used when registering and fitted for exactly these
+        members; otherwise the expected error is the members' error heads' (if any)."""
         if not members:
             raise ValueError("a predictor needs at least one ensemble member")
         if form not in PREDICTION_FORMS:
@@ -155,6 +161,8 @@ class Predictor:
         if workers is None:
             workers = 1 if self.device.type != "cpu" or self.batched else usable_cores()
         self.workers = max(1, workers)
+        fitted = error_model is not None and error_model.fits([m.info for m in self.members])
+        self.error_model = error_model if fitted and in_plane != "network" else None
 
     @property
     def name(self) -> str:
@@ -163,12 +171,14 @@ class Predictor:
     @property
     def fingerprint(self) -> str:
         """What the predictions depend on: the members' weight files (sha256, in order),
-        the translation rule, the form and (when not the network's) the in-plane source;
-        written into every prediction file so that a rerun keeps only what this very
+        the translation rule, the form, (when not the network's) the in-plane source and the
+        error model in use; written into every prediction file so that a rerun keeps only what this very
         ensemble predicted (16 hex digits)."""
         parts = [m.info.get("sha256", m.name) for m in self.members] + [self.translation, self.form]
         if self.in_plane != "network":
             parts.append(f"in-plane: {self.in_plane}")
+        if self.error_model is not None:
+            parts.append(f"error model: {self.error_model.coefficients} {self.error_model.residual_variance}")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
@@ -286,21 +296,30 @@ class Predictor:
         return results, stopped
 
     def register(
-        self, scan: Scan, calib: Calibration, local: np.ndarray, deadline: float
-    ) -> tuple[np.ndarray, str]:
+        self, scan: Scan, calib: Calibration, local: np.ndarray, deadline: float, decorrelation: bool = False
+    ) -> tuple[np.ndarray, str, np.ndarray | None]:
         """``local`` (N-1, 4, 4) with its in-plane part from registration (started from it)
-        where a pair registered by ``deadline``; and a note on the pairs that did not."""
+        where a pair registered by ``deadline``; a note on the pairs that did not; and with
+        ``decorrelation``, each pair's decorrelation before and after the registered motion
+        (registration.pair_decorrelation, (N-1, 2); None past the deadline or without)."""
         square = square_frames((block for _, block in scan.iter_frames()), calib)
         fitted, registered = register_in_plane(square, local, deadline, self.workers)
         missed = int((~registered).sum())
-        note = ""
+        notes = []
         if missed:
             why = "the time limit" if time.perf_counter() > deadline else "no convergence"
-            note = (
+            notes.append(
                 f"in-plane registration: {missed} of {len(registered)} frame pairs kept the "
                 f"network's estimate ({why})"
             )
-        return with_in_plane(local, fitted, keeps_sweep_tx(self.in_plane, scan.name)), note
+        residual = None
+        if decorrelation:
+            if time.perf_counter() < deadline:
+                residual = pair_decorrelation(square, fitted, self.workers)
+            else:
+                notes.append("no time left for the error model: expected error from the members")
+        registered_local = with_in_plane(local, fitted, keeps_sweep_tx(self.in_plane, scan.name))
+        return registered_local, "; ".join(notes), residual
 
     def predict_scan(self, scan: Scan, calib: Calibration, out_path: Path) -> dict:
         """Predict one scan into ``out_path``; returns its manifest row."""
@@ -320,9 +339,14 @@ class Predictor:
             t_network = time.perf_counter()
             row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []
+            expected_source = "error heads"
             if registering:
-                local, note = self.register(scan, calib, pred.local, deadline)
+                with_model = self.error_model is not None and pred.uncertainty is not None
+                local, note, residual = self.register(scan, calib, pred.local, deadline, with_model)
                 pred.local = local
+                if residual is not None:
+                    pred.expected_error_mm = self.error_model.expected_error_mm(residual, scan.name)
+                    expected_source = "error model"
                 row["registration_s"] = time.perf_counter() - t_network
                 if note:
                     notes.append(note)
@@ -343,6 +367,8 @@ class Predictor:
                 "device": str(self.device),
                 "in_plane": self.in_plane,
             }
+            if "expected_error_mm" in extras:
+                attrs["expected_error_source"] = expected_source
             t_write = time.perf_counter()
             write_predictions(
                 out_path,

@@ -1,0 +1,257 @@
+"""The registered ensemble's expected error per frame transition, from what the images say.
+
+Why not the members' disagreement or their error heads: the members share their errors
+(their frame-to-frame errors correlate 0.97-0.99), so how much they disagree says little of
+how wrong they are (Spearman's rho 0.01-0.11 on the validation subjects), and their error
+heads learnt the error of the networks' own in-plane motion, which registration replaces.
+Once the in-plane motion is registered, what is left of the error is the out-of-plane
+motion (which the members recover only in part) and what the registration missed. Both
+show in the images: after frame i-1 is moved by the registered in-plane motion, how unlike
+frame i it still is (tusrec.model.registration.pair_decorrelation).
+
+The model, per kind of scan (KINDS: the 2024 parallel and perpendicular sweeps, the 2025
+rotation scans; ``any``, fitted on all, for a name that says neither):
+
+    log(error) = c0 + c1 log(decorrelation after) + c2 log(decorrelation before) + e,
+    e ~ N(0, s^2)  =>  expected error = exp(c0 + c1 ... + s^2 / 2)  (mm)
+
+with error the mean distance (mm) of the image points between the predicted and the true
+T(i->i-1), the per-frame LPE. It is fitted by least squares (``fit``) on held-out subjects
+with ground truth, by ``tusrec error-model``, and written beside the members
+(weights/error_model.json), with the members it was fitted for: the predictor uses it only
+for that ensemble, with registration. numpy only (the submission image has no scipy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tusrec.model.manifest import WeightsError
+
+ERROR_MODEL = "error_model.json"
+KINDS = ("2024 Par", "2024 Per", "2025 rotation")
+ANY_KIND = "any"
+FEATURES = ("log decorrelation after registration", "log decorrelation before")
+# Decorrelations are clipped to [FLOOR, 2] before the log: two identical frames give 0.
+DECORRELATION_FLOOR = 1e-6
+
+
+class ErrorModelError(WeightsError):
+    """An error model file that cannot be used."""
+
+
+def scan_kind(name: str | None) -> str:
+    """The error model's kind of the scan ``name`` (KINDS), ANY_KIND when it says neither."""
+    from tusrec.data import ScanPattern
+
+    if name is None:
+        return ANY_KIND
+    pattern = ScanPattern.from_name(name)
+    if pattern.protocol == "2025":
+        return "2025 rotation"
+    if pattern.protocol == "2024" and pattern.orientation in ("Par", "Per"):
+        return f"2024 {pattern.orientation}"
+    return ANY_KIND
+
+
+def design(decorrelation: np.ndarray) -> np.ndarray:
+    """(N, 2) decorrelation (before, after: pair_decorrelation's columns) -> the (N, 3)
+    design matrix [1, log after, log before]."""
+    d = np.clip(np.asarray(decorrelation, np.float64), DECORRELATION_FLOOR, 2.0)
+    return np.stack([np.ones(len(d)), np.log(d[:, 1]), np.log(d[:, 0])], axis=1)
+
+
+@dataclass
+class ErrorModel:
+    """Per kind: coefficients (c0, c1, c2) and the residual variance s^2 of log(error)."""
+
+    coefficients: dict[str, list[float]]
+    residual_variance: dict[str, float]
+    transitions: dict[str, int]  # how many frame transitions each kind was fitted on
+    members: list[dict] = field(default_factory=list)  # [{"name", "sha256"}] it was fitted for
+    subjects: list[str] = field(default_factory=list)
+    in_plane: str = ""  # the predictor's in-plane source it was fitted under
+    features: tuple[str, ...] = FEATURES
+
+    def expected_error_mm(self, decorrelation: np.ndarray, name: str | None) -> np.ndarray:
+        """(N, 2) decorrelation (pair_decorrelation) of a scan called ``name`` -> (N,)
+        expected error (mm) per transition: the mean of the fitted log-normal."""
+        kind = scan_kind(name)
+        if kind not in self.coefficients:
+            kind = ANY_KIND
+        c = np.asarray(self.coefficients[kind], np.float64)
+        return np.exp(design(decorrelation) @ c + self.residual_variance[kind] / 2.0)
+
+    def fits(self, members: list[dict]) -> bool:
+        """Whether it was fitted for exactly these members (manifest entries: name, sha256)."""
+        mine = sorted((m["name"], m["sha256"]) for m in self.members)
+        return mine == sorted((m["name"], m["sha256"]) for m in members)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**asdict(self), "features": list(self.features)}, indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ErrorModel:
+        """Read and check an error model file; ErrorModelError says what is wrong."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            model = cls(
+                coefficients={str(k): [float(x) for x in v] for k, v in d["coefficients"].items()},
+                residual_variance={str(k): float(v) for k, v in d["residual_variance"].items()},
+                transitions={str(k): int(v) for k, v in d["transitions"].items()},
+                members=[{"name": str(m["name"]), "sha256": str(m["sha256"])} for m in d.get("members", [])],
+                subjects=[str(s) for s in d.get("subjects", [])],
+                in_plane=str(d.get("in_plane", "")),
+                features=tuple(d.get("features", FEATURES)),
+            )
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ErrorModelError(f"{path}: not an error model ({type(err).__name__}: {err})") from None
+        if model.features != FEATURES:
+            raise ErrorModelError(
+                f"{path}: features {list(model.features)}; this version computes {list(FEATURES)}"
+            )
+        if ANY_KIND not in model.coefficients:
+            raise ErrorModelError(f"{path}: no coefficients for {ANY_KIND!r} (the fallback kind)")
+        for kind, c in model.coefficients.items():
+            s2 = model.residual_variance.get(kind)
+            if len(c) != 3 or s2 is None or not np.all(np.isfinite([*c, s2])) or s2 < 0:
+                raise ErrorModelError(
+                    f"{path}: kind {kind!r}: expected 3 finite coefficients and a variance >= 0"
+                )
+        return model
+
+
+def fit(samples: list[tuple[str | None, np.ndarray, np.ndarray]], min_transitions: int = 30) -> ErrorModel:
+    """Least squares of log(error) on design(decorrelation), per kind and on all (ANY_KIND).
+
+    samples: one per scan, (name, decorrelation (N-1, 2), error (N-1,) mm > 0). A kind with
+    fewer than ``min_transitions`` transitions takes ANY_KIND's coefficients. The residual
+    variance is the unbiased one (n - 3 degrees of freedom)."""
+    if sum(len(s[2]) for s in samples) < max(min_transitions, 4):
+        raise ValueError(
+            f"{sum(len(s[2]) for s in samples)} frame transitions: too few to fit an error model"
+        )
+    groups: dict[str, list[int]] = {}
+    for i, (name, _, _) in enumerate(samples):
+        groups.setdefault(scan_kind(name), []).append(i)
+    groups[ANY_KIND] = list(range(len(samples)))
+    coefficients, variance, counts = {}, {}, {}
+    for kind in [ANY_KIND] + [k for k in KINDS if k in groups]:
+        X = np.concatenate([design(samples[i][1]) for i in groups[kind]])
+        y = np.log(
+            np.maximum(np.concatenate([np.asarray(samples[i][2], np.float64) for i in groups[kind]]), 1e-9)
+        )
+        if len(y) < max(min_transitions, 4):
+            if kind == ANY_KIND:
+                raise ValueError(f"{len(y)} frame transitions: too few to fit an error model")
+            continue
+        c, *_ = np.linalg.lstsq(X, y, rcond=None)
+        residual = y - X @ c
+        coefficients[kind] = [float(x) for x in c]
+        variance[kind] = float(residual @ residual / (len(y) - X.shape[1]))
+        counts[kind] = len(y)
+    return ErrorModel(coefficients, variance, counts)
+
+
+def load_error_model(weights_dir: str | Path) -> ErrorModel | None:
+    """The error model beside the members of ``weights_dir`` (ERROR_MODEL), None when it
+    has none; ErrorModelError when the file is there but unusable."""
+    path = Path(weights_dir) / ERROR_MODEL
+    return ErrorModel.load(path) if path.exists() else None
+
+
+def held_out_rho(samples: list[tuple[str, str | None, np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """Leave one subject out: for each subject, the model fitted on the others, and the
+    Spearman's rho of its expected error against the error over that subject's transitions
+    (pooled, and the median over its scans). samples: (subject, name, decorrelation,
+    error) per scan. Needs scipy (fitting side only)."""
+    from scipy.stats import spearmanr
+
+    result = {}
+    for subject in sorted({s[0] for s in samples}):
+        train = [s[1:] for s in samples if s[0] != subject]
+        test = [s for s in samples if s[0] == subject]
+        try:
+            model = fit(train)
+        except ValueError:  # too few transitions left to fit on
+            continue
+        expected = [model.expected_error_mm(d, name) for _, name, d, _ in test]
+        per_scan = [spearmanr(x, s[3]).statistic for x, s in zip(expected, test, strict=True)]
+        result[subject] = {
+            "spearman_rho": float(
+                spearmanr(np.concatenate(expected), np.concatenate([s[3] for s in test])).statistic
+            ),
+            "per_scan_rho_median": float(np.nanmedian(per_scan)),
+            "scans": len(test),
+        }
+    return result
+
+
+def fit_for_weights(
+    weights_dir: str | Path,
+    data_dirs: list[str | Path],
+    subjects: list[str],
+    in_plane: str | None = None,
+    device: str | None = None,
+    log=print,
+) -> tuple[ErrorModel, dict]:
+    """Fit the error model of the ensemble in ``weights_dir`` on the scans of ``subjects``
+    in ``data_dirs`` (with ground truth; none of the members may have trained on them),
+    each predicted as ./predict predicts it (tusrec.predict.Predictor, registration
+    ``in_plane``, default the predictor's), and write it beside the members. Returns the
+    model and a report: the held-out rho of each subject (held_out_rho)."""
+    from tusrec.data import open_data
+    from tusrec.geometry import frame_transforms
+    from tusrec.model.ensemble import load_members
+    from tusrec.model.inputs import scan_code
+    from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
+    from tusrec.predict.core import Predictor
+    from tusrec.scoring.metrics import frame_pixel_errors
+
+    in_plane = in_plane or DEFAULT_IN_PLANE
+    if in_plane not in IN_PLANE_SOURCES or in_plane == "network":
+        raise ErrorModelError(f"in-plane source {in_plane!r}: the error model needs registration")
+    members = load_members(weights_dir)
+    subjects = [f"{int(s):03d}" if str(s).isdigit() else str(s) for s in subjects]
+    for m in members:
+        record = m.info.get("trained")
+        trained = set(record.get("train_subjects", [])) if isinstance(record, dict) else set()
+        if trained & set(subjects):
+            raise ErrorModelError(
+                f"member {m.name} trained on subject(s) {sorted(trained & set(subjects))}: fit the error "
+                "model on held-out subjects (e.g. the validation subjects)"
+            )
+    predictor = Predictor(members, device, float("inf"), in_plane=in_plane)
+    samples = []
+    for folder in data_dirs:
+        data = open_data(folder)
+        calib = data.calibration
+        for scan in data.scans:
+            if scan.subject not in subjects:
+                continue
+            _, true_local = frame_transforms(scan.read_tforms(), calib)
+            pred = predictor.predict_local(
+                predictor.read_preprocessed(scan), float("inf"), scan_code(scan.name)
+            )
+            local, _, residual = predictor.register(scan, calib, pred.local, float("inf"), decorrelation=True)
+            error = frame_pixel_errors(local, true_local, calib.T_scale, scan.image_size)
+            samples.append((scan.subject, scan.name, residual, error))
+            log(f"{scan.key}: {len(error)} transitions, mean error {error.mean():.3f} mm")
+    if not samples:
+        raise ErrorModelError(f"no scans of subject(s) {subjects} in {[str(d) for d in data_dirs]}")
+    model = fit([s[1:] for s in samples])
+    model.members = [{"name": m.name, "sha256": m.info["sha256"]} for m in members]
+    model.subjects = sorted({s[0] for s in samples})
+    model.in_plane = in_plane
+    report = {"held_out": held_out_rho(samples), "scans": len(samples)}
+    model.save(Path(weights_dir) / ERROR_MODEL)
+    return model, report
