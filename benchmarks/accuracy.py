@@ -20,8 +20,10 @@ between a member's T(i->i-1) and the ensemble's, mm, on a grid of image points) 
 the ensemble's error there (the mean point distance between its T(i->i-1) and the true
 one, mm, the same grid): Spearman's rho (scipy.stats.spearmanr) over all transitions of
 a subset, and the median of the per-scan rhos ("uncertainty" in the JSON and markdown).
-When the members have error heads (tusrec.train.error_head), the same for the ensemble's
-expected error (the mean of the members' heads, mm) against its error, with both means
+The same for the ensemble's expected error as ./predict writes it (mm): with registration
+and an error model fitted for these members (tusrec.model.error_model, from the
+registration residual), the model's; else, when the members have error heads
+(tusrec.train.error_head), the mean of the heads; with both means
 ("uncertainty_expected_error"). And for the frames' positions, the errors GPE averages:
 per frame, the members' disagreement about T(i->0) against the ensemble's error there,
 beside the frame's place in the scan (drift grows with it) and the disagreement's
@@ -388,8 +390,10 @@ def markdown(
         lines.append("")
     if expected_error:
         lines += [
-            "**expected error** (the mean of the members' error heads, mm, against the ensemble's "
-            "error per transition; Spearman's rho)",
+            "**expected error** (./predict's expected_error_mm: with registration, the ensemble's error "
+            "model from the registration residual, weights/error_model.json, when fitted for these "
+            "members; else the mean of the members' error heads; mm, against the ensemble's error per "
+            "transition; Spearman's rho)",
             "",
             "| subset | transitions | rho, all transitions | median rho per scan "
             "| mean expected (mm) | mean error (mm) |",

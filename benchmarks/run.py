@@ -392,9 +392,10 @@ def registration(frames: int) -> dict:
     """In-plane registration of one 480 x 640 scan (`predict --in-plane registration`,
     tusrec.model.registration), started from no motion: resampling to square pixels, then
     the frame pairs on 1 thread and on all cores; seconds a pair (the predictor's
-    REGISTRATION_S_PER_PAIR reserve), and whether both give the same numbers."""
+    REGISTRATION_S_PER_PAIR reserve), and whether both give the same numbers; then the
+    pairs' decorrelation for the error model (pair_decorrelation), likewise."""
     from tusrec.data import open_data, usable_cores
-    from tusrec.model.registration import register_in_plane, square_frames
+    from tusrec.model.registration import pair_decorrelation, register_in_plane, square_frames
 
     if not (BENCH_DATA / f"predict{frames}" / "data").is_dir():  # run alone (--only)
         predict_setup(frames)
@@ -415,6 +416,15 @@ def registration(frames: int) -> dict:
             "registered": int(registered.sum()),
         }
     result["same_on_any_workers"] = all(np.array_equal(fitted[1], f) for f in fitted.values())
+    residual = {}
+    for workers in sorted({1, usable_cores()}):
+        t0 = time.perf_counter()
+        residual[workers] = pair_decorrelation(square, fitted[1], workers)
+        seconds = time.perf_counter() - t0
+        result[f"decorrelation_workers_{workers}"] = {"s": seconds, "s_per_pair": seconds / (frames - 1)}
+    result["decorrelation_same_on_any_workers"] = all(
+        np.array_equal(residual[1], r) for r in residual.values()
+    )
     result["load_average"] = os.getloadavg()[0]
     return result
 

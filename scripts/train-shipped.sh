@@ -52,9 +52,14 @@ train len5 configs/member.json 5 weights 011,002,003
 train len3 configs/member.json 3 weights 011,006,007
 wait
 $T error-head "$RUNS/ens/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
+# The registered ensemble's expected error (weights/error_model.json), fitted on the two
+# held-out subjects: 011 as above, and 012 (all 26 scans, 300 frames), which no member saw.
+$T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --no-landmarks
+$T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --protocol 2025 --no-landmarks
+$T error-model "$RUNS/ens/weights" "$DATA" "$RUNS/sim012-300" --subjects 011,012 --threads 1 >> "$RUNS/error-model.log" 2>&1
 $T weights "$RUNS/ens/weights"
 $T weights "$RUNS/ens/weights" --export "$RUNS/weights"
 $T weights "$RUNS/ens/baseline" --export "$RUNS/baseline" --top 1
-for f in weights/*.pt baseline/*.pt; do
+for f in weights/*.pt baseline/*.pt weights/error_model.json; do
   cmp "$f" "$RUNS/$f" && echo "$f: identical"
 done
