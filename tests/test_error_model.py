@@ -20,7 +20,6 @@ from tusrec.model.error_model import (
     ErrorModelError,
     design,
     fit,
-    fit_for_weights,
     load_error_model,
     scan_kind,
 )
@@ -28,6 +27,7 @@ from tusrec.model.inputs import scan_code
 from tusrec.model.registration import _decorrelation, pair_decorrelation, register_in_plane, square_frames
 from tusrec.predict import core, predict_folder
 from tusrec.scoring.metrics import frame_pixel_errors, transform_pixel_error
+from tusrec.train.error_model import fit_for_weights
 
 from .test_predict import make_weights
 from .test_registration import rigid, scan_with_motion

@@ -540,8 +540,8 @@ def add_error_model(sub) -> None:
 
 def run_error_model(args) -> int:
     from tusrec.data import TusrecDataError
-    from tusrec.model.error_model import fit_for_weights
     from tusrec.model.manifest import WeightsError
+    from tusrec.train.error_model import fit_for_weights
 
     if args.threads:
         import torch
