@@ -239,3 +239,25 @@ def test_the_command_refuses_training_subjects_and_bad_folders(held_out, capsys)
     assert main(["error-model", str(weights), str(root), "--subjects", "012"]) == 0
     out = capsys.readouterr().out
     assert "saved in" in out and (weights / ERROR_MODEL).is_file()
+
+
+def test_the_weights_listing_names_the_model_and_export_keeps_it_only_for_its_members(
+    held_out, tmp_path, capsys
+):
+    weights, root = held_out
+    fit_for_weights(weights, [root], ["011"], log=lambda line: None)
+    assert main(["weights", str(weights)]) == 0
+    assert "error_model.json: expected error from the registration residual, fitted on subject(s) 011" in (
+        capsys.readouterr().out
+    )
+    assert main(["weights", str(weights), "--export", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / ERROR_MODEL).read_text() == (weights / ERROR_MODEL).read_text()
+    assert main(["weights", str(weights), "--export", str(tmp_path / "one"), "--top", "1"]) == 0
+    assert not (tmp_path / "one" / ERROR_MODEL).exists()  # fitted for 2 members, not for 1
+    (tmp_path / "one" / ERROR_MODEL).write_text((weights / ERROR_MODEL).read_text())
+    capsys.readouterr()
+    assert main(["weights", str(tmp_path / "one")]) == 0
+    assert "NOT for these members: not used" in capsys.readouterr().out
+    (tmp_path / "one" / ERROR_MODEL).write_text("{")
+    assert main(["weights", str(tmp_path / "one")]) == 0
+    assert "error_model.json: unusable" in capsys.readouterr().out

@@ -641,6 +641,19 @@ def run_weights(args) -> int:
             f"  {entry['name']}: {architecture}, seed {seed}, {trained.get('steps', '?')} steps "
             f"in {minutes:.0f} min, {scores}{head}"
         )
+    from tusrec.model.error_model import ERROR_MODEL, load_error_model
+
+    try:
+        model = load_error_model(folder)
+    except WeightsError as err:
+        print(f"  {ERROR_MODEL}: unusable ({err})")
+        return 0
+    if model is not None:
+        used = "used with registration" if model.fits(entries) else "NOT for these members: not used"
+        print(
+            f"  {ERROR_MODEL}: expected error from the registration residual, fitted on subject(s) "
+            f"{', '.join(model.subjects)} ({model.transitions.get('any', 0)} transitions); {used}"
+        )
     return 0
 
 

@@ -108,7 +108,9 @@ def ranked_by_validation(members: list[Member]) -> list[Member]:
 def export_members(src: str | Path, dest: str | Path, top: int | None = None) -> list[str]:
     """Copy the ``top`` best members of weights folder ``src`` by validation
     (ranked_by_validation; all when None) into a new weights folder ``dest``: files and
-    manifest entries unchanged, checksums verified on the way. Returns the exported names, best first.
+    manifest entries unchanged, checksums verified on the way, and the error model
+    (error_model.json) when it was fitted for exactly these members. Returns the exported
+    names, best first.
 
     This is how a shipped ensemble is picked from a larger pool of trained seeds: by the
     held-out validation subjects, never by the benchmark's. ``dest`` must not hold a
@@ -126,6 +128,12 @@ def export_members(src: str | Path, dest: str | Path, top: int | None = None) ->
     for m in keep:
         shutil.copy2(src / m.info["file"], dest / m.info["file"])
     _write_manifest(dest, {"members": sorted((m.info for m in keep), key=lambda e: e["name"])})
+    # The error model goes along only when it was fitted for exactly the members exported.
+    from tusrec.model.error_model import ERROR_MODEL, load_error_model
+
+    model = load_error_model(src)
+    if model is not None and model.fits([m.info for m in keep]):
+        shutil.copy2(src / ERROR_MODEL, dest / ERROR_MODEL)
     return [m.name for m in keep]
 
 
