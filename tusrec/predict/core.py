@@ -74,8 +74,8 @@ RESERVE_FACTOR = 1.5
 RESERVE_MARGIN_S = 2.0
 # Registration seconds a frame pair on one core at 480 x 640, resampling included: 5.5 ms
 # of ECC and 0.9 ms of resampling, measured on this kit's 2-core CPU (make bench,
-# "registration"), and 0.4 ms of the pair's decorrelation for the error model (measured
-# on a 300-frame scan beside a test run); the members' deadline keeps this, with the
+# "registration"), and 0.4-0.5 ms of the pair's decorrelation for the error model (the
+# same bench); the members' deadline keeps this, with the
 # reserve's safety factor, for the registration that follows them.
 REGISTRATION_S_PER_PAIR = 0.0069
 
