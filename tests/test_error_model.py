@@ -3,6 +3,7 @@ reads, its fit against independent least squares, its file, and the predictor an
 fitting command that use it."""
 
 import json
+import time
 
 import h5py
 import numpy as np
@@ -261,3 +262,16 @@ def test_the_weights_listing_names_the_model_and_export_keeps_it_only_for_its_me
     (tmp_path / "one" / ERROR_MODEL).write_text("{")
     assert main(["weights", str(tmp_path / "one")]) == 0
     assert "error_model.json: unusable" in capsys.readouterr().out
+
+
+def test_past_the_deadline_the_error_model_is_skipped_with_a_note(held_out, tmp_path):
+    weights, root = held_out
+    model, _ = fit_for_weights(weights, [root], ["011", "012"], log=lambda line: None)
+    predictor = core.Predictor(load_members(weights), "cpu", workers=1, error_model=model)
+    data = open_data(root)
+    scan = data.scans[0]
+    local = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
+    late = time.perf_counter() - 1.0
+    registered, note, residual = predictor.register(scan, data.calibration, local, late, decorrelation=True)
+    assert residual is None and "no time left for the error model" in note
+    assert np.allclose(registered, local)  # nothing registered either: the start is kept
