@@ -241,11 +241,12 @@ def test_accuracy_benchmark_scores_what_predict_writes_with_either_in_plane_sour
     from tests.test_predict import make_weights
     from tusrec.data import open_data
     from tusrec.model import ensemble
+    from tusrec.model.error_model import load_error_model
     from tusrec.predict.core import Predictor
     from tusrec.scoring.metrics import transform_pixel_error
 
     names = ("LH_Par_C_DtP", "RH_Per_L_PtD", "LH_rotation")
-    root = dataset_factory(tmp_path / "data", "eval", ("050",), names, 10)
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), names, 12)
     weights = make_weights(tmp_path / "weights")
     baseline = make_weights(tmp_path / "baseline", n=1, seed=7)
     rows, frames = {}, {}
@@ -274,3 +275,23 @@ def test_accuracy_benchmark_scores_what_predict_writes_with_either_in_plane_sour
     for a, b in zip(frames["network"], frames["registration-except-sweep"], strict=True):
         assert np.array_equal(a["disagreement"], b["disagreement"])
         assert not np.array_equal(a["error"], b["error"])
+    # With an error model beside the members, the benchmark's expected error is the one
+    # ./predict writes.
+    from tusrec.train.error_model import fit_for_weights
+
+    fit_for_weights(weights, [root], ["050"], log=lambda line: None)
+    _, with_model = score_models(str(root), str(weights), str(baseline), "registration-except-sweep")
+    predictor = Predictor(
+        ensemble.load_members(weights),
+        "cpu",
+        in_plane="registration-except-sweep",
+        error_model=load_error_model(weights),
+    )
+    for scan, frame in zip(data.scans, with_model, strict=True):
+        assert frame["key"] == scan.key
+        path = tmp_path / f"model-{scan.key}.h5"
+        assert predictor.predict_scan(scan, data.calibration, path)["status"] == "ok"
+        with h5py.File(path) as f:
+            assert f.attrs["expected_error_source"] == "error model"
+            # the file holds float32
+            assert np.allclose(frame["expected_error"], f["expected_error_mm"][()], rtol=1e-6, atol=0)

@@ -194,6 +194,8 @@ def test_fitting_writes_a_model_the_predictor_then_uses(held_out, tmp_path):
     heads = core.Predictor(members, "cpu", workers=1)
     network = core.Predictor(members, "cpu", workers=1, in_plane="network", error_model=model)
     assert network.error_model is None  # the model is for the registered ensemble only
+    other_source = core.Predictor(members, "cpu", workers=1, in_plane="registration", error_model=model)
+    assert other_source.error_model is None  # fitted under registration-except-sweep
     assert with_model.fingerprint != heads.fingerprint
     row = with_model.predict_scan(scan, data.calibration, tmp_path / "m.h5")
     assert row["status"] == "ok", row

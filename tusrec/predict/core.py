@@ -135,8 +135,9 @@ class Predictor:
         error_model: ErrorModel | None = None,
     ):
         """``error_model``: the ensemble's expected error from the registration residual
-        (tusrec.model.error_model), used when registering and fitted for exactly these
-        members; otherwise the expected error is the members' error heads' (if any)."""
+        (tusrec.model.error_model), used when it was fitted for exactly these members and
+        this in-plane source; otherwise the expected error is the members' error heads' (if
+        any)."""
         if not members:
             raise ValueError("a predictor needs at least one ensemble member")
         if form not in PREDICTION_FORMS:
@@ -162,8 +163,10 @@ class Predictor:
         if workers is None:
             workers = 1 if self.device.type != "cpu" or self.batched else usable_cores()
         self.workers = max(1, workers)
+        # Only for the ensemble and the in-plane source it was fitted under: its errors are theirs.
         fitted = error_model is not None and error_model.fits([m.info for m in self.members])
-        self.error_model = error_model if fitted and in_plane != "network" else None
+        same_source = error_model is not None and error_model.in_plane in ("", in_plane)
+        self.error_model = error_model if fitted and same_source and in_plane != "network" else None
 
     @property
     def name(self) -> str:
