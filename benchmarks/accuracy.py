@@ -394,8 +394,8 @@ def markdown(
         lines += [
             "**expected error** (./predict's expected_error_mm: with registration, the ensemble's error "
             "model from the registration residual, weights/error_model.json, when fitted for these "
-            "members and this in-plane source; else the mean of the members' error heads; mm, against the ensemble's error per "
-            "transition; Spearman's rho)",
+            "members and this in-plane source; else the mean of the members' error heads; mm, "
+            "against the ensemble's error per transition; Spearman's rho)",
             "",
             "| subset | transitions | rho, all transitions | median rho per scan "
             "| mean expected (mm) | mean error (mm) |",
