@@ -128,6 +128,25 @@ def test_compact_files_with_one_set_of_matrices_derive_the_other(scan_and_files)
     np.testing.assert_allclose(only_g.global_, glob, atol=1e-4)
 
 
+def test_the_expected_errors_source_is_shown_only_when_it_is_one_the_predictor_writes(scan_and_files):
+    _data, scan, gt, glob, local, _pred, tmp = scan_and_files
+    expected = np.full(len(local), 0.2)
+    for value, shown in [
+        ("error model", "error model"),
+        (b"error heads", "error heads"),
+        ("$\\frac{", ""),  # matplotlib mathtext that would not parse
+        ("x" * 10_000, ""),
+        (np.arange(3), ""),
+    ]:
+        path = tmp / "source.h5"
+        _write_compact(path, glob, local, expected_error_mm=expected)
+        with h5py.File(path, "a") as f:
+            f.attrs["expected_error_source"] = value
+        poses = read_poses(path, scan, gt)
+        assert poses.expected_error_source == shown
+        np.testing.assert_allclose(poses.expected_error, expected)
+
+
 def test_hostile_files_are_refused_with_a_reason(scan_and_files):
     _data, scan, gt, glob, _local, pred, tmp = scan_and_files
     cases = {}

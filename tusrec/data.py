@@ -560,6 +560,9 @@ PREDICTION_PIXEL_SETS = ("GP", "LP")
 PREDICTION_LANDMARK_SETS = ("GL", "LL")
 PREDICTION_TRANSFORM_SETS = ("transforms_global", "transforms_local")
 PREDICTION_PER_FRAME_SETS = ("uncertainty", "uncertainty_translation_mm", "expected_error_mm")
+# attribute 'expected_error_source': where expected_error_mm came from (the registered
+# ensemble's error model, or the members' error heads)
+EXPECTED_ERROR_SOURCES = ("error model", "error heads")
 DDF_FORM = "ddf"
 TRANSFORMS_FORM = "transforms"
 PREDICTION_FORMS = (DDF_FORM, TRANSFORMS_FORM)

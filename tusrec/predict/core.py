@@ -32,6 +32,7 @@ import torch
 
 from tusrec.data import (
     DDF_FORM,
+    EXPECTED_ERROR_SOURCES,
     PREDICTION_FORMS,
     PREDICTION_PIXEL_SETS,
     PREDICTION_TRANSFORM_SETS,
@@ -343,14 +344,14 @@ class Predictor:
             t_network = time.perf_counter()
             row.update(read_s=t_read - t0, network_s=t_network - t_read)
             notes = [pred.fallback] if pred.fallback else []
-            expected_source = "error heads"
+            expected_source = EXPECTED_ERROR_SOURCES[1]  # the members' heads, unless the model serves
             if registering:
                 with_model = self.error_model is not None and pred.uncertainty is not None
                 local, note, residual = self.register(scan, calib, pred.local, deadline, with_model)
                 pred.local = local
                 if residual is not None:
                     pred.expected_error_mm = self.error_model.expected_error_mm(residual, scan.name)
-                    expected_source = "error model"
+                    expected_source = EXPECTED_ERROR_SOURCES[0]
                 row["registration_s"] = time.perf_counter() - t_network
                 if note:
                     notes.append(note)

@@ -130,7 +130,8 @@ def trajectory_figure(
         ax.plot(frames, values, color=PRED_COLOUR, lw=1.4, label="error")
         top = float(np.max(values))
         if expected is not None:
-            ax.plot(frames, expected, color="#1b9e77", lw=1.2, ls="--", label="expected (file)")
+            source = f": {poses.expected_error_source}" if poses.expected_error_source else ""
+            ax.plot(frames, expected, color="#1b9e77", lw=1.2, ls="--", label=f"expected (file{source})")
             top = max(top, float(np.max(expected)))
             ax.legend(loc="upper right", fontsize=8.5, frameon=True)
         ax.set_ylabel(ylabel)

@@ -28,7 +28,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tusrec.data import PREDICTION_PER_FRAME_SETS, PREDICTION_PIXEL_SETS, Scan, TusrecDataError, open_h5
+from tusrec.data import (
+    EXPECTED_ERROR_SOURCES,
+    PREDICTION_PER_FRAME_SETS,
+    PREDICTION_PIXEL_SETS,
+    Scan,
+    TusrecDataError,
+    open_h5,
+)
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, pixel_ddfs
 from tusrec.geometry import compose_local, local_from_global
 from tusrec.scoring.metrics import _norm_sums
@@ -176,6 +183,9 @@ class PredictedPoses:
     uncertainty: np.ndarray | None = None
     uncertainty_translation: np.ndarray | None = None
     expected_error: np.ndarray | None = None
+    # where the expected error came from: 'error model' or 'error heads' (the predictor's
+    # attribute expected_error_source); '' when the file names neither
+    expected_error_source: str = ""
     model: str = ""
 
 
@@ -305,6 +315,10 @@ def read_poses(
         poses.uncertainty = _optional(f, "uncertainty", n)
         poses.uncertainty_translation = _optional(f, "uncertainty_translation_mm", n)
         poses.expected_error = _optional(f, "expected_error_mm", n)
+        # A submission's attribute: only the two values ./predict writes are shown.
+        source = f.attrs.get("expected_error_source", "")
+        source = source.decode("utf-8", "replace") if isinstance(source, bytes) else str(source)
+        poses.expected_error_source = source if source in EXPECTED_ERROR_SOURCES else ""
         model = f.attrs.get("model", "")
         poses.model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
     return poses
