@@ -245,10 +245,8 @@ def score_models(
     members = load_members(weights)
     # The ensemble's expected error as ./predict writes it: from the error model when it
     # registers with one fitted for these members, else the members' error heads.
-    error_model = load_error_model(weights) if in_plane != "network" else None
-    if error_model is not None and not (
-        error_model.fits([m.info for m in members]) and error_model.in_plane in ("", in_plane)
-    ):
+    error_model = load_error_model(weights)
+    if error_model is not None and not error_model.serves([m.info for m in members], in_plane):
         error_model = None
     pair = load_members(baseline)
     # The baseline is "pair" in the tables whatever its member is called.

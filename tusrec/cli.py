@@ -554,7 +554,7 @@ def run_error_model(args) -> int:
             args.data,
             subjects,
             args.in_plane,
-            None if args.device == "auto" else args.device,
+            args.device,
             log=lambda line: print(f"error-model: {line}"),
         )
     except (WeightsError, TusrecDataError) as err:

@@ -120,7 +120,10 @@ def export_members(src: str | Path, dest: str | Path, top: int | None = None) ->
     src, dest = Path(src), Path(dest)
     if (dest / MANIFEST).exists():
         raise WeightsError(f"{dest / MANIFEST} exists: export into a new folder")
+    from tusrec.model.error_model import ERROR_MODEL, load_error_model
+
     members = ranked_by_validation(load_members(src))  # verifies every checksum
+    error_model = load_error_model(src)  # an unusable file stops the export before it writes
     if top is not None and not 1 <= top <= len(members):
         raise WeightsError(f"{src}: cannot pick {top} of its {len(members)} member(s)")
     keep = members[: top or len(members)]
@@ -129,10 +132,7 @@ def export_members(src: str | Path, dest: str | Path, top: int | None = None) ->
         shutil.copy2(src / m.info["file"], dest / m.info["file"])
     _write_manifest(dest, {"members": sorted((m.info for m in keep), key=lambda e: e["name"])})
     # The error model goes along only when it was fitted for exactly the members exported.
-    from tusrec.model.error_model import ERROR_MODEL, load_error_model
-
-    model = load_error_model(src)
-    if model is not None and model.fits([m.info for m in keep]):
+    if error_model is not None and error_model.fits([m.info for m in keep]):
         shutil.copy2(src / ERROR_MODEL, dest / ERROR_MODEL)
     return [m.name for m in keep]
 

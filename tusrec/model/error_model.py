@@ -91,6 +91,12 @@ class ErrorModel:
         mine = sorted((m["name"], m["sha256"]) for m in self.members)
         return mine == sorted((m["name"], m["sha256"]) for m in members)
 
+    def serves(self, members: list[dict], in_plane: str) -> bool:
+        """Whether a predictor of these members with this in-plane source uses it: only when
+        it registers, with the ensemble and the source the model was fitted for (its errors
+        are theirs; a file without a source serves any registration)."""
+        return in_plane != "network" and self.fits(members) and self.in_plane in ("", in_plane)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -136,10 +142,10 @@ def fit(samples: list[tuple[str | None, np.ndarray, np.ndarray]], min_transition
     samples: one per scan, (name, decorrelation (N-1, 2), error (N-1,) mm > 0). A kind with
     fewer than ``min_transitions`` transitions takes ANY_KIND's coefficients. The residual
     variance is the unbiased one (n - 3 degrees of freedom)."""
-    if sum(len(s[2]) for s in samples) < max(min_transitions, 4):
-        raise ValueError(
-            f"{sum(len(s[2]) for s in samples)} frame transitions: too few to fit an error model"
-        )
+    minimum = max(min_transitions, 4)  # 3 coefficients and a residual variance
+    total = sum(len(s[2]) for s in samples)
+    if total < minimum:
+        raise ValueError(f"{total} frame transitions: too few to fit an error model")
     groups: dict[str, list[int]] = {}
     for i, (name, _, _) in enumerate(samples):
         groups.setdefault(scan_kind(name), []).append(i)
@@ -150,9 +156,7 @@ def fit(samples: list[tuple[str | None, np.ndarray, np.ndarray]], min_transition
         y = np.log(
             np.maximum(np.concatenate([np.asarray(samples[i][2], np.float64) for i in groups[kind]]), 1e-9)
         )
-        if len(y) < max(min_transitions, 4):
-            if kind == ANY_KIND:
-                raise ValueError(f"{len(y)} frame transitions: too few to fit an error model")
+        if len(y) < minimum:  # never ANY_KIND, which holds them all
             continue
         c, *_ = np.linalg.lstsq(X, y, rcond=None)
         residual = y - X @ c

@@ -132,6 +132,23 @@ def _prepared(square: SquareFrames) -> tuple[np.ndarray, np.ndarray] | None:
     return mask, static_gain(square.frames, fov, square.pixel_mm)
 
 
+def _flattened_pair(frames: np.ndarray, k: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frames k + 1 (ECC's template) and k (its input) divided by the static gain ``flat``:
+    (h, w) float32 each."""
+    return frames[k + 1].astype(np.float32) / flat, frames[k].astype(np.float32) / flat
+
+
+def _each_pair(one, pairs: int, workers: int) -> None:
+    """Call ``one(k)`` for k = 0 .. pairs - 1, on ``workers`` threads when more than 1
+    (each pair is computed alone, so the results do not depend on the number)."""
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(pairs)))
+    else:
+        for k in range(pairs):
+            one(k)
+
+
 def pixel_warp(in_plane: np.ndarray, pixel_mm: np.ndarray, origin: np.ndarray) -> np.ndarray:
     """The (2, 3) float32 pixel warp of the square frames that is the rigid motion
     ``in_plane`` = (angle rad, tx mm, ty mm) in image mm.
@@ -187,8 +204,7 @@ def register_in_plane(
         if deadline is not None and time.perf_counter() > deadline:
             return
         warp = pixel_warp(result[k], pixel_mm, origin)
-        template = frames[k + 1].astype(np.float32) / flat
-        moving = frames[k].astype(np.float32) / flat
+        template, moving = _flattened_pair(frames, k, flat)
         try:
             _, warp = cv2.findTransformECC(template, moving, warp, cv2.MOTION_EUCLIDEAN, criteria, mask, 1)
         except cv2.error:
@@ -199,12 +215,7 @@ def register_in_plane(
         result[k] = (in_plane_angle(M), *(D @ warp[:, 2].astype(np.float64) + origin - M @ origin))
         registered[k] = True
 
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(n - 1)))
-    else:
-        for k in range(n - 1):
-            one(k)
+    _each_pair(one, n - 1, workers)
     return result, registered
 
 
@@ -274,8 +285,7 @@ def pair_decorrelation(square: SquareFrames, in_plane: np.ndarray, workers: int 
     h, w = frames.shape[1:]
 
     def one(k: int) -> None:
-        template = frames[k + 1].astype(np.float32) / flat
-        moving = frames[k].astype(np.float32) / flat
+        template, moving = _flattened_pair(frames, k, flat)
         warped = cv2.warpAffine(
             moving,
             pixel_warp(in_plane[k], square.pixel_mm, square.origin),
@@ -285,10 +295,5 @@ def pair_decorrelation(square: SquareFrames, in_plane: np.ndarray, workers: int 
         out[k, 0] = _decorrelation(template[inside], moving[inside])
         out[k, 1] = _decorrelation(template[inside], warped[inside])
 
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(n - 1)))
-    else:
-        for k in range(n - 1):
-            one(k)
+    _each_pair(one, n - 1, workers)
     return out

@@ -164,10 +164,8 @@ class Predictor:
         if workers is None:
             workers = 1 if self.device.type != "cpu" or self.batched else usable_cores()
         self.workers = max(1, workers)
-        # Only for the ensemble and the in-plane source it was fitted under: its errors are theirs.
-        fitted = error_model is not None and error_model.fits([m.info for m in self.members])
-        same_source = error_model is not None and error_model.in_plane in ("", in_plane)
-        self.error_model = error_model if fitted and same_source and in_plane != "network" else None
+        serves = error_model is not None and error_model.serves([m.info for m in self.members], in_plane)
+        self.error_model = error_model if serves else None
 
     @property
     def name(self) -> str:

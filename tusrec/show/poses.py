@@ -39,6 +39,7 @@ from tusrec.data import (
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, pixel_ddfs
 from tusrec.geometry import compose_local, local_from_global
 from tusrec.scoring.metrics import _norm_sums
+from tusrec.scoring.policy import read_attribute
 
 DENSE, COMPACT = "ddf", "transforms"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
@@ -315,9 +316,11 @@ def read_poses(
         poses.uncertainty = _optional(f, "uncertainty", n)
         poses.uncertainty_translation = _optional(f, "uncertainty_translation_mm", n)
         poses.expected_error = _optional(f, "expected_error_mm", n)
-        # A submission's attribute: only the two values ./predict writes are shown.
-        source = f.attrs.get("expected_error_source", "")
-        source = source.decode("utf-8", "replace") if isinstance(source, bytes) else str(source)
+        # A submission's attribute, read as the scorer reads them (size and shape checked,
+        # never raising); only the two values ./predict writes are shown.
+        source, _ = read_attribute(f, "expected_error_source")
+        if isinstance(source, bytes | np.bytes_):
+            source = bytes(source).decode("utf-8", "replace")
         poses.expected_error_source = source if source in EXPECTED_ERROR_SOURCES else ""
         model = f.attrs.get("model", "")
         poses.model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
