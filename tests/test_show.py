@@ -137,6 +137,8 @@ def test_the_expected_errors_source_is_shown_only_when_it_is_one_the_predictor_w
         ("$\\frac{", ""),  # matplotlib mathtext that would not parse
         ("x" * 10_000, ""),
         (np.arange(3), ""),
+        (np.array([(1, 2.0)], dtype=[("i", "i4"), ("f", "f8")]), ""),  # compound
+        (np.array(["error model"], dtype=h5py.string_dtype()), "error model"),  # variable-length, (1,)
     ]:
         path = tmp / "source.h5"
         _write_compact(path, glob, local, expected_error_mm=expected)

@@ -321,7 +321,9 @@ def read_poses(
         source, _ = read_attribute(f, "expected_error_source")
         if isinstance(source, bytes | np.bytes_):
             source = bytes(source).decode("utf-8", "replace")
-        poses.expected_error_source = source if source in EXPECTED_ERROR_SOURCES else ""
+        # (a str test first: `in` on a compound or reference value compares arrays, or raises)
+        known = isinstance(source, str) and source in EXPECTED_ERROR_SOURCES
+        poses.expected_error_source = str(source) if known else ""
         model = f.attrs.get("model", "")
         poses.model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
     return poses
