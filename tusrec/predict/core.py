@@ -310,7 +310,11 @@ class Predictor:
         missed = int((~registered).sum())
         notes = []
         if missed:
-            why = "the time limit" if time.perf_counter() > deadline else "no convergence"
+            why = (
+                "the time limit"
+                if time.perf_counter() > deadline
+                else "no convergence, or less alike than with the network's estimate"
+            )
             notes.append(
                 f"in-plane registration: {missed} of {len(registered)} frame pairs kept the "
                 f"network's estimate ({why})"
