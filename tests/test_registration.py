@@ -158,6 +158,20 @@ def test_a_correction_beyond_the_bound_keeps_the_start_even_when_more_alike(rng,
     assert np.allclose(kept[0, 1:], [0.5, -0.2]) and np.array_equal(kept[1], fitted[1])
 
 
+def test_the_manifest_says_why_pairs_kept_the_networks_estimate(dataset_factory, tmp_path, monkeypatch):
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_rotation",), 6)
+    data = open_data(root)
+    members = load_members(make_weights(tmp_path / "w"))
+    monkeypatch.setattr(registration, "REGISTRATION_MAX_CORRECTION_MM", 0.0)  # every correction refused
+    predictor = core.Predictor(members, "cpu", workers=1, in_plane="registration", time_limit_s=1e6)
+    row = predictor.predict_scan(data.scans[0], data.calibration, tmp_path / "r.h5")
+    assert row["status"] == "ok"
+    assert (
+        "5 of 5 frame pairs kept the network's estimate (no convergence, or a false optimum" in row["message"]
+    )
+    assert "more than 0 mm from it" in row["message"]
+
+
 def test_largest_displacement_is_the_largest_over_every_pixel(rng):
     """Against a brute force over every pixel of a 60 x 80 grid of 0.3 mm pixels."""
     square = registration.SquareFrames(
@@ -245,6 +259,36 @@ def test_the_predictor_takes_the_in_plane_motion_from_registration(dataset_facto
     assert len(fingerprints) == 3
     with pytest.raises(ValueError, match="in-plane source"):
         core.Predictor(members, "cpu", in_plane="optical flow")
+
+
+@pytest.mark.parametrize("workers, chunk", [(1, 64), (2, 3), (3, 1)])
+def test_the_predictor_reads_a_scan_once_for_its_members_and_the_registration(
+    dataset_factory, tmp_path, monkeypatch, workers, chunk
+):
+    """read_inputs gives the members' input and the registration's square frames from one
+    pass over the file, each equal bit for bit to reading them apart, on any threads and
+    chunks; predict_scan does not read the frames again."""
+    root = dataset_factory(tmp_path / "data", "eval", ("050",), ("LH_Par_C_DtP",), 9)
+    data = open_data(root)
+    scan, calib = data.scans[0], data.calibration
+    members = load_members(make_weights(tmp_path / "w"))
+    predictor = core.Predictor(members, "cpu", workers=workers, chunk=chunk, in_plane="registration")
+    frames, square = predictor.read_inputs(scan, calib)
+    alone = square_frames([scan.read_frames()], calib)
+    assert np.array_equal(frames, predictor.read_preprocessed(scan))
+    assert np.array_equal(square.frames, alone.frames)
+    assert np.array_equal(square.pixel_mm, alone.pixel_mm) and np.array_equal(square.origin, alone.origin)
+    assert predictor.read_inputs(scan)[1] is None
+    reads = []
+    real = type(scan).iter_frames
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(scan), "iter_frames", counted)
+    assert predictor.predict_scan(scan, calib, tmp_path / "p.h5")["status"] == "ok"
+    assert not reads  # the registration used the frames read for the members
 
 
 def test_pairs_left_at_the_deadline_keep_the_networks_estimate_and_the_manifest_says_so(

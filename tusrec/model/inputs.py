@@ -8,6 +8,7 @@ read_scan_input, so a member trains on exactly the inputs it is later given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -153,6 +154,9 @@ class ScanInput:
     frames: np.ndarray
     decorrelation: dict[int, np.ndarray]
     box: tuple[int, int, int, int]
+    # read_scan_input's ``also``: its result on every chunk of full-resolution frames,
+    # concatenated in frame order (None without it)
+    also: np.ndarray | None = None
 
     def network_input(self, steps: int = 1) -> np.ndarray:
         """(N, C, h, w) float32: normalised frames, then the decorrelation channels of frame
@@ -167,7 +171,12 @@ class ScanInput:
 
 
 def read_scan_input(
-    scan, size: tuple[int, int], steps: tuple[int, ...] = (1,), chunk: int = 64, workers: int = 1
+    scan,
+    size: tuple[int, int],
+    steps: tuple[int, ...] = (1,),
+    chunk: int = 64,
+    workers: int = 1,
+    also: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ScanInput:
     """Read a scan (data.Scan) chunk by chunk into a ScanInput of input size ``size`` (h, w),
     with decorrelation maps for each frame step in ``steps`` (none when empty).
@@ -175,7 +184,11 @@ def read_scan_input(
     ``workers`` chunks are read and preprocessed at a time, in threads (OpenCV and numpy
     release the GIL): each chunk reads the max(steps) frames before it as well, so the
     result is the same, bit for bit, whatever ``workers`` and ``chunk``. At most
-    ``workers`` chunks of full-resolution frames are in memory at a time."""
+    ``workers`` chunks of full-resolution frames are in memory at a time.
+
+    also: a per-frame function of a chunk (n, H, W) uint8 -> (n, ...), run on the same
+    full-resolution frames (ScanInput.also), so that whoever needs the scan another way
+    (the predictor's registration) does not read it a second time."""
     from concurrent.futures import ThreadPoolExecutor
 
     box = field_of_view_box(scan.read_frames(0, min(scan.n_frames, FOV_FRAMES)))
@@ -185,7 +198,8 @@ def read_scan_input(
         lo = max(0, start - keep)
         frames = scan.read_frames(lo, start + chunk)
         before, part = (frames[: start - lo] if start > lo else None), frames[start - lo :]
-        return preprocess_u8(part, box, size), decorrelation_u8(part, box, size, steps, before)
+        extra = also(part) if also is not None else None
+        return preprocess_u8(part, box, size), decorrelation_u8(part, box, size, steps, before), extra
 
     starts = range(0, scan.n_frames, chunk)
     if workers > 1:
@@ -193,9 +207,10 @@ def read_scan_input(
             parts = list(pool.map(one, starts))
     else:
         parts = [one(s) for s in starts]
-    frames = np.concatenate([f for f, _ in parts])
-    decorrelation = {k: fill_scan_start(np.concatenate([m[k] for _, m in parts]), k) for k in steps}
-    return ScanInput(frames, decorrelation, box)
+    frames = np.concatenate([f for f, _, _ in parts])
+    decorrelation = {k: fill_scan_start(np.concatenate([m[k] for _, m, _ in parts]), k) for k in steps}
+    extra = np.concatenate([e for _, _, e in parts]) if also is not None else None
+    return ScanInput(frames, decorrelation, box, extra)
 
 
 def global_indices(n_frames: int, count: int) -> np.ndarray:

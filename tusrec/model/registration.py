@@ -81,6 +81,38 @@ class SquareFrames:
     origin: np.ndarray  # (2,) mm
 
 
+def square_size(
+    image_size: tuple[int, int], calib: Calibration, spacing_mm: float = REGISTRATION_SPACING_MM
+) -> tuple[int, int]:
+    """(h', w') of a frame of ``image_size`` (H, W) resampled to square pixels of
+    ``spacing_mm``."""
+    sx, sy = calib.pixel_spacing_mm
+    height, width = image_size
+    return max(8, round(height * sy / spacing_mm)), max(8, round(width * sx / spacing_mm))
+
+
+def resample_square(block: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Frames (n, H, W) uint8 -> (n, h', w') uint8 of ``size`` (square_size) by area
+    averaging, frame by frame (so any split of a scan into blocks gives the same frames)."""
+    h2, w2 = size
+    small = np.empty((len(block), h2, w2), np.uint8)
+    for i, frame in enumerate(block):
+        small[i] = cv2.resize(frame, (w2, h2), interpolation=cv2.INTER_AREA)
+    return small
+
+
+def square_grid(frames: np.ndarray, image_size: tuple[int, int], calib: Calibration) -> SquareFrames:
+    """Resampled frames (n, h', w') (resample_square) of a scan of ``image_size`` (H, W),
+    with where their pixels lie in image mm."""
+    height, width = image_size
+    h2, w2 = frames.shape[1:]
+    ratio = np.array([width / w2, height / h2])
+    # cv2.resize: destination pixel u samples source 0-based x = (u + 0.5) * W / W' - 0.5,
+    # and source pixel x is at (x + 1) * s mm.
+    spacing = np.array(calib.pixel_spacing_mm, np.float64)
+    return SquareFrames(frames, spacing * ratio, spacing * ((ratio - 1.0) / 2.0 + 1.0))
+
+
 def square_frames(
     chunks: Iterable[np.ndarray], calib: Calibration, spacing_mm: float = REGISTRATION_SPACING_MM
 ) -> SquareFrames:
@@ -89,24 +121,15 @@ def square_frames(
     chunks: consecutive (n_i, H, W) uint8 blocks of one scan (the whole scan as one
     block, or Scan.iter_frames' blocks, so that a long scan is never held at native size).
     """
-    sx, sy = calib.pixel_spacing_mm
-    out, ratio = [], None
+    out, image_size = [], None
     for block in chunks:
-        _, height, width = block.shape
-        if ratio is None:
-            w2 = max(8, round(width * sx / spacing_mm))
-            h2 = max(8, round(height * sy / spacing_mm))
-            ratio = np.array([width / w2, height / h2])
-        small = np.empty((len(block), h2, w2), np.uint8)
-        for i, frame in enumerate(block):
-            small[i] = cv2.resize(frame, (w2, h2), interpolation=cv2.INTER_AREA)
-        out.append(small)
-    if ratio is None:
+        if image_size is None:
+            image_size = block.shape[1:]
+            size = square_size(image_size, calib, spacing_mm)
+        out.append(resample_square(block, size))
+    if image_size is None:
         raise ValueError("no frames to register")
-    # cv2.resize: destination pixel u samples source 0-based x = (u + 0.5) * W / W' - 0.5,
-    # and source pixel x is at (x + 1) * s mm.
-    spacing = np.array([sx, sy])
-    return SquareFrames(np.concatenate(out), spacing * ratio, spacing * ((ratio - 1.0) / 2.0 + 1.0))
+    return square_grid(np.concatenate(out), image_size, calib)
 
 
 def registration_mask(fov: np.ndarray, pixel_mm: np.ndarray, margin_mm: float = REGISTRATION_MARGIN_MM):

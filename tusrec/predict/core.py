@@ -46,6 +46,7 @@ from tusrec.data import (
 )
 from tusrec.ddf import write_predictions
 from tusrec.geometry import Calibration, compose_local
+from tusrec.model import registration
 from tusrec.model.ensemble import (
     Member,
     MemberOutput,
@@ -60,10 +61,14 @@ from tusrec.model.inputs import scan_code
 from tusrec.model.registration import (
     DEFAULT_IN_PLANE,
     IN_PLANE_SOURCES,
+    SquareFrames,
     keeps_sweep_tx,
     pair_decorrelation,
     register_in_plane,
+    resample_square,
     square_frames,
+    square_grid,
+    square_size,
     with_in_plane,
 )
 
@@ -73,12 +78,13 @@ DEFAULT_TIME_LIMIT_S = 120.0
 DDF_WRITE_FRAMES_PER_S = 40.0
 RESERVE_FACTOR = 1.5
 RESERVE_MARGIN_S = 2.0
-# Registration seconds a frame pair on one core at 480 x 640, resampling included: 5.5 ms
-# of ECC and 0.9 ms of resampling, measured on this kit's 2-core CPU (make bench,
-# "registration"), and 0.4-0.5 ms of the pair's decorrelation for the error model (the
-# same bench); the members' deadline keeps this, with the
-# reserve's safety factor, for the registration that follows them.
-REGISTRATION_S_PER_PAIR = 0.0069
+# Registration seconds a frame pair on one core at 480 x 640: 4.9-5.5 ms of ECC (its
+# false-optimum check included), measured on this kit's 2-core CPU (make bench,
+# "registration"), and 0.35-0.5 ms of the pair's decorrelation for the error model (the
+# same bench); the members' deadline keeps this, with the reserve's safety factor, for the
+# registration that follows them. The resampling (0.9-1.0 ms a frame) is not in it: it
+# happens while the scan is read for the members (Predictor.read_inputs).
+REGISTRATION_S_PER_PAIR = 0.0060
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -186,11 +192,28 @@ class Predictor:
 
     def read_preprocessed(self, scan: Scan) -> np.ndarray:
         """The scan as the members' input: (N, C, h, w) float32 (ScanInput.network_input)."""
+        return self.read_inputs(scan)[0]
+
+    def read_inputs(
+        self, scan: Scan, calib: Calibration | None = None
+    ) -> tuple[np.ndarray, SquareFrames | None]:
+        """The members' input (read_preprocessed) and, with ``calib``, the scan's frames
+        resampled for registration (registration.square_frames, the same frames bit for
+        bit), from one read of the scan. Returns ((N, C, h, w) float32, SquareFrames or None)."""
         cfg = self.members[0].cfg
         m = decorrelation_steps(self.members)
-        return read_scan_input(
-            scan, cfg.input_size, tuple(range(1, m + 1)), self.chunk, self.workers
-        ).network_input(m)
+        resample = None
+        if calib is not None:
+            size = square_size(scan.shape[1:], calib)
+
+            def resample(block: np.ndarray) -> np.ndarray:
+                return resample_square(block, size)
+
+        inputs = read_scan_input(
+            scan, cfg.input_size, tuple(range(1, m + 1)), self.chunk, self.workers, resample
+        )
+        square = square_grid(inputs.also, scan.shape[1:], calib) if calib is not None else None
+        return inputs.network_input(m), square
 
     def predict_local(
         self, frames: np.ndarray, deadline: float, code: np.ndarray | None = None
@@ -299,13 +322,21 @@ class Predictor:
         return results, stopped
 
     def register(
-        self, scan: Scan, calib: Calibration, local: np.ndarray, deadline: float, decorrelation: bool = False
+        self,
+        scan: Scan,
+        calib: Calibration,
+        local: np.ndarray,
+        deadline: float,
+        decorrelation: bool = False,
+        square: SquareFrames | None = None,
     ) -> tuple[np.ndarray, str, np.ndarray | None]:
         """``local`` (N-1, 4, 4) with its in-plane part from registration (started from it)
         where a pair registered by ``deadline``; a note on the pairs that did not; and with
         ``decorrelation``, each pair's decorrelation before and after the registered motion
-        (registration.pair_decorrelation, (N-1, 2); None past the deadline or without)."""
-        square = square_frames((block for _, block in scan.iter_frames()), calib)
+        (registration.pair_decorrelation, (N-1, 2); None past the deadline or without).
+        ``square``: the scan's square frames if read already (read_inputs), else read here."""
+        if square is None:
+            square = square_frames((block for _, block in scan.iter_frames()), calib)
         fitted, registered = register_in_plane(square, local, deadline, self.workers)
         missed = int((~registered).sum())
         notes = []
@@ -313,7 +344,10 @@ class Predictor:
             why = (
                 "the time limit"
                 if time.perf_counter() > deadline
-                else "no convergence, or less alike than with the network's estimate"
+                else (
+                    "no convergence, or a false optimum: less alike than the network's estimate, "
+                    f"or more than {registration.REGISTRATION_MAX_CORRECTION_MM:g} mm from it"
+                )
             )
             notes.append(
                 f"in-plane registration: {missed} of {len(registered)} frame pairs kept the "
@@ -340,7 +374,7 @@ class Predictor:
             deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
             registering = self.in_plane != "network"
             reserve = registration_reserve_s(n, (h, w), self.workers) if registering else 0.0
-            frames = self.read_preprocessed(scan)
+            frames, square = self.read_inputs(scan, calib if registering else None)
             t_read = time.perf_counter()
             pred = self.predict_local(frames, deadline - reserve, scan_code(scan.name))
             t_network = time.perf_counter()
@@ -349,7 +383,7 @@ class Predictor:
             expected_source = EXPECTED_ERROR_SOURCES[1]  # the members' heads, unless the model serves
             if registering:
                 with_model = self.error_model is not None and pred.uncertainty is not None
-                local, note, residual = self.register(scan, calib, pred.local, deadline, with_model)
+                local, note, residual = self.register(scan, calib, pred.local, deadline, with_model, square)
                 pred.local = local
                 if residual is not None:
                     pred.expected_error_mm = self.error_model.expected_error_mm(residual, scan.name)

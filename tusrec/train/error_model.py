@@ -81,10 +81,9 @@ def fit_for_weights(
             if scan.subject not in subjects:
                 continue
             _, true_local = frame_transforms(scan.read_tforms(), calib)
-            pred = predictor.predict_local(
-                predictor.read_preprocessed(scan), float("inf"), scan_code(scan.name)
-            )
-            local, _, residual = predictor.register(scan, calib, pred.local, float("inf"), decorrelation=True)
+            frames, square = predictor.read_inputs(scan, calib)
+            pred = predictor.predict_local(frames, float("inf"), scan_code(scan.name))
+            local, _, residual = predictor.register(scan, calib, pred.local, float("inf"), True, square)
             error = frame_pixel_errors(local, true_local, calib.T_scale, scan.image_size)
             samples.append((scan.subject, scan.name, residual, error))
             log(f"{scan.key}: {len(error)} transitions, mean error {error.mean():.3f} mm")
