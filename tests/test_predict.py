@@ -359,13 +359,13 @@ def test_rerun_in_the_other_form_redoes_the_files(data_root, weights, tmp_path):
 
 
 def test_an_overrun_is_marked_in_the_manifest(data_root, weights, tmp_path, monkeypatch):
-    real = core.Predictor.read_preprocessed
+    real = core.Predictor.read_inputs
 
-    def slow_read(self, scan):
+    def slow_read(self, scan, calib=None):
         time.sleep(0.3)  # past the limit before the network could even start
-        return real(self, scan)
+        return real(self, scan, calib)
 
-    monkeypatch.setattr(core.Predictor, "read_preprocessed", slow_read)
+    monkeypatch.setattr(core.Predictor, "read_inputs", slow_read)
     rows = predict_folder(
         data_root, tmp_path / "pred", weights, "cpu", time_limit_s=0.2, keys=open_data(data_root).keys[:1]
     )
