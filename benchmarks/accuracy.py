@@ -277,6 +277,9 @@ def score_models(
         preds["ensemble"] = (network_mean, sum(preds[m.name][1] for m in members) + time.perf_counter() - t0)
         expected_error = combined.expected_error_mm
         if in_plane != "network":
+            # Read again rather than with the networks' input (as ./predict does, through
+            # read_scan_input's ``also``): read_s is every model's runtime, the baseline's too,
+            # which does not register.
             square = square_frames((block for _, block in scan.iter_frames()), data.calibration)
             for label in [m.name for m in members] + ["ensemble"]:
                 t0 = time.perf_counter()

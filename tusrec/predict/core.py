@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -202,13 +203,9 @@ class Predictor:
         bit), from one read of the scan. Returns ((N, C, h, w) float32, SquareFrames or None)."""
         cfg = self.members[0].cfg
         m = decorrelation_steps(self.members)
-        resample = None
-        if calib is not None:
-            size = square_size(scan.shape[1:], calib)
-
-            def resample(block: np.ndarray) -> np.ndarray:
-                return resample_square(block, size)
-
+        resample = (
+            None if calib is None else partial(resample_square, size=square_size(scan.shape[1:], calib))
+        )
         inputs = read_scan_input(
             scan, cfg.input_size, tuple(range(1, m + 1)), self.chunk, self.workers, resample
         )

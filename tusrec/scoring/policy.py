@@ -310,7 +310,9 @@ def read_attribute(f: h5py.File, name: str):
     return value, None
 
 
-def _as_text(value) -> str | None:
+def as_text(value) -> str | None:
+    """An attribute's value as text (bytes decoded, invalid UTF-8 replaced); None when it
+    is not a string."""
     if isinstance(value, bytes | np.bytes_):
         return bytes(value).decode("utf-8", errors="replace")
     if isinstance(value, str | np.str_):
@@ -336,14 +338,14 @@ def read_attributes(f: h5py.File) -> FileAttributes:
     if problem:
         out.notes.append(problem)
     elif value is not None:
-        text = _as_text(value)
+        text = as_text(value)
         out.model = clean_text(text if text is not None else str(value), MAX_MODEL_CHARS)
     value, problem = read_attribute(f, "form")
     if problem:
         out.form = "unreadable"
         out.notes.append(problem)
     elif value is not None:
-        text = _as_text(value)
+        text = as_text(value)
         out.form = clean_text(text, 40) if text is not None else f"not a string ({type(value).__name__})"
     return out
 
@@ -445,7 +447,7 @@ def parse_declared(row) -> Declared:
         return out
     status = _cell(row, "status")
     if not _missing(status):
-        text = _as_text(status)
+        text = as_text(status)
         text = text.strip().lower() if text is not None else None
         if text in DECLARED_STATUSES:
             out.status = text

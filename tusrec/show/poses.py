@@ -39,7 +39,7 @@ from tusrec.data import (
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, pixel_ddfs
 from tusrec.geometry import compose_local, local_from_global
 from tusrec.scoring.metrics import _norm_sums
-from tusrec.scoring.policy import read_attribute
+from tusrec.scoring.policy import as_text, read_attribute, read_attributes
 
 DENSE, COMPACT = "ddf", "transforms"
 TRANSFORM_SETS = ("transforms_global", "transforms_local")
@@ -316,14 +316,10 @@ def read_poses(
         poses.uncertainty = _optional(f, "uncertainty", n)
         poses.uncertainty_translation = _optional(f, "uncertainty_translation_mm", n)
         poses.expected_error = _optional(f, "expected_error_mm", n)
-        # A submission's attribute, read as the scorer reads them (size and shape checked,
-        # never raising); only the two values ./predict writes are shown.
-        source, _ = read_attribute(f, "expected_error_source")
-        if isinstance(source, bytes | np.bytes_):
-            source = bytes(source).decode("utf-8", "replace")
-        # (a str test first: `in` on a compound or reference value compares arrays, or raises)
-        known = isinstance(source, str) and source in EXPECTED_ERROR_SOURCES
-        poses.expected_error_source = str(source) if known else ""
-        model = f.attrs.get("model", "")
-        poses.model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
+        # A submission's attributes, read as the scorer reads them (size and shape checked,
+        # never raising); of the expected error's source only the two values ./predict
+        # writes are shown.
+        source = as_text(read_attribute(f, "expected_error_source")[0])
+        poses.expected_error_source = source if source in EXPECTED_ERROR_SOURCES else ""
+        poses.model = read_attributes(f).model
     return poses
