@@ -175,6 +175,12 @@ def _flattened_pair(frames: np.ndarray, k: int, flat: np.ndarray) -> tuple[np.nd
     return frames[k + 1].astype(np.float32) / flat, frames[k].astype(np.float32) / flat
 
 
+def rotation_2d(angle: float) -> np.ndarray:
+    """The (2, 2) rotation by ``angle`` rad about the image normal."""
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s], [s, c]])
+
+
 def image_corners_mm(square: SquareFrames) -> np.ndarray:
     """The 4 corner pixels of the square frames in image mm: (4, 2)."""
     h, w = square.frames.shape[1:]
@@ -188,8 +194,7 @@ def largest_displacement_mm(a: np.ndarray, b: np.ndarray, points_mm: np.ndarray)
     corners this is the largest over the whole image (the norm of an affine map is convex)."""
 
     def moved(q):
-        c, s = np.cos(q[0]), np.sin(q[0])
-        return points_mm @ np.array([[c, s], [-s, c]]) + np.asarray(q[1:3])
+        return points_mm @ rotation_2d(q[0]).T + np.asarray(q[1:3])
 
     return float(np.linalg.norm(moved(a) - moved(b), axis=1).max())
 
@@ -214,7 +219,7 @@ def pixel_warp(in_plane: np.ndarray, pixel_mm: np.ndarray, origin: np.ndarray) -
     (frame i-1), which is T(i->i-1)."""
     angle, t = in_plane[0], np.asarray(in_plane[1:3], np.float64)
     D, Dinv = np.diag(pixel_mm), np.diag(1.0 / pixel_mm)
-    R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    R = rotation_2d(angle)
     warp = np.zeros((2, 3), np.float32)
     warp[:, :2] = Dinv @ R @ D
     warp[:, 2] = Dinv @ (R @ origin + t - origin)
