@@ -58,8 +58,8 @@ test-slurm: setup
 		rc=$$?; scripts/slurm-one-node.sh down; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check tusrec tests benchmarks
-	$(VENV)/bin/ruff format --check tusrec tests benchmarks
+	$(VENV)/bin/ruff check tusrec tests benchmarks research scripts
+	$(VENV)/bin/ruff format --check tusrec tests benchmarks research scripts
 	$(VENV)/bin/hadolint Dockerfile
 
 bench: setup

@@ -3,15 +3,15 @@
 # 4 more seeds of the shipped recipe (len0, len1, len4, len7) and 4 frame-pair members
 # bagged like the shipped ones (pairb2, pairb3, pairb5, pairb6), all with error heads,
 # then every make-up scored on the validation subject 011 at its own lengths and at the
-# benchmark's 300 frames (benchmarks/validation-diversity*.json). Run after
+# benchmark's 300 frames (research/validation-diversity*.json). Run after
 # scripts/train-shipped.sh, on its data and cache; 2026-12-04 on the 2-core CPU: 745-774 s
 # of training a seed member, 652-748 s a pair member (2 side by side), each validation
 # run about 16-26 min (2 side by side).
 # Then (2026-12-05) a second validation subject, 012, for the 4 len + 4 pair make-up
-# (benchmarks/validation-012-rule.md), and the shipped 4 trained with a 4,500-step
-# schedule (benchmarks/validation-long-rule.md; about 34 min a run, 2 side by side).
+# (research/validation-012-rule.md), and the shipped 4 trained with a 4,500-step
+# schedule (research/validation-long-rule.md; about 34 min a run, 2 side by side).
 # Then (2026-12-05, later) multi-step decorrelation and a clip-length curriculum
-# (benchmarks/validation-multistep-rule.md, validation-curriculum-rule.md).
+# (research/validation-multistep-rule.md, validation-curriculum-rule.md).
 #
 #   bash scripts/train-diversity.sh [RUNS]      # RUNS as for train-shipped.sh (default runs/)
 set -euo pipefail
@@ -50,9 +50,9 @@ P4=pairs/pairb2,pairs/pairb3,pairs/pairb5,pairs/pairb6
 args=(--weights weights "$RUNS/ens/extra" "$RUNS/pairhead" "$RUNS/ens/pairs" --top
   --combo "len4-shipped=$L4" --combo "len8=$L4,$X4" --combo "len4+pair0=$L4,pairhead/pair0"
   --combo "len8+pair0=$L4,$X4,pairhead/pair0" --combo "pairb4=$P4" --combo "len4+pairb4=$L4,$P4")
-.venv/bin/python -m benchmarks.validation "$DATA" --cache "$RUNS/cache" "${args[@]}" \
+.venv/bin/python -m research.validation "$DATA" --cache "$RUNS/cache" "${args[@]}" \
   --out "$RUNS/validation-diversity.json" &
-.venv/bin/python -m benchmarks.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${args[@]}" \
+.venv/bin/python -m research.validation "$RUNS/sim011-300" --cache "$RUNS/cache300" "${args[@]}" \
   --out "$RUNS/validation-diversity-300-frames.json"
 wait
 
@@ -63,16 +63,16 @@ $T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --no-la
 $T simulate "$RUNS/sim012-300" --layout train --subjects 12 --frames 300 --protocol 2025 --no-landmarks
 v012=(--weights weights "$RUNS/ens/pairs" --subjects 012 --top --combo "len4-shipped=$L4"
   --combo "len4+pairb4=$L4,$P4")
-.venv/bin/python -m benchmarks.validation "$RUNS/sim012" --cache "$RUNS/cache012" "${v012[@]}" \
+.venv/bin/python -m research.validation "$RUNS/sim012" --cache "$RUNS/cache012" "${v012[@]}" \
   --out "$RUNS/validation-012.json" &
-.venv/bin/python -m benchmarks.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" "${v012[@]}" \
+.venv/bin/python -m research.validation "$RUNS/sim012-300" --cache "$RUNS/cache012-300" "${v012[@]}" \
   --out "$RUNS/validation-012-300-frames.json"
 wait
 
 # The shipped 4 retrained with one change each (a lever of the README's Levers table; the
 # same seeds, left-out subjects and data as train-shipped.sh), their error heads fitted,
 # then scored on 011 and 012, at their own lengths and at 300 frames, under the rule
-# committed before the runs (benchmarks/validation-NAME-rule.md): RUNS/validation-NAME*.json.
+# committed before the runs (research/validation-NAME-rule.md): RUNS/validation-NAME*.json.
 variant() {  # name config cache-frame-steps [train arguments...]
   local v=$1 config=$2 steps=$3
   shift 3
@@ -88,7 +88,7 @@ variant() {  # name config cache-frame-steps [train arguments...]
   wait
   $T error-head "$RUNS/$v/weights" "$DATA" --cache "$RUNS/cache" --threads 1 >> "$RUNS/error-head.log" 2>&1
   score() {  # data cache subject suffix
-    .venv/bin/python -m benchmarks.validation "$1" --cache "$2" --subjects "$3" \
+    .venv/bin/python -m research.validation "$1" --cache "$2" --subjects "$3" \
       --weights "$RUNS/$v/weights" --steps "$steps" --top --out "$RUNS/validation-$v$4.json"
   }
   # 2 chains of about equal length: a 300-frame run and an own-length one each
@@ -98,11 +98,11 @@ variant() {  # name config cache-frame-steps [train arguments...]
   score "$DATA" "$RUNS/cache" 011 ""
   wait
 }
-# A 4,500-step schedule (benchmarks/validation-long-rule.md).
+# A 4,500-step schedule (research/validation-long-rule.md).
 variant long configs/member.json 1,2 --steps 4500
-# Multi-step decorrelation (benchmarks/validation-multistep-rule.md): maps of frame steps
+# Multi-step decorrelation (research/validation-multistep-rule.md): maps of frame steps
 # 1 and 2, so the cache holds frame steps 1, 2 and 4, and the validation reads them.
 variant multistep configs/member-multistep.json 1,2,4
-# A clip-length curriculum (benchmarks/validation-curriculum-rule.md): clips of 8, then
+# A clip-length curriculum (research/validation-curriculum-rule.md): clips of 8, then
 # 16, then 24 frames.
 variant curriculum configs/member-curriculum.json 1,2

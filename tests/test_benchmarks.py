@@ -14,8 +14,8 @@ from benchmarks.accuracy import (
     partial_spearman,
     uncertainty_rho,
 )
-from benchmarks.observable import in_plane, name_signs_tz
-from benchmarks.validation import dofs, parse_combos, recovery
+from research.observable import in_plane, name_signs_tz
+from research.validation import dofs, parse_combos, recovery
 from tusrec.ddf import pixel_ddfs
 from tusrec.geometry import default_calibration, frame_transforms
 
@@ -181,13 +181,13 @@ def test_combos_name_members_as_printed_and_refuse_unknown_or_malformed_ones():
 
 
 def test_validation_tool_scores_what_predict_writes(dataset_factory, tmp_path):
-    """benchmarks.validation end to end on a tiny data folder: each member's and the
+    """research.validation end to end on a tiny data folder: each member's and the
     mean's GPE per scan are the dense ground-truth DDF distance of the GP that ./predict
     writes for the same members (the evaluator's formula), with either in-plane source
     of registration as well, and the identity's is the true GP's own size."""
     import json
 
-    from benchmarks.validation import main
+    from research.validation import main
     from tests.test_predict import make_weights
     from tusrec.data import open_data
     from tusrec.model import ensemble

@@ -3,7 +3,7 @@
 The members learn the main motion that the scan's name and the speckle decorrelation give
 (tx of a parallel sweep, tz of a perpendicular one) and nothing of the rest of the in-plane
 motion: their recovery of ty and rz, and of tx outside the parallel sweeps, is about 0
-(``benchmarks.validation``). That motion lies in the image plane, where the speckle and the
+(``research.validation``). That motion lies in the image plane, where the speckle and the
 anatomy move with the tissue, so classical registration measures it directly. Each pair
 of neighbouring frames is registered by OpenCV's enhanced correlation coefficient
 (``cv2.findTransformECC``, Euclidean motion), started from the network's own estimate, and

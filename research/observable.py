@@ -1,9 +1,9 @@
 """What a model can reach when nothing tells it the sign of out-of-plane motion, on held-out SYNTHETIC scans.
 
-    python -m benchmarks.observable [--data bench-data/accuracy] [--subjects 100,101]
+    python -m research.observable [--data bench-data/accuracy] [--subjects 100,101]
 
 Speckle decorrelation says how far the image plane moved out of itself, never in which
-direction (`benchmarks.cues`). The name of a 2024 sweep gives its direction, and with it
+direction (`research.cues`). The name of a 2024 sweep gives its direction, and with it
 the sign of the out-of-plane translation tz of a perpendicular sweep (the shipped members
 use it). The name of a 2025 rotation scan (`LH_rotation`) says nothing about the sign of
 its fan (a tilt about the image x axis: rx) or its turn (about the probe axis, image y:
@@ -35,7 +35,7 @@ parallel sweeps and the rotation scans). The mean absolute motion per component 
 tz mm, rx, ry, rz degrees per transition) says which parts carry each kind of scan.
 
 Uses ``make bench-accuracy``'s held-out data (simulated first if missing); writes
-benchmarks/observable.json and benchmarks/observable.md.
+research/observable.json and research/observable.md.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def name_signs_tz(pattern) -> bool:
 def score_oracles(folder: str) -> tuple[list[dict], list[np.ndarray]]:
     """Every oracle's errors on every scan of one data folder (rows of model, key, ...), and
     per scan the true motion per transition (N-1, 6): tx, ty, tz (mm), rx, ry, rz (deg)."""
-    from benchmarks.validation import dofs
+    from research.validation import dofs
     from tusrec.data import open_data
     from tusrec.geometry import frame_transforms
     from tusrec.scoring.score import scan_row
@@ -119,7 +119,7 @@ def markdown(summary: dict[str, pd.DataFrame], motion: dict[str, dict], meta: di
         f"SYNTHETIC data: simulated held-out subjects {', '.join(meta['subjects'])} "
         f"({meta['scans_2024']} sweeps of the 2024 protocol, {meta['scans_2025']} rotation scans "
         f"of 2025, {meta['frames']} frames each). Oracles from the true motion "
-        "(benchmarks/observable.py). Errors in mm (mean over scans), FS/GS/LS under identity "
+        "(research/observable.py). Errors in mm (mean over scans), FS/GS/LS under identity "
         "normalisation.",
         "",
     ]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", default="100,101")
     p.add_argument("--frames", type=int, default=300, help="frames a scan when simulating (default 300)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "observable.json")
+    p.add_argument("--out", type=Path, default=ROOT / "research" / "observable.json")
     args = p.parse_args(argv)
     subjects = [int(s) for s in args.subjects.split(",")]
     folders = [args.data / f"{protocol}-{s}" for s in subjects for protocol in ("2024", "2025")]

@@ -1,6 +1,6 @@
 """Members and ensembles on the VALIDATION subject: what each recovers of each motion.
 
-    python -m benchmarks.validation DATA --cache DIR --weights W1 [W2 ...] [--out F.json]
+    python -m research.validation DATA --cache DIR --weights W1 [W2 ...] [--out F.json]
 
 The tool for choosing levers (never the benchmark's subjects): every member of the
 weights folders is run on the held-out validation scans of DATA (subject 011 unless
@@ -14,7 +14,7 @@ validation: ensemble.ranked_by_validation) it reports
   rx, ry, rz (rotation vector, rad), per scan kind (Par and Per sweeps, rotation scans):
   1 = the motion is recovered, 0 = not at all, 0.45 = 45 % of it;
 * the correlation of the members' frame-to-frame point errors (how alike their errors are),
-  against the true motion and against its *observable* part (``benchmarks.observable``'s
+  against the true motion and against its *observable* part (``research.observable``'s
   ``in-plane + named tz`` oracle: the in-plane motion, plus tz on the perpendicular
   sweeps, whose sign the name gives): out-of-plane motion that nothing signs is predicted
   as 0 by every member, an error they share by construction, which the second
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.accuracy import frame_point_errors, member_disagreement, uncertainty_rho
-    from benchmarks.observable import in_plane, name_signs_tz
+    from research.observable import in_plane, name_signs_tz
     from tusrec.data import ScanPattern, open_data, parse_scan_key
     from tusrec.geometry import compose_local
     from tusrec.model.ensemble import (

@@ -1,6 +1,6 @@
 """What the inputs say about the motion, without any network: the cue a frame pair lacks.
 
-    python -m benchmarks.cues DATA --cache DIR [--subjects 011] [--out F.json]
+    python -m research.cues DATA --cache DIR [--subjects 011] [--out F.json]
 
 For every frame transition of the chosen subjects' scans (the training cache's inputs,
 SYNTHETIC data), per scan kind and direction of the name (Par/Per sweeps, DtP/PtD;
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = tuple(int(k) for k in args.steps.split(","))
     data = load_cache(args.data, size, keys, False, steps, args.cache)
 
-    from benchmarks.validation import dofs
+    from research.validation import dofs
 
     groups: dict[str, dict[str, list]] = {}
     for scan in data.scans:
