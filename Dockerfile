@@ -77,8 +77,8 @@ CMD ["evaluate", "--help"]
 # else. These are the modules it imports (tusrec.predict never imports scoring, ranking, harness, train or
 # simulate; tests/test_containers.py checks this list against what it really imports).
 FROM libs AS submission
-COPY tusrec/__init__.py tusrec/__main__.py tusrec/cli.py tusrec/data.py tusrec/geometry.py tusrec/ddf.py \
-     /opt/tusrec/tusrec/
+COPY tusrec/__init__.py tusrec/__main__.py tusrec/cli.py tusrec/options.py tusrec/data.py tusrec/geometry.py \
+     tusrec/ddf.py /opt/tusrec/tusrec/
 COPY tusrec/model /opt/tusrec/tusrec/model
 COPY tusrec/predict /opt/tusrec/tusrec/predict
 COPY .tusrec-command /opt/tusrec/.tusrec-command

@@ -248,6 +248,7 @@ def test_submission_stage_copies_what_the_predictor_imports_and_no_more():
     copied = _dockerfile_stage_copies("submission")
     code = (
         "import sys, tusrec.cli, tusrec.predict, tusrec.__main__\n"
+        "tusrec.cli.build_parser(['predict'])\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('tusrec'))))"
     )
     modules = subprocess.run(

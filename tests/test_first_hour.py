@@ -113,14 +113,14 @@ def test_an_unwritable_out_folder_is_one_line_not_a_traceback(command, eval_root
 def test_read_only_and_permission_errors_name_the_path(monkeypatch, capsys):
     import errno
 
-    from tusrec import cli
+    from tusrec import data_command
 
     for code, reason in ((errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")):
 
         def refuse(args, code=code, reason=reason):
             raise OSError(code, reason, "/data/out/metrics.csv")
 
-        monkeypatch.setattr(cli, "run_info", refuse)
+        monkeypatch.setattr(data_command, "run_info", refuse)
         assert main(["info", "/nowhere"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: /data/out/metrics.csv: {reason}")

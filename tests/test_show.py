@@ -283,11 +283,13 @@ def test_ordinals():
 
 
 def test_cli_defaults_are_the_modules_defaults():
-    from tusrec import cli
+    from tusrec.cli import build_parser
     from tusrec.show import command, volume
 
-    assert cli.SHOW_MAX_SCANS == command.DEFAULT_MAX_SCANS
-    assert (cli.SHOW_VOXEL_MM, cli.SHOW_MAX_VOXELS, cli.SHOW_PIXEL_STEP) == (
+    argv = ["evaluate", "show", "pred", "--data", "d", "--out", "o"]
+    args = build_parser(argv)[0].parse_args(argv)
+    assert args.max_scans == command.DEFAULT_MAX_SCANS
+    assert (args.voxel_mm, args.max_voxels, args.pixel_step) == (
         volume.DEFAULT_VOXEL_MM,
         volume.DEFAULT_MAX_VOXELS,
         volume.DEFAULT_PIXEL_STEP,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,3 +293,90 @@ def show_predictions(
     with atomic_path(out / "show.html") as tmp:
         tmp.write_text(page)
     return shown
+
+
+def add_show(show) -> None:
+    """``./evaluate show``'s options (tusrec.cli imports this module only to run it)."""
+    show.description = (
+        "For each chosen scan of DATA (with ground truth): the trajectory (the four "
+        "image corners of every frame in 3D, true against predicted, in the first frame's image "
+        "mm; per-frame GPE and LPE; the file's per-frame uncertainty) and the reconstruction (the "
+        "frames compounded into one voxel volume with the true and with the predicted poses, as "
+        "maximum-intensity projections side by side). Dense files are shown through a rigid fit "
+        "of each frame's DDF (residual reported), compact files through their matrices. Writes "
+        "<key>_trajectory.png, <key>_reconstruction.png, show.csv and a self-contained show.html "
+        "into --out. Conventions: docs/conventions.md."
+    )
+    show.add_argument("predictions", type=Path, help="predictions folder (<key>.h5, dense or compact)")
+    show.add_argument("--data", type=Path, required=True, help="data folder with ground truth")
+    show.add_argument("--out", type=Path, required=True, help="folder for the figures and show.html")
+    show.add_argument("--scans", nargs="+", default=None, metavar="KEY", help="only these scan keys")
+    show.add_argument(
+        "--max-scans",
+        type=int,
+        default=DEFAULT_MAX_SCANS,
+        help=f"without --scans: all scans if at most this many, else the ones with the largest GPE "
+        f"(default {DEFAULT_MAX_SCANS})",
+    )
+    show.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="metrics.csv of `evaluate score` to pick the worst scans by (default: measure every file)",
+    )
+    show.add_argument(
+        "--voxel-mm",
+        type=float,
+        default=DEFAULT_VOXEL_MM,
+        help=f"voxel edge (default {DEFAULT_VOXEL_MM} mm; grown when the grid would exceed --max-voxels)",
+    )
+    show.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        help=f"voxel budget (default {DEFAULT_MAX_VOXELS:,})",
+    )
+    show.add_argument(
+        "--pixel-step",
+        type=int,
+        default=DEFAULT_PIXEL_STEP,
+        help=f"compound every n-th row and column of pixels (default {DEFAULT_PIXEL_STEP})",
+    )
+    show.add_argument("--title", default=None, help="page title")
+    show.add_argument(
+        "--synthetic", action="store_true", help="label every figure and the page SYNTHETIC DATA"
+    )
+    show.set_defaults(run=run_show)
+
+
+def run_show(args) -> int:
+    from tusrec.data import open_data
+
+    if args.max_scans < 1 or args.pixel_step < 1 or args.voxel_mm <= 0 or args.max_voxels < 1:
+        print(
+            "error: --max-scans, --pixel-step, --voxel-mm and --max-voxels must be positive", file=sys.stderr
+        )
+        return 2
+    data = open_data(args.data)
+    shown = show_predictions(
+        args.predictions,
+        data,
+        args.out,
+        args.scans,
+        args.max_scans,
+        args.metrics,
+        args.synthetic,
+        args.title,
+        args.voxel_mm,
+        args.max_voxels,
+        args.pixel_step,
+    )
+    bad = [s for s in shown if s.trajectory is None]
+    for s in shown:
+        r = s.row
+        if s.trajectory is None:
+            print(f"{s.key}: not shown: {r['message']}", file=sys.stderr)
+        else:
+            print(f"{s.key}: {r['form']}, GPE {r['GPE']:.3f} mm, LPE {r['LPE']:.3f} mm, {r['seconds']:.1f} s")
+    print(f"wrote {len(shown) - len(bad)} scan(s) to {args.out / 'show.html'}")
+    return 1 if bad else 0
