@@ -429,13 +429,65 @@ def test_wilcoxon_matches_r_normal_approximation_with_ties_and_zeros(rng, correc
     got = st.wilcoxon_greater(d, correction=correct)
     for i, row in enumerate(d):
         f = row[np.isfinite(row)]
-        want = r_wilcox_greater(f, correct) if (f != 0).any() else 1.0
-        assert got[i] == pytest.approx(want, rel=1e-10, abs=1e-15), i
+        # no non-zero difference: R's (0 - 0.5) / 0 = -Inf gives p = 1, 0 / 0 gives NaN
+        want = r_wilcox_greater(f, correct) if (f != 0).any() else (1.0 if correct else np.nan)
+        assert got[i] == pytest.approx(want, rel=1e-10, abs=1e-15, nan_ok=True), i
     # the correction matters most for small samples, and always raises p for 'greater'
     other = st.wilcoxon_greater(d, correction=not correct)
     assert ((got > other) if correct else (got < other))[np.isfinite(got) & (got < 1)].all()
-    assert st.wilcoxon_greater(np.zeros((1, 5)), correct)[0] == 1.0
+    zero = st.wilcoxon_greater(np.zeros((1, 5)), correct)[0]
+    assert zero == 1.0 if correct else np.isnan(zero)
     assert np.isnan(st.wilcoxon_greater(np.full((1, 5), np.nan), correct)[0])
+
+
+# Made with R 4.2.2 (Debian r-base-core), Rscript:
+#   a <- c(0.91, 0.85, 0.97, 0.88, 0.93, 0.79, 0.95, 0.90)
+#   b <- c(0.80, 0.86, 0.70, 0.81, 0.77, 0.79, 0.83, 0.72); c <- b
+#   teams <- list(A = a, B = b, C = c)
+#   for (correct in c(TRUE, FALSE)) {
+#     p <- c()
+#     for (i in names(teams)) for (j in names(teams)) if (i != j)
+#       p[paste(i, j)] <- suppressWarnings(wilcox.test(teams[[i]], teams[[j]], paired = TRUE,
+#         alternative = "greater", exact = FALSE, correct = correct)$p.value)
+#     print(p, digits = 17); print(p.adjust(p, method = "holm"), digits = 17)
+#   }
+R_TEAMS = {
+    "A": [0.91, 0.85, 0.97, 0.88, 0.93, 0.79, 0.95, 0.90],
+    "B": [0.80, 0.86, 0.70, 0.81, 0.77, 0.79, 0.83, 0.72],
+}
+R_TEAMS["C"] = R_TEAMS["B"]
+# ordered pairs A B, A C, B A, B C, C A, C B: (raw p, Holm-adjusted p)
+R_P = {
+    True: (
+        [0.017305278757853673, 0.017305278757853673, 0.988752864388775188, 1.0, 0.988752864388775188, 1.0],
+        [0.10383167254712201, 0.10383167254712201, 1.0, 1.0, 1.0, 1.0],
+    ),
+    False: (
+        [
+            0.013995907742832882,
+            0.013995907742832882,
+            0.986004092257167009,
+            np.nan,
+            0.986004092257167009,
+            np.nan,
+        ],
+        [0.055983630971331529, 0.055983630971331529, 1.0, np.nan, 1.0, np.nan],
+    ),
+}
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_identical_teams_match_rs_wilcox_test_and_holm(correct):
+    """B and C are identical (every difference 0): R gives p = 1 with the continuity
+    correction and NaN without it, and p.adjust leaves the NaN out of the Holm family (4
+    tests, not 6), so A's adjusted p is 4 x its raw p there, not 6 x."""
+    values = np.array(list(R_TEAMS.values()))
+    result = st.pairwise_tests(values, higher_is_better=True, correction=correct)
+    i, j = np.where(~np.eye(3, dtype=bool))  # A B, A C, B A, B C, C A, C B
+    raw, adjusted = R_P[correct]
+    np.testing.assert_allclose(result.p[i, j], raw, rtol=1e-12)
+    np.testing.assert_allclose(result.p_holm[i, j], adjusted, rtol=1e-12)
+    assert not result.significant(0.05)[1, 2]
 
 
 def test_subject_level_tests_use_subject_means():
@@ -492,6 +544,53 @@ def test_pattern_breakdown_and_sampling_distribution():
     dist = st.sampling_distribution(data, s, r)
     fs = s.scores["FS"][0]
     assert dist.iloc[0]["se"] == pytest.approx(fs.std(ddof=1) / np.sqrt(len(fs)))
+    assert dist["ci_2.5%"].isna().all()  # no bootstrap, no interval
     data25 = rk.combine_teams(synthetic_tables({"a": 0.2, "b": 0.5}, subjects=2, protocol="2025", seed=3))
     pat25 = st.pattern_breakdown(data25, rk.scan_scores(data25, "identity"))
-    assert set(pat25["level"]) == {"LH rotation", "RH rotation"}
+    assert set(pat25["factor"]) == {"rotation"} and set(pat25["level"]) == {"LH", "RH"}
+
+
+def test_rotation_scans_are_no_arm_of_the_sweeps():
+    """Mixed protocols: the arm breakdown holds the 2024 sweeps only; the rotation scans
+    get their own factor, by arm, and the protocol factor compares the two."""
+    sweeps = synthetic_tables({"a": 0.2, "b": 0.5}, subjects=2, seed=3)
+    rotations = synthetic_tables({"a": 0.2, "b": 0.5}, subjects=2, protocol="2025", seed=4)
+    data = rk.combine_teams({k: pd.concat([sweeps[k], rotations[k]], ignore_index=True) for k in sweeps})
+    s = rk.scan_scores(data, "minmax")
+    pat = st.pattern_breakdown(data, s)
+    assert st.factors_present(data) == ["shape", "orientation", "arm", "direction", "rotation", "protocol"]
+    levels = {f: set(pat.loc[pat.factor == f, "level"]) for f in ("arm", "rotation")}
+    assert levels == {"arm": {"LH", "RH"}, "rotation": {"LH", "RH"}}
+    rows = pat[(pat.metric == "GPE") & (pat.team == "a")].set_index(["factor", "level"])
+    sweep = (data.scans["protocol"] == "2024").to_numpy()
+    lh = (data.scans["arm"] == "LH").to_numpy()
+    assert rows.loc[("arm", "LH"), "n"] == (sweep & lh).sum()
+    assert rows.loc[("arm", "LH"), "mean"] == pytest.approx(data.errors[0, sweep & lh, 0].mean())
+    assert rows.loc[("rotation", "LH"), "n"] == (~sweep & lh).sum() == 2
+
+
+def test_percentile_interval_stays_in_the_scores_range():
+    """A team near min-max 0 on few scans: the normal interval mean - 1.96 se went below 0;
+    the interval is the percentiles of the scan-level bootstrap's means, inside [0, 1]."""
+    data = combined(
+        {
+            "good": table({"all": [1.0, 1.1, 0.9, 1.2, 1.0, 0.8]}),
+            "poor": table({"all": [9.0, 9.5, 9.8, 9.0, 3.0, 9.9]}),
+            "mid": table({"all": [5.0, 5.5, 4.0, 6.0, 5.0, 5.2]}),
+        }
+    )
+    s = rk.scan_scores(data, "minmax")
+    r = rk.aggregate_then_rank(data, s)
+    boots = st.bootstrap(data, s, r, 500, seed=1)
+    assert list(boots) == ["scan"]  # one subject: no subject-level bootstrap
+    dist = st.sampling_distribution(data, s, r, boots["scan"]).set_index("team")
+    poor = dist.loc["poor"]
+    assert poor["mean"] - 1.959964 * poor["se"] < 0  # where the normal interval would go
+    assert (dist["ci_2.5%"] >= 0).all() and (dist["ci_97.5%"] <= 1).all()
+    # the percentiles of each resample's mean, resampled here explicitly from the weights
+    rng = np.random.default_rng(np.random.SeedSequence(1).spawn(2)[0])
+    idx = rng.integers(0, 6, size=(500, 6))
+    t = data.teams.index("poor")
+    means = s.scores["FS"][t][idx].mean(axis=1)
+    assert poor["ci_2.5%"] == pytest.approx(np.quantile(means, 0.025))
+    assert poor["ci_97.5%"] == pytest.approx(np.quantile(means, 0.975))

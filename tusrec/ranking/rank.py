@@ -330,8 +330,13 @@ def default_normalisation(data: TeamData) -> tuple[str, str]:
     protocols = set(data.scans["protocol"])
     if protocols == {"2025"}:
         return "identity", "all scans are of the 2025 protocol, whose ranking normalises by the identity"
-    which = ", ".join(sorted(p or "unknown" for p in protocols))
-    return "minmax", f"the scans' protocol is {which}; the 2024 ranking normalises min-max over the teams"
+    if len(protocols) > 1:
+        which = "the scans are of more than one protocol"
+    elif protocols == {"2024"}:
+        which = "the scans are of the 2024 protocol"
+    else:
+        which = "the scans' protocol is unknown"
+    return "minmax", f"{which}; the 2024 ranking normalises min-max over the teams"
 
 
 # --------------------------------------------------------------------------- scores

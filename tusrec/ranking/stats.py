@@ -31,8 +31,9 @@ FACTORS = ("shape", "orientation", "arm", "direction")
 FACTOR_LABELS = {
     "shape": "trajectory shape",
     "orientation": "probe orientation",
-    "arm": "arm",
+    "arm": "arm (sweeps)",
     "direction": "scanning direction",
+    "rotation": "rotation scans, by arm",
     "protocol": "protocol",
 }
 LEVEL_LABELS = {
@@ -84,13 +85,15 @@ class Bootstrap:
     """Ranks of B bootstrap resamples.
 
     level: 'scan' or 'subject'; ranks: (B, T) int; full: (T,) the ranking of all scans;
-    tau: (B,) Kendall's tau-b of each resample's ranking with the full one.
+    tau: (B,) Kendall's tau-b of each resample's ranking with the full one; means: (B, T)
+    each team's mean FS in each resample (the bootstrap distribution of the mean).
     """
 
     level: str
     ranks: np.ndarray
     full: np.ndarray
     tau: np.ndarray
+    means: np.ndarray
 
     @property
     def resamples(self) -> int:
@@ -155,13 +158,15 @@ def bootstrap_ranks(
     means = weighted_means(score, weights)  # (B, T)
     rts = weighted_means(runtime, weights)
     ranks = rank_order(means, rts)
-    return Bootstrap(level, ranks, np.asarray(full), kendall_tau(ranks, full))
+    return Bootstrap(level, ranks, np.asarray(full), kendall_tau(ranks, full), means)
 
 
 def bootstrap(
     data: TeamData, scores: ScanScores, ranking: Ranking, resamples: int = 2000, seed: int = 0
 ) -> dict[str, Bootstrap]:
-    """Scan-level and subject-level bootstrap of the aggregate-then-rank ranking.
+    """Scan-level and subject-level bootstrap of the aggregate-then-rank ranking, each only
+    where it has at least two units to resample (bootstrap_levels: resampling one
+    subject gives that subject every time, and the analysis would only look certain).
 
     Seeded: the two levels draw from independent streams of ``seed``, so a rerun (or a
     run with only one level) gives the same resamples.
@@ -171,21 +176,43 @@ def bootstrap(
     scan_seed, subject_seed = np.random.SeedSequence(seed).spawn(2)
     fs = scores.scores["FS"]
     rt = np.where(data.scored, data.runtime, np.nan)
-    w_scan = scan_weights(data.n_scans, resamples, np.random.default_rng(scan_seed))
-    w_subj = subject_weights(data.subjects, resamples, np.random.default_rng(subject_seed))
-    return {
-        "scan": bootstrap_ranks(fs, rt, ranking.ranks, w_scan, "scan"),
-        "subject": bootstrap_ranks(fs, rt, ranking.ranks, w_subj, "subject"),
-    }
+    levels = bootstrap_levels(data)
+    out = {}
+    if "scan" in levels:
+        w_scan = scan_weights(data.n_scans, resamples, np.random.default_rng(scan_seed))
+        out["scan"] = bootstrap_ranks(fs, rt, ranking.ranks, w_scan, "scan")
+    if "subject" in levels:
+        w_subj = subject_weights(data.subjects, resamples, np.random.default_rng(subject_seed))
+        out["subject"] = bootstrap_ranks(fs, rt, ranking.ranks, w_subj, "subject")
+    return out
+
+
+def units(data: TeamData, level: str) -> int:
+    """How many independent units a level resamples or tests: scans or subjects."""
+    return data.n_scans if level == "scan" else len(set(data.subjects))
+
+
+def bootstrap_levels(data: TeamData) -> list[str]:
+    """The levels with at least two units (scans, subjects) to resample."""
+    return [level for level in LEVELS if units(data, level) >= 2]
 
 
 # --------------------------------------------------------------------------- sampling distribution
 
 
-def sampling_distribution(data: TeamData, scores: ScanScores, ranking: Ranking) -> pd.DataFrame:
-    """Per team the normal approximation of its mean FS: mean, sd over scans (ddof 1),
-    n scans, standard error sd / sqrt(n), and the 95 % interval mean +- 1.96 se."""
+def sampling_distribution(
+    data: TeamData, scores: ScanScores, ranking: Ranking, boot: Bootstrap | None = None
+) -> pd.DataFrame:
+    """Per team: mean FS, sd over scans (ddof 1), n scans, standard error sd / sqrt(n), and
+    the 95 % interval of the mean: the 2.5 and 97.5 % percentiles of the scan-level
+    bootstrap's means (``boot``; NaN without one). A percentile interval stays inside the
+    score's range (min-max FS is in [0, 1]); the normal one, mean +- 1.96 se, left it on
+    skewed, small samples (a mean of 0.037 got -0.036)."""
     fs = scores.scores["FS"]
+    lo = hi = np.full(data.n_teams, np.nan)
+    if boot is not None:
+        with quiet():  # a team without any value has NaN means
+            lo, hi = np.nanquantile(boot.means, [0.025, 0.975], axis=0)
     rows = []
     for t in ranking.order:
         v = fs[t][np.isfinite(fs[t])]
@@ -200,8 +227,8 @@ def sampling_distribution(data: TeamData, scores: ScanScores, ranking: Ranking) 
                 "sd": sd,
                 "n": len(v),
                 "se": se,
-                "ci_2.5%": mean - 1.959964 * se,
-                "ci_97.5%": mean + 1.959964 * se,
+                "ci_2.5%": float(lo[t]),
+                "ci_97.5%": float(hi[t]),
             }
         )
     return pd.DataFrame(rows)
@@ -231,7 +258,9 @@ def wilcoxon_greater(d: np.ndarray, correction: bool = True) -> np.ndarray:
     normal approximation with the tie-corrected variance, minus 0.5 in the numerator with
     the continuity correction. scipy.stats.wilcoxon(method='asymptotic',
     correction=correction) does this, one call for all rows. A row without any non-zero
-    difference gives p = 1 (no evidence; R stops there); a row without any finite
+    difference has V = 0, mean 0 and variance 0, and R's formula gives what it gives:
+    p = 1 with the correction ((0 - 0.5) / 0 = -Inf) and NaN without it (0 / 0), and
+    holm() leaves a NaN out of the family as R's p.adjust does. A row without any finite
     difference gives NaN.
     """
     from scipy.stats import wilcoxon
@@ -240,7 +269,7 @@ def wilcoxon_greater(d: np.ndarray, correction: bool = True) -> np.ndarray:
     p = np.full(len(d), np.nan)
     finite = np.isfinite(d)
     nonzero = (finite & (d != 0)).any(axis=1)
-    p[finite.any(axis=1) & ~nonzero] = 1.0
+    p[finite.any(axis=1) & ~nonzero] = 1.0 if correction else np.nan
     if nonzero.any():
         with quiet():
             # a NaN set to 0 is dropped like any zero difference: the row's own n is kept
@@ -249,6 +278,13 @@ def wilcoxon_greater(d: np.ndarray, correction: bool = True) -> np.ndarray:
                 filled, axis=1, alternative="greater", method="asymptotic", correction=correction
             ).pvalue
     return p
+
+
+def smallest_p(n: int, correction: bool = True) -> float:
+    """The smallest p wilcoxon_greater can give for n paired values: every difference
+    positive and all of one size (ties shrink the variance, which lowers p further than
+    distinct sizes do). NaN for n = 0."""
+    return float(wilcoxon_greater(np.ones((1, n)), correction)[0]) if n else np.nan
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -363,30 +399,31 @@ def pairwise_table(results: list[Pairwise], teams: list[str]) -> pd.DataFrame:
 
 
 def factors_present(data: TeamData) -> list[str]:
-    """The pattern factors that vary in the data: shape, orientation, arm, direction (2024
-    names carry all four, 2025 rotation scans only the arm), and protocol if mixed."""
-    out = [f for f in FACTORS if len(set(data.scans[f]) - {""}) >= 2]
+    """The pattern factors that vary in the data: shape, orientation, arm, direction of the
+    2024 sweeps, the arm of the 2025 rotation scans ('rotation'), and protocol if mixed."""
+    out = [f for f in (*FACTORS, "rotation") if len(set(pattern_labels(data, f)) - {""}) >= 2]
     if len(set(data.scans["protocol"])) >= 2:
         out.append("protocol")
     return out
 
 
 def pattern_labels(data: TeamData, factor: str) -> np.ndarray:
-    """(n,) str: each scan's level of a pattern factor ('' where the scan has none); 2025
-    rotation scans are '<arm> rotation' under arm."""
-    labels = data.scans[factor].to_numpy(dtype=str)
+    """(n,) str: each scan's level of a pattern factor ('' where the scan has none). The
+    sweep factors (FACTORS) are the 2024 sweeps' only: a rotation scan is no sweep of an
+    arm. 'rotation': the arm of each 2025 rotation scan ('' for sweeps)."""
     rotation = data.scans["protocol"].to_numpy() == "2025"
-    if factor == "arm" and rotation.any():
-        labels = np.where(rotation, np.char.add(labels, " rotation"), labels)
-    return labels
+    if factor == "protocol":
+        return data.scans["protocol"].to_numpy(dtype=str)
+    labels = data.scans["arm" if factor == "rotation" else factor].to_numpy(dtype=str)
+    return np.where(rotation if factor == "rotation" else ~rotation, labels, "")
 
 
 def pattern_breakdown(data: TeamData, scores: ScanScores) -> pd.DataFrame:
     """Mean, sd and count of FS and each error per team and level of each pattern factor.
 
     Long format: factor, level, team, metric, mean, sd, n. Errors over the scored scans,
-    FS over all scans (failures 0). 2025 rotation scans appear under arm, labelled
-    '<arm> rotation'.
+    FS over all scans (failures 0). 2025 rotation scans have a factor of their own,
+    'rotation', whose levels are their arms.
     """
     rows = []
     for factor in factors_present(data):
