@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tusrec.data import write_csv
 from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, t in tables.items():
         out = args.data / "scores" / model
         out.mkdir(parents=True, exist_ok=True)
-        t.to_csv(out / "metrics.csv", index=False)
+        write_csv(t, out / "metrics.csv")
     order = [m for m in ORDER[:2] if m in tables] + sorted(m for m in tables if m not in ORDER) + ["ensemble"]
     protocol = table.drop_duplicates("key").set_index("key")["protocol"]
     summary, uncertainty, expected_error, global_uncertainty = {}, {}, {}, {}

@@ -448,6 +448,53 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+# A cell a spreadsheet would run as a formula (OWASP, CSV injection): text starting with
+# one of these. Team-controlled text (a manifest message, a model name, a team name)
+# reaches the organisers' tables, which are opened in spreadsheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert_cell(value):
+    """A table cell that no spreadsheet runs: text starting with = + - @ tab or carriage
+    return gets a leading single quote (OWASP's rule; the text stays readable). A carriage
+    return inside text becomes a line feed: the CSV writer quotes a cell holding a line
+    feed but not one holding a bare CR, which a spreadsheet reads as a new row (whose
+    first cell would escape the rule). Anything that is not text (numbers, NaN, None) is
+    returned as it is, so a negative number stays a number."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_STARTS):
+        value = "'" + value
+    return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
+
+
+def inert_table(table):
+    """A copy of a pandas DataFrame with every text cell, column label and index label
+    passed through inert_cell; numeric columns are not touched."""
+    from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_numeric_dtype
+
+    table = table.copy()
+    for i in range(table.shape[1]):  # by position: labels may repeat
+        column = table.iloc[:, i]
+        dtype = column.dtype
+        if not (is_numeric_dtype(dtype) or is_bool_dtype(dtype) or is_datetime64_any_dtype(dtype)):
+            table.isetitem(i, column.map(inert_cell))
+    table.columns = table.columns.map(inert_cell)
+    table.index = table.index.map(inert_cell)
+    return table
+
+
+def write_csv(table, path: str | Path, **kwargs) -> Path:
+    """Write a pandas DataFrame as CSV at ``path`` atomically, every text cell and label
+    made inert (inert_table). kwargs go to DataFrame.to_csv (index defaults to False).
+    Every CSV the kit writes goes through here."""
+    kwargs.setdefault("index", False)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        inert_table(table).to_csv(tmp, **kwargs)
+    return path
+
+
 def write_scan(
     root: str | Path,
     layout: str,
@@ -673,10 +720,7 @@ def write_manifest(folder: str | Path, rows: list[dict]) -> Path:
 
     path = Path(folder) / MANIFEST_FILE
     extra = sorted({k for r in rows for k in r} - set(MANIFEST_COLUMNS))
-    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *extra])
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-    return path
+    return write_csv(pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *extra]), path)
 
 
 MAX_MANIFEST_BYTES = 8 * 2**20  # ~10,000 rows of 800 characters; a real one is ~100 B a row

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tusrec.data import atomic_path, usable_cores
+from tusrec.data import atomic_path, usable_cores, write_csv
 from tusrec.ranking.rank import (
     ERRORS,
     NORMALISATIONS,
@@ -54,6 +54,7 @@ from tusrec.ranking.rank import (
     sensitivity,
 )
 from tusrec.ranking.stats import (
+    LEVELS,
     Bootstrap,
     Pairwise,
     all_pairwise,
@@ -62,6 +63,8 @@ from tusrec.ranking.stats import (
     pairwise_table,
     pattern_breakdown,
     sampling_distribution,
+    smallest_p,
+    units,
 )
 
 DEFAULT_TITLE = "TUS-REC ranking"
@@ -87,6 +90,9 @@ class Analysis:
     leave_one_out: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # {analysis: sentence} for each analysis the data cannot support (limits()): the report
+    # says the sentence in its place and draws nothing
+    not_supported: dict[str, str] = field(default_factory=dict)
 
 
 def _count(n: int, noun: str) -> str:
@@ -136,6 +142,7 @@ def analyse(
         "subjects": len(set(data.subjects)),
         "protocols": data.protocols,
     }
+    limited = limits(data, boots, pairwise, alpha, continuity_correction)
     return Analysis(
         data,
         normalisation,
@@ -144,7 +151,7 @@ def analyse(
         ranking,
         leaderboard(data, scores, ranking),
         boots,
-        sampling_distribution(data, scores, ranking),
+        sampling_distribution(data, scores, ranking, boots.get("scan")),
         pairwise,
         pattern_breakdown(data, scores),
         length_correlation(data),
@@ -153,7 +160,44 @@ def analyse(
         loo,
         notes,
         settings,
+        limited,
     )
+
+
+def limits(
+    data: TeamData, boots: dict[str, Bootstrap], pairwise: list[Pairwise], alpha: float, correction: bool
+) -> dict[str, str]:
+    """{analysis: one sentence why the data cannot support it}, for each analysis that is
+    left out: 'stability' (rank frequencies and Kendall's tau need two teams),
+    'bootstrap:<level>' (a level needs two units to resample), 'tests' (two teams) and
+    'tests:<level>' (too few paired values for any test of the level to reach
+    Holm-adjusted p < alpha, even with every difference in favour of one team)."""
+    out = {}
+    teams = data.n_teams
+    if teams < 2:
+        out["stability"] = (
+            "Ranking stability needs two teams or more: a single team has rank 1 in every resample."
+        )
+        out["tests"] = "The pairwise tests need two teams or more."
+    for level in LEVELS:
+        n = units(data, level)
+        if level not in boots:
+            out[f"bootstrap:{level}"] = (
+                f"The {level}-level bootstrap is left out: with {_count(n, level)} every resample "
+                f"is the same {level}s, so it could only look certain."
+            )
+        results = [pw for pw in pairwise if pw.level == level]
+        if results:
+            paired = max(int(pw.n.max()) for pw in results)
+            best = min(1.0, teams * (teams - 1) * smallest_p(paired, correction)) if paired else np.nan
+            if not best < alpha:
+                out[f"tests:{level}"] = (
+                    f"The {level}-level tests are not drawn: with {_count(paired, 'paired ' + level)}, no "
+                    f"pair of the {teams} teams can reach Holm-adjusted p < {alpha} even if every "
+                    f"{level} favoured one team (smallest attainable p {_p_fmt(best)}); their p-values "
+                    "are in pvalues.csv."
+                )
+    return out
 
 
 def _notes(data: TeamData, scores: ScanScores, normalisation: str, reason: str) -> list[str]:
@@ -199,7 +243,10 @@ def _notes(data: TeamData, scores: ScanScores, normalisation: str, reason: str) 
             "two teams and are left out."
         )
     if len(set(data.subjects)) < 2:
-        notes.append("Only one subject: the subject-level bootstrap and tests cannot vary.")
+        notes.append(
+            "Only one subject: nothing is resampled or tested at the subject level, and the scans, "
+            "all of one subject, are not independent."
+        )
     return notes
 
 
@@ -276,9 +323,7 @@ def leaderboard_markdown(analysis: Analysis, title: str = DEFAULT_TITLE, synthet
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, **kwargs)
-    return path
+    return write_csv(frame, path, **{"index": True, **kwargs})  # team names made inert
 
 
 def _write_text(text: str, path: Path) -> Path:
@@ -370,7 +415,7 @@ FIGURES = {
     "kendall_tau": "Kendall's tau between bootstrap rankings and the full ranking",
     "significance_map": "Pairwise significance of the final score",
     "significance_all": "Pairwise significance of every score and error",
-    "sampling_distribution": "Sampling distribution of each team's mean final score",
+    "sampling_distribution": "Bootstrap distribution of each team's mean final score",
     "box_scores": "Per-scan scores per team",
     "box_errors": "Per-scan errors per team",
     "patterns": "Scores and errors by scan pattern",
@@ -379,28 +424,37 @@ FIGURES = {
 }
 
 
-def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
+def tested(analysis: Analysis) -> list[Pairwise]:
+    """The pairwise results of the levels whose tests the data can support (limits)."""
+    return [pw for pw in analysis.pairwise if f"tests:{pw.level}" not in analysis.not_supported]
+
+
+def figure_builders(analysis: Analysis, synthetic: bool = False):
     """[(name, build)] for every figure of the report, in the report's order: build() makes
-    the Figure (FIGURES; the significance figures only with two teams or more). Nothing
-    is drawn until a build is called, so a process can make just some of them."""
+    the Figure, titled with what it shows (FIGURES; the report's own title heads the page,
+    not every figure). A figure the data cannot support (Analysis.not_supported) is not
+    built at all. Nothing is drawn until a build is called, so a process can make just
+    some of them."""
     from tusrec.ranking import figures as fg
 
     a = analysis
-    prefix = f"{title} - " if title else ""
-    builders = [
-        ("blob_plot", lambda: fg.blob_plot(a.bootstrap, a.ranking, prefix + FIGURES["blob_plot"], synthetic))
-    ]
-    if _tau_defined(a):  # with one team there is no order to compare: no empty figure
+    builders = []
+    if "stability" not in a.not_supported and a.bootstrap:
         builders.append(
-            ("kendall_tau", lambda: fg.tau_violins(a.bootstrap, prefix + FIGURES["kendall_tau"], synthetic))
+            ("blob_plot", lambda: fg.blob_plot(a.bootstrap, a.ranking, FIGURES["blob_plot"], synthetic))
         )
-    if a.pairwise:
+        if _tau_defined(a):
+            builders.append(
+                ("kendall_tau", lambda: fg.tau_violins(a.bootstrap, FIGURES["kendall_tau"], synthetic))
+            )
+    results = tested(a)
+    if any(pw.metric == "FS" for pw in results):
         alpha = a.settings["alpha"]
         builders.append(
             (
                 "significance_map",
                 lambda: fg.significance_map(
-                    a.pairwise, a.ranking, "FS", prefix + FIGURES["significance_map"], alpha, synthetic
+                    results, a.ranking, "FS", FIGURES["significance_map"], alpha, synthetic
                 ),
             )
         )
@@ -408,16 +462,23 @@ def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DE
             (
                 "significance_all",
                 lambda: fg.significance_grid(
-                    a.pairwise, a.ranking, prefix + FIGURES["significance_all"], alpha, synthetic
+                    results, a.ranking, FIGURES["significance_all"], alpha, synthetic
                 ),
             )
         )
-    builders.append(
-        (
-            "sampling_distribution",
-            lambda: fg.sampling_curves(a.sampling, prefix + FIGURES["sampling_distribution"], synthetic),
+    if "scan" in a.bootstrap:
+        builders.append(
+            (
+                "sampling_distribution",
+                lambda: fg.sampling_histograms(
+                    a.sampling,
+                    a.bootstrap["scan"].means,
+                    a.ranking,
+                    FIGURES["sampling_distribution"],
+                    synthetic,
+                ),
+            )
         )
-    )
     builders.append(
         (
             "box_scores",
@@ -425,7 +486,7 @@ def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DE
                 {name: a.scores.scores[name] for name in SCORES},
                 fg.SCORE_LABELS,
                 a.ranking,
-                prefix + FIGURES["box_scores"] + f" ({a.normalisation} normalisation; failed scans 0)",
+                FIGURES["box_scores"] + f" ({a.normalisation} normalisation; failed scans 0)",
                 synthetic,
             ),
         )
@@ -437,7 +498,7 @@ def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DE
                 {name: a.data.errors[:, :, e] for e, name in enumerate(ERRORS)},
                 fg.ERROR_LABELS,
                 a.ranking,
-                prefix + FIGURES["box_errors"] + " (scored scans)",
+                FIGURES["box_errors"] + " (scored scans)",
                 synthetic,
                 log=True,
             ),
@@ -450,7 +511,7 @@ def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DE
 
             panels = {m: metric_values(a.data, a.scores, m)[0] for m in ("FS", *ERRORS)}
             labels = {f: pattern_labels(a.data, f) for f in factors_present(a.data)}
-            return fg.pattern_plot(panels, labels, a.ranking, prefix + FIGURES["patterns"], synthetic)
+            return fg.pattern_plot(panels, labels, a.ranking, FIGURES["patterns"], synthetic)
 
         builders.append(("patterns", patterns))
     builders.append(
@@ -461,20 +522,18 @@ def figure_builders(analysis: Analysis, synthetic: bool = False, title: str = DE
                 a.data.errors,
                 a.ranking,
                 a.lengths,
-                prefix + FIGURES["scan_length"],
+                FIGURES["scan_length"],
                 synthetic,
             ),
         )
     )
-    builders.append(
-        ("sensitivity", lambda: fg.bump_chart(a.sensitivity, prefix + FIGURES["sensitivity"], synthetic))
-    )
+    builders.append(("sensitivity", lambda: fg.bump_chart(a.sensitivity, FIGURES["sensitivity"], synthetic)))
     return builders
 
 
-def make_figures(analysis: Analysis, synthetic: bool = False, title: str = DEFAULT_TITLE):
+def make_figures(analysis: Analysis, synthetic: bool = False):
     """Yield (name, Figure) for every figure of the report (figure_builders' order)."""
-    for name, build in figure_builders(analysis, synthetic, title):
+    for name, build in figure_builders(analysis, synthetic):
         yield name, build()
 
 
@@ -485,7 +544,6 @@ def _tau_defined(analysis: Analysis) -> bool:
 def write_figures(
     analysis: Analysis,
     out: Path,
-    title: str = DEFAULT_TITLE,
     synthetic: bool = False,
     dpi: int = 100,
     workers: int | None = None,
@@ -500,18 +558,14 @@ def write_figures(
     those drawn here (a test says so)."""
     from tqdm import tqdm
 
-    builders = figure_builders(analysis, synthetic, title)
+    builders = figure_builders(analysis, synthetic)
     # Figures of an earlier run (e.g. with more teams) must not linger beside these.
     shutil.rmtree(out / "figures", ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     written = {name: out / "figures" / f"{name}.png" for name, _ in builders}
     workers = min(len(builders), usable_cores() if workers is None else workers)
     with tqdm(total=len(builders), desc="figures", disable=None) as bar:
-        done = (
-            _draw_in_processes(analysis, title, synthetic, dpi, written, workers, bar)
-            if workers > 1
-            else set()
-        )
+        done = _draw_in_processes(analysis, synthetic, dpi, written, workers, bar) if workers > 1 else set()
         for name, build in builders:
             if name not in done:
                 _save_png(build(), written[name], dpi)
@@ -528,8 +582,8 @@ _SLOWEST_FIGURES = ("patterns", "significance_all", "scan_length")
 _WORKER_BUILDERS: dict = {}  # a figure process's figure_builders, by name
 
 
-def _figure_process_init(analysis: Analysis, synthetic: bool, title: str) -> None:
-    _WORKER_BUILDERS.update(figure_builders(analysis, synthetic, title))
+def _figure_process_init(analysis: Analysis, synthetic: bool) -> None:
+    _WORKER_BUILDERS.update(figure_builders(analysis, synthetic))
 
 
 def _figure_process_draw(name: str, path: Path, dpi: int) -> str:
@@ -537,9 +591,7 @@ def _figure_process_draw(name: str, path: Path, dpi: int) -> str:
     return name
 
 
-def _draw_in_processes(
-    analysis, title, synthetic, dpi, paths: dict[str, Path], workers: int, bar
-) -> set[str]:
+def _draw_in_processes(analysis, synthetic, dpi, paths: dict[str, Path], workers: int, bar) -> set[str]:
     """Draw the figures in ``workers`` processes; returns the names drawn. Where processes
     cannot be had (a daemonic process such as a Dask worker may not start any, or the
     system refuses), returns what was drawn so far and the caller draws the rest."""
@@ -560,7 +612,7 @@ def _draw_in_processes(
             workers,
             mp_context=context,
             initializer=_figure_process_init,
-            initargs=(analysis, synthetic, title),
+            initargs=(analysis, synthetic),
         ) as pool:
             # The grids of many panels first (each alone takes up to half of the drawing),
             # the rest as processes free up.
@@ -698,6 +750,14 @@ def _img_html(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _protocols(protocols: list[str]) -> str:
+    if not protocols:
+        return "protocol unknown"
+    if len(protocols) == 1:
+        return f"protocol {protocols[0]}"
+    return "protocols " + ", ".join(protocols[:-1]) + f" and {protocols[-1]}"
+
+
 def _p_fmt(p: float) -> str:
     if not np.isfinite(p):
         return "n/a"
@@ -730,7 +790,7 @@ def report_html(
         )
     parts.append(
         f'<p class="meta">{s["teams"]} teams, {s["scans"]} scans of {_count(s["subjects"], "subject")} '
-        f"(protocol {esc(', '.join(s['protocols']) or 'unknown')}); "
+        f"({_protocols(s['protocols'])}); "
         f"normalisation <b>{esc(a.normalisation)}</b> "
         f"({esc(a.normalisation_reason)}); {s['bootstrap_resamples']:,} bootstrap resamples per level, seed "
         f"{s['seed']}; significance level {s['alpha']}. Generated {time.strftime('%Y-%m-%d %H:%M')} by "
@@ -740,6 +800,13 @@ def report_html(
     def figure(name: str) -> None:
         if name in figures:
             parts.append(_img_html(figures[name], FIGURES[name]))
+
+    def unsupported(*keys: str) -> bool:
+        """Say why, in one sentence each, where the data cannot support an analysis;
+        True when any of ``keys`` is left out."""
+        said = [a.not_supported[k] for k in keys if k in a.not_supported]
+        parts.extend(f'<p class="not-supported">{esc(text)}</p>' for text in said)
+        return bool(said)
 
     parts.append('<h2 id="leaderboard-heading">Leaderboard</h2>')
     parts.append(
@@ -761,45 +828,55 @@ def report_html(
     )
 
     parts.append("<h2>Ranking stability (bootstrap)</h2>")
-    parts.append(
-        "<p>The test scans are resampled with replacement (same size) and the teams re-ranked in each "
-        "resample; the subject-level bootstrap resamples subjects and keeps each subject's scans together, "
-        "since scans of one subject are not independent. Bubble area: how often a team takes each rank; "
-        "cross: median rank; bar: 2.5-97.5 % rank interval.</p>"
-    )
-    figure("blob_plot")
-    boot = pd.concat([b.summary(data.teams) for b in a.bootstrap.values()])
-    boot = boot.rename(columns={"p_rank_as_full": "P(same rank)", "p_first": "P(rank 1)"})
-    for c in ("median_rank", "rank_2.5%", "rank_97.5%"):
-        boot[c] = boot[c].map(lambda v: f"{v:.1f}")
-    parts.append(_table_html(boot, "bootstrap", digits=3))
-    figure("kendall_tau")
-    if "kendall_tau" not in figures and not _tau_defined(a):
-        parts.append("<p>Kendall's tau compares orders of teams: it needs two teams or more.</p>")
-    taus = []
-    for level, b in a.bootstrap.items():
-        t = b.tau[np.isfinite(b.tau)]
-        if len(t):
-            q = np.quantile(t, [0.025, 0.5, 0.975])
-            taus.append(
-                {
-                    "level": level,
-                    "median tau": q[1],
-                    "2.5 %": q[0],
-                    "97.5 %": q[2],
-                    "P(tau = 1)": np.mean(t == 1),
-                }
-            )
-    if taus:
-        parts.append(_table_html(pd.DataFrame(taus), "kendall"))
+    if not unsupported("stability"):
+        unsupported("bootstrap:scan", "bootstrap:subject")
+    if "stability" not in a.not_supported and a.bootstrap:
+        parts.append(
+            "<p>The test scans are resampled with replacement (same size) and the teams re-ranked in each "
+            "resample; the subject-level bootstrap resamples subjects and keeps each subject's scans "
+            "together, since scans of one subject are not independent. Bubble area: how often a team takes "
+            "each rank; cross: median rank; bar: 2.5-97.5 % rank interval.</p>"
+        )
+        figure("blob_plot")
+        boot = pd.concat([b.summary(data.teams) for b in a.bootstrap.values()])
+        boot = boot.rename(columns={"p_rank_as_full": "P(same rank)", "p_first": "P(rank 1)"})
+        for c in ("median_rank", "rank_2.5%", "rank_97.5%"):
+            boot[c] = boot[c].map(lambda v: f"{v:.1f}")
+        parts.append(_table_html(boot, "bootstrap", digits=3))
+        figure("kendall_tau")
+        taus = []
+        for level, b in a.bootstrap.items():
+            t = b.tau[np.isfinite(b.tau)]
+            if len(t):
+                q = np.quantile(t, [0.025, 0.5, 0.975])
+                taus.append(
+                    {
+                        "level": level,
+                        "median tau": q[1],
+                        "2.5 %": q[0],
+                        "97.5 %": q[2],
+                        "P(tau = 1)": np.mean(t == 1),
+                    }
+                )
+        if taus:
+            parts.append(_table_html(pd.DataFrame(taus), "kendall"))
 
     parts.append("<h2>Sampling distribution of the mean final score</h2>")
-    parts.append("<p>Normal approximation: mean FS over scans, standard error sd / sqrt(n).</p>")
-    figure("sampling_distribution")
+    if "bootstrap:scan" in a.not_supported:
+        parts.append("<p>With a single scan there is no distribution of the mean to estimate.</p>")
+    else:
+        parts.append(
+            "<p>The distribution of each team's mean FS over the scan-level bootstrap's resamples, and its "
+            "95 % interval: the 2.5 and 97.5 % percentiles of those means (a percentile interval stays "
+            "inside the score's range; the normal one, mean ± 1.96 standard errors, does not on small, "
+            "skewed samples). Standard error: sd / sqrt(n).</p>"
+        )
+        figure("sampling_distribution")
     parts.append(_table_html(a.sampling, "sampling", digits=4))
 
     parts.append("<h2>Pairwise significance</h2>")
-    if a.pairwise:
+    results = tested(a)
+    if not unsupported("tests"):
         parts.append(
             "<p>One-sided paired Wilcoxon signed-rank tests between every ordered pair of teams (is the row "
             "team better: higher score, lower error?), Holm-adjusted over all pairs of a metric; on "
@@ -808,18 +885,21 @@ def report_html(
             + (
                 "p-values: normal approximation <b>with continuity correction</b>, zero differences "
                 "dropped, as challengeR computes them (R's <code>wilcox.test(exact = FALSE, correct = "
-                "TRUE)</code>)."
+                "TRUE)</code>); a pair whose differences are all zero gets p = 1, as in R."
                 if s.get("continuity_correction", True)
                 else "p-values: normal approximation <b>without continuity correction</b> (R's "
                 "<code>wilcox.test(exact = FALSE, correct = FALSE)</code>), zero differences dropped; "
-                "challengeR's default applies the correction."
+                "challengeR's default applies the correction. A pair whose differences are all zero has "
+                "no p-value (n/a; R gives NaN) and is left out of the Holm family, as R's "
+                "<code>p.adjust</code> leaves it out."
             )
             + "</p>"
         )
+        unsupported("tests:scan", "tests:subject")
         figure("significance_map")
         order = a.ranking.order
         names = [data.teams[t] for t in order]
-        for pw in a.pairwise:
+        for pw in results:
             if pw.metric != "FS":
                 continue
             m = pd.DataFrame(pw.p_holm[np.ix_(order, order)], columns=names)
@@ -829,8 +909,6 @@ def report_html(
             parts.append(_table_html(m, f"pvalues-{pw.level}"))
         figure("significance_all")
         parts.append("<p>All p-values: <code>pvalues.csv</code> and <code>pvalues/</code>.</p>")
-    else:
-        parts.append("<p>Needs two teams or more.</p>")
 
     parts.append("<h2>Distributions per team</h2>")
     figure("box_scores")
@@ -942,7 +1020,7 @@ def write_report(
         p.name if p.parent == out else str(p.relative_to(out)): p
         for p in write_tables(analysis, out, title, synthetic)
     }
-    figs = write_figures(analysis, out, title, synthetic) if figures else {}
+    figs = write_figures(analysis, out, synthetic) if figures else {}
     written.update({f"figures/{k}.png": v for k, v in figs.items()})
     page = report_html(analysis, figs, title, synthetic, qualitative)
     written["report.html"] = _write_text(page, out / "report.html")

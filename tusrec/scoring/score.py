@@ -39,6 +39,7 @@ from tusrec.data import (
     TusrecDataError,
     atomic_path,
     read_manifest,
+    write_csv,
 )
 from tusrec.ddf import DEFAULT_CHUNK, GroundTruth, landmark_ddfs
 from tusrec.geometry import compose_local
@@ -679,8 +680,7 @@ def write_metrics(table: pd.DataFrame, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     first = [c for c in TABLE_ORDER if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first]]
-    with atomic_path(out_dir / "metrics.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, out_dir / "metrics.csv")
     with atomic_path(out_dir / "metrics.h5") as tmp, h5py.File(tmp, "w") as f:
         for name in ERRORS:
             f.create_dataset(name, data=table[name].to_numpy(dtype=np.float64))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tusrec.data import Scan, TusrecData, TusrecDataError, atomic_path
+from tusrec.data import Scan, TusrecData, TusrecDataError, atomic_path, write_csv
 from tusrec.ddf import GroundTruth
 from tusrec.show.poses import DEFAULT_PIXEL_STEP as FIT_STEP
 from tusrec.show.poses import PredictedPoses, ShowError, read_poses
@@ -287,8 +287,7 @@ def show_predictions(
             )
         )
     table = pd.DataFrame([s.row for s in shown])
-    with atomic_path(out / "show.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, out / "show.csv")
     page = show_html(shown, title or f"Trajectories and reconstructions: {predictions.name}", synthetic)
     with atomic_path(out / "show.html") as tmp:
         tmp.write_text(page)
