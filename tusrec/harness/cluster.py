@@ -36,20 +36,19 @@ from tusrec.harness.runner import (
     Limits,
     PendingRun,
     RunnerError,
-    Watch,
     Watchdog,
     _client,
-    _fresh_dir,
     _image_ids,
-    judge,
-    output_quota,
+    close_volume,
+    conclude,
+    contain,
+    engine_isolation,
     plan_runs,
-    record_judgement,
     remove_tree,
-    run_container,
     run_tag,
     runner_peak_rss_mb,
     stage_scan,
+    volumes_folder,
     write_team_table,
 )
 from tusrec.harness.watchdog import remove_labelled
@@ -131,11 +130,11 @@ def container_unit(run: PendingRun, image_id: str, data, out: str, limits, tag: 
     attempt = uuid.uuid4().hex[:8]
     staged = out / ".staging" / team.name / f"{scan.key}-{attempt}"
     output_dir = team_dir / ".work" / f"{scan.key}-{attempt}"
+    # This worker's own host decides whether it can mount the unit's output filesystem.
+    images = volumes_folder(out, limits, log=lambda *a, **k: None)
+    image = images / team.name / f"{scan.key}-{attempt}.img" if images is not None else None
     try:
         stage_scan(scan, data, staged)
-        _fresh_dir(output_dir)
-        log_path = team_dir / "logs" / f"{scan.key}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         labels = {
             RUNNER_LABEL: tag,  # the --out folder's: a rerun removes what a dead run left
             RUN_LABEL: watchdog.run_id,  # this worker process's: what its watchdog acts on
@@ -147,23 +146,18 @@ def container_unit(run: PendingRun, image_id: str, data, out: str, limits, tag: 
             # cgroups) and its watchdog: the job's epilog removes it by this label
             # (scripts/slurm-epilog.sh).
             labels[SLURM_JOB_LABEL] = os.environ["SLURM_JOB_ID"]
-        quota = output_quota(scan, int(limits.output_quota_margin_mb * 1e6))
-        result = run_container(
-            engine,
-            team.image,
-            staged,
-            output_dir,
-            limits,
-            log_path,
-            labels,
-            Watch(output_dir, quota, watchdog),
+        userns = engine_isolation(engine, limits).userns
+        # An InfrastructureError raised here is the unit's failure: Dask retries it, and it
+        # is never cached as the team's verdict.
+        volume, result, quota = contain(
+            engine, run, staged, team_dir, output_dir, image, limits, labels, watchdog, userns
         )
         if not output_dir.is_dir():
+            volume.close()
             raise SupersededError(f"{team.name} {scan.key}: work folder removed by a newer run")
-        row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
-        return record_judgement(run, row, manifest, output_dir, team_dir, keep)
+        return conclude(run, data, volume, result, limits, quota, team_dir, keep, log=lambda *a, **k: None)
     finally:
-        remove_tree(output_dir)  # the dense arrays: GB per scan
+        close_volume(output_dir, image)  # the dense arrays: GB per scan
         remove_tree(staged)
 
 
@@ -201,9 +195,10 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     out.mkdir(parents=True, exist_ok=True)
     # What a dead run on this --out left: its containers on every engine, its folders.
     client.run(remove_run_containers, tag, workers=gpu)
-    remove_tree(out / ".staging")
     for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
-        remove_tree(work)
+        close_volume(work, None)
+    close_volume(out / ".volumes", None)
+    remove_tree(out / ".staging")
     rows, pending = plan_runs(teams, scans, data, out, limits, image_ids, keep_predictions)
     units = []
     for run in pending:
@@ -223,7 +218,8 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     # containers went with the worker's watchdog). Nothing reads them; they go.
     remove_tree(out / ".staging")
     for team in teams:
-        remove_tree(out / team.name / ".work")
+        close_volume(out / team.name / ".work", None)
+    close_volume(out / ".volumes", None)
     fail_if_units_failed(done, "container")
     tables = {t.name: write_team_table(out / t.name, rows[t.name], scans, keep_predictions) for t in teams}
     log(f"client peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)

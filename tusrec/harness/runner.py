@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,15 @@ from tusrec.data import (
     write_dataset_keys,
     write_landmarks,
     write_manifest,
+)
+from tusrec.harness.volume import (
+    InfrastructureError,
+    OutputVolume,
+    close_volume,
+    keep_copy,
+    kernel_quota_problem,
+    open_volume,
+    remove_tree,
 )
 from tusrec.scoring import (
     ERRORS,
@@ -106,6 +116,9 @@ OUTPUT_MAX_ENTRIES = 1000  # files and folders a team may leave in /output (it n
 DEFAULT_OUTPUT_QUOTA_MARGIN_MB = 64.0
 DEFAULT_TMP_SIZE = "1g"
 QUOTA_POLL_S = 0.5
+DEFAULT_JUDGE_WORKERS = 2  # scans judged at once (each in its own bounded scoring worker)
+INFRASTRUCTURE_ATTEMPTS = 2  # a unit the host or the engine failed is tried this often
+INFRASTRUCTURE_RETRY_S = 5.0
 WATCHDOG_GRACE_S = 30.0  # the watchdog kills this long after the runner should have
 RUNNER_LABEL = "tusrec.runner"  # value: the output folder's tag (run_tag): all runs on one --out
 RUN_LABEL = "tusrec.run"  # value: this run's own id: what its watchdog acts on
@@ -135,6 +148,13 @@ class Limits:
         DEFAULT_OUTPUT_QUOTA_MARGIN_MB  # /output may hold the dense form plus this
     )
     tmp_size: str = DEFAULT_TMP_SIZE  # each tmpfs (/tmp, /var/tmp, /run, /dev/shm, image VOLUMEs)
+    # Container root is not host root: podman's user namespace mode ('auto': a range of
+    # the 'containers' entry of /etc/subuid per container), or None for the engine's own
+    # (Docker: the daemon's userns-remap, which the runner detects; see engine_isolation).
+    userns: str | None = "auto"
+    # /output: 'kernel' (a filesystem of the quota's size per container), 'walk' (a plain
+    # folder watched by walking it), 'auto' (kernel where the host allows, else walk)
+    output_fs: str = "auto"
 
 
 @dataclass
@@ -144,6 +164,7 @@ class ContainerResult:
     seconds: float  # wall time from start to exit (or kill), measured by the runner
     error: str = ""  # the engine could not run the container
     over_quota: str = ""  # killed because /output went over its quota: the message
+    infrastructure: bool = False  # ``error`` is the host's or the engine's, not the team's
 
 
 def parse_teams(args: list[str]) -> list[Team]:
@@ -273,19 +294,6 @@ def quota_problem(usage: Usage, quota: int) -> str:
     return ""
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a folder a team wrote into, whatever it holds (any depth, odd names, no
-    write bits). shutil.rmtree never follows links; coreutils' rm takes what is left
-    (Python 3.11's rmtree recurses and stops at a deep enough tree)."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        return
-    try:
-        shutil.rmtree(path)
-    except Exception:  # OSError, or RecursionError on a deep tree: rm takes what is left
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", os.fspath(path)], check=False)
-
-
 def _open_regular(path: Path) -> int | None:
     """A read-only descriptor of ``path`` if it is a regular file (never following a link,
     never blocking on a fifo), else None."""
@@ -362,7 +370,12 @@ def device_requests(gpus: str | None) -> list:
 
 
 def container_options(
-    input_dir: Path, output_dir: Path, limits: Limits, labels: dict, image_volumes: tuple[str, ...] = ()
+    input_dir: Path,
+    output_dir: Path,
+    limits: Limits,
+    labels: dict,
+    image_volumes: tuple[str, ...] = (),
+    userns: str | None = None,
 ) -> dict:
     """The keyword arguments of ``containers.create`` for one team and scan.
 
@@ -371,7 +384,8 @@ def container_options(
     VOLUME the image declares (which would otherwise be an unbounded anonymous volume on
     the host's disk). tmpfs pages are charged to the container's memory limit. The log
     is capped by the engine (max-size), so a container that prints without end cannot
-    fill the engine's disk.
+    fill the engine's disk. ``userns``: the user namespace mode (podman's 'auto'), under
+    the key ``userns_mode``, which ``create_container`` passes to the engine itself.
     """
     import docker
 
@@ -402,7 +416,77 @@ def container_options(
         options["device_requests"] = requests
     if limits.user:
         options["user"] = limits.user
+    if userns:
+        options["userns_mode"] = userns
     return options
+
+
+def create_container(client, image: str, options: dict):
+    """``client.containers.create(image, **options)``, except that ``userns_mode`` goes to
+    the engine as given: the docker SDK accepts only 'host' there, while podman's
+    Docker-compatible API takes 'auto' (and 'keep-id', 'nomap', ...) in the same field."""
+    options = dict(options)
+    userns = options.pop("userns_mode", None)
+    if not userns or userns == "host":
+        if userns:
+            options["userns_mode"] = userns
+        return client.containers.create(image, **options)
+    from docker.models.containers import _create_container_args
+
+    create = _create_container_args({"image": image, "version": client.api._version, **options})
+    create["host_config"]["UsernsMode"] = userns
+    made = client.api.create_container(**create)
+    return client.containers.get(made["Id"])
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How a team's container is kept from the host's users, as this engine does it."""
+
+    engine: str  # 'podman' or 'docker' (or what the engine calls itself)
+    userns: str | None  # the per-container user namespace mode the runner asks for
+    remapped: bool  # the engine maps every container's root away from host root
+    rootless: bool  # the engine itself runs as an unprivileged user
+
+    @property
+    def root_is_host_root(self) -> bool:
+        return not (self.userns or self.remapped or self.rootless)
+
+    def describe(self) -> str:
+        if self.userns:
+            return f"{self.engine}: each container in its own user namespace (--userns={self.userns})"
+        if self.rootless:
+            return f"{self.engine}: rootless (container root is the engine's unprivileged user)"
+        if self.remapped:
+            return f"{self.engine}: userns-remap (container root is an unprivileged host user)"
+        return f"{self.engine}: container root IS host root (no user namespace)"
+
+
+def engine_isolation(client, limits: Limits) -> Isolation:
+    """What user isolation this engine gives, and which per-container mode to ask for:
+    podman takes ``limits.userns`` per container; Docker's is daemon-wide (userns-remap,
+    shown in ``docker info``'s SecurityOptions as name=userns), as is running rootless."""
+    version: dict = {}
+    with contextlib.suppress(Exception):
+        version = client.version()
+    name = " ".join(str(c.get("Name", "")) for c in version.get("Components") or [])
+    engine = "podman" if "podman" in name.lower() else "docker"
+    options = []
+    with contextlib.suppress(Exception):
+        options = [str(o) for o in (client.info().get("SecurityOptions") or [])]
+    remapped = any("name=userns" in o for o in options)
+    rootless = any("name=rootless" in o for o in options)
+    userns = limits.userns if engine == "podman" and limits.userns not in (None, "", "host") else None
+    return Isolation(engine, userns, remapped, rootless)
+
+
+def image_runs_as_root(client, image: str, user: str | None) -> bool:
+    """Whether the container's processes start as uid 0: ``user`` (--user) when given,
+    else the image's USER (empty, 'root', '0' or '0:...' are root)."""
+    if not user:
+        user = (client.images.get(image).attrs.get("Config") or {}).get("User") or ""
+    name = str(user).split(":", 1)[0].strip()
+    return name in ("", "root", "0")
 
 
 def _save_logs(container, path: Path) -> None:
@@ -429,19 +513,39 @@ def _save_logs(container, path: Path) -> None:
         tail.append(f"\n[runner: could not read the logs: {clean_text(err)}]\n".encode())
     head = b"[runner: earlier output dropped]\n" if dropped else b""
     foot = f"\n[runner: stopped reading after {LOG_READ_LIMIT_BYTES} bytes]\n".encode() if stopped else b""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(head + b"".join(tail) + foot)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(head + b"".join(tail) + foot)
+    except OSError as err:  # a full disk: the log is lost, the run and the verdict are not
+        with contextlib.suppress(OSError):
+            path.write_bytes(f"[runner: could not save the log: {err.strerror}]\n".encode())
 
 
 @dataclass
 class Watch:
     """How a running container is watched: its output folder against a quota, and the
-    watchdog told of its deadline."""
+    watchdog told of its deadline. With ``volume`` (a filesystem of its own), a full
+    filesystem is over quota too: the kernel's count, open-but-unlinked files included."""
 
     output_dir: Path
     quota: int
     watchdog: Watchdog | None = None
     poll_s: float = QUOTA_POLL_S
+    volume: OutputVolume | None = None
+
+    def problem(self) -> str:
+        """'' while the output is within its quota, else the message. A walk that cannot go
+        on (a path the host cannot name, a folder it may not read) is over quota: what
+        cannot be counted is not allowed."""
+        if self.volume is not None and self.volume.kernel and self.volume.full():
+            return (
+                f"output over quota: its filesystem of {self.quota / 1e6:.1f} MB is full "
+                f"({self.volume.used_bytes() / 1e6:.1f} MB used, unlinked files included)"
+            )
+        usage = output_usage(self.output_dir)
+        if usage.error:
+            return f"output over quota: it cannot be walked ({usage.error})"
+        return quota_problem(usage, self.quota)
 
 
 def run_container(
@@ -453,12 +557,14 @@ def run_container(
     log_path: Path,
     labels: dict,
     watch: Watch | None = None,
+    userns: str | None = None,
 ) -> ContainerResult:
     """Run ``image`` with its own entrypoint on one staged scan; kill it at the time limit
     or when its output folder goes over the quota.
 
     The container is always removed with its anonymous volumes; its logs are saved to
-    ``log_path`` first.
+    ``log_path`` first. An engine that cannot create or start the container is the
+    host's fault (``infrastructure``), never the team's.
     """
     import docker
 
@@ -466,8 +572,8 @@ def run_container(
     t0 = time.monotonic()
     try:
         volumes = _image_volumes(client, image)
-        container = client.containers.create(
-            image, **container_options(input_dir, output_dir, limits, labels, volumes)
+        container = create_container(
+            client, image, container_options(input_dir, output_dir, limits, labels, volumes, userns)
         )
         if watch is not None and watch.watchdog is not None:
             # The watchdog's own deadline comes later than the runner's: it acts only when
@@ -475,6 +581,20 @@ def run_container(
             watch.watchdog.started(container.id, time.time() + limits.time_limit_s + WATCHDOG_GRACE_S)
         t0 = time.monotonic()
         container.start()
+    except docker.errors.DockerException as err:
+        if container is not None:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True, v=True)
+            if watch is not None and watch.watchdog is not None:
+                watch.watchdog.ended(container.id)
+        return ContainerResult(
+            None,
+            False,
+            time.monotonic() - t0,
+            f"the engine could not start it: {clean_text(err)}",
+            infrastructure=True,
+        )
+    try:
         with ThreadPoolExecutor(1) as pool:
             # A container that never exits and an engine that never answers are both cut off.
             waiting = pool.submit(container.wait, timeout=limits.time_limit_s + WATCHDOG_GRACE_S)
@@ -493,7 +613,7 @@ def run_container(
                 if time.monotonic() - t0 >= limits.time_limit_s:
                     timed_out = True
                 elif watch is not None:
-                    over = quota_problem(output_usage(watch.output_dir), watch.quota)
+                    over = watch.problem()
                 if timed_out or over:
                     break
             seconds = time.monotonic() - t0
@@ -507,15 +627,18 @@ def run_container(
         return ContainerResult(int(status.get("StatusCode", -1)), False, seconds, error or "")
     except docker.errors.DockerException as err:
         return ContainerResult(
-            None, False, time.monotonic() - t0, f"the engine could not run it: {clean_text(err)}"
+            None,
+            False,
+            time.monotonic() - t0,
+            f"the engine lost the container: {clean_text(err)}",
+            infrastructure=True,
         )
     finally:
-        if container is not None:
-            _save_logs(container, log_path)
-            with contextlib.suppress(docker.errors.DockerException):
-                container.remove(force=True, v=True)
-            if watch is not None and watch.watchdog is not None:
-                watch.watchdog.ended(container.id)
+        _save_logs(container, log_path)
+        with contextlib.suppress(docker.errors.DockerException):
+            container.remove(force=True, v=True)
+        if watch is not None and watch.watchdog is not None:
+            watch.watchdog.ended(container.id)
 
 
 def _image_volumes(client, image: str) -> tuple[str, ...]:
@@ -698,13 +821,15 @@ def _image_ids(client, teams: list[Team]) -> dict[str, str]:
 
 def _remove_leftovers(client, out: Path) -> None:
     """What an interrupted run on the same output folder left: its containers (only those
-    carrying its label), its staging folder and its work folders."""
+    carrying its label), the output filesystems still mounted under it, its staging
+    folder and its work folders."""
     from tusrec.harness.watchdog import remove_labelled
 
     remove_labelled(client, RUNNER_LABEL, run_tag(out))
+    for team_work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
+        close_volume(team_work, None)
+    close_volume(out / ".volumes", None)
     remove_tree(out / ".staging")
-    for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
-        remove_tree(work)
 
 
 def run_tag(out: Path) -> str:
@@ -727,6 +852,8 @@ def write_team_table(
     kept predictions.csv when ``keep``): written after every unit and at the end, by the
     serial runner and the cluster's client alike. Returns the table."""
     table = pd.DataFrame([team_rows[s.key] for s in scans if s.key in team_rows])
+    if table.empty:  # nothing judged yet (every unit of the team left undone by the host)
+        return table
     write_metrics(table, team_dir)
     if keep:
         _kept_manifest(team_dir / "predictions", team_rows, scans)
@@ -825,21 +952,119 @@ def record_judgement(
     run: PendingRun, row: dict, manifest: bytes | None, output_dir: Path, team_dir: Path, keep: bool
 ) -> dict:
     """After ``judge`` (whose messages hold no path of the work folder): the row completed
-    (the image), the team's manifest kept beside the log, the prediction moved into
-    ``predictions/`` when kept and ``ok``, and the row cached atomically with its
-    signature. The work folder is the caller's to remove. Returns the row."""
+    (the image), the team's manifest kept beside the log (as ``<key>.manifest.txt``: the
+    team's own bytes, never a CSV that a spreadsheet would evaluate), the prediction kept
+    as the runner's own copy (``volume.keep_copy``: a regular file of the runner's user,
+    mode 0644) when kept and ``ok``, and the row cached atomically with its signature. The
+    work folder is the caller's to remove. Returns the row.
+
+    A kept file that cannot be copied (the team's file changed type since it was judged)
+    makes the scan ``invalid``; the host failing to write (a full disk) raises
+    InfrastructureError, and nothing is cached."""
     key = run.scan.key
     row["image"] = run.team.image
-    if manifest is not None:
-        with atomic_path(team_dir / "logs" / f"{key}.predictions.csv") as tmp:
-            tmp.write_bytes(manifest)
-    if keep and row["status"] == OK:
-        kept_dir = team_dir / "predictions"
-        kept_dir.mkdir(exist_ok=True)
-        os.replace(output_dir / f"{key}.h5", kept_dir / f"{key}.h5")  # judged a regular file
-    with atomic_path(team_dir / "scans" / f"{key}.json") as tmp:
-        tmp.write_text(json.dumps({"signature": run.signature, "row": row}, default=_json_value))
+    try:
+        if manifest is not None:
+            with atomic_path(team_dir / "logs" / f"{key}.manifest.txt") as tmp:
+                tmp.write_bytes(manifest)
+        if keep and row["status"] == OK:
+            kept_dir = team_dir / "predictions"
+            kept_dir.mkdir(exist_ok=True)
+            try:
+                keep_copy(output_dir / f"{key}.h5", kept_dir / f"{key}.h5")
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise
+                row.update({e: math.nan for e in ERRORS})
+                row.update(status=INVALID, message=clean_text(f"the prediction cannot be kept: {err}"))
+        with atomic_path(team_dir / "scans" / f"{key}.json") as tmp:
+            tmp.write_text(json.dumps({"signature": run.signature, "row": row}, default=_json_value))
+    except OSError as err:
+        raise InfrastructureError(
+            f"{run.team.name} {key}: the runner could not write its results ({err.strerror or err})"
+        ) from None
     return row
+
+
+def contain(
+    client,
+    run: PendingRun,
+    staged: Path,
+    team_dir: Path,
+    output_dir: Path,
+    image: Path | None,
+    limits: Limits,
+    labels: dict,
+    watchdog: Watchdog | None,
+    userns: str | None,
+) -> tuple[OutputVolume, ContainerResult, int]:
+    """A unit's container: its /output made (a filesystem of the quota's size when
+    ``image`` names where to keep it), the team's image run on the staged scan under the
+    limits. Returns the output (still there, for ``conclude``), what the container did and
+    the quota. Raises InfrastructureError (with nothing left behind) when the host or the
+    engine, not the team, failed."""
+    scan, team = run.scan, run.team
+    quota = output_quota(scan, int(limits.output_quota_margin_mb * 1e6))
+    log_path = team_dir / "logs" / f"{scan.key}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    volume = open_volume(output_dir, image, quota)
+    result = run_container(
+        client,
+        team.image,
+        staged,
+        output_dir,
+        limits,
+        log_path,
+        labels,
+        Watch(output_dir, quota, watchdog, volume=volume),
+        userns,
+    )
+    if result.infrastructure:
+        volume.close()
+        raise InfrastructureError(f"{team.name} {scan.key}: {result.error}")
+    return volume, result, quota
+
+
+def conclude(
+    run: PendingRun,
+    data: TusrecData,
+    volume: OutputVolume,
+    result: ContainerResult,
+    limits: Limits,
+    quota: int,
+    team_dir: Path,
+    keep: bool,
+    log=print,
+) -> dict:
+    """Judge and record what a unit's container left, then remove its output whatever
+    happens. Returns the row; InfrastructureError when its results cannot be written."""
+    scan = run.scan
+    try:
+        log(f"{run.team.name} {scan.key}: judging", flush=True)
+        log_path = team_dir / "logs" / f"{scan.key}.log"
+        row, manifest = judge(scan, data, volume.path, result, limits, log_path, quota)
+        return record_judgement(run, row, manifest, volume.path, team_dir, keep)
+    finally:
+        volume.close()  # the dense arrays: GB per scan
+
+
+def volumes_folder(out: Path, limits: Limits, log=print) -> Path | None:
+    """Where the run keeps its units' output filesystems (``OUT/.volumes``), or None when
+    /output is a plain watched folder: ``limits.output_fs`` 'walk', or 'auto' on a host
+    that cannot mount them (said once). 'kernel' on such a host is a RunnerError."""
+    if limits.output_fs == "walk":
+        return None
+    problem = kernel_quota_problem()
+    if problem:
+        if limits.output_fs == "kernel":
+            raise RunnerError(f"--output-fs kernel: {problem}")
+        log(
+            f"note: /output is a plain folder watched every {QUOTA_POLL_S:g} s, not a filesystem of "
+            f"its own ({problem}): a team can exceed its quota between two polls",
+            flush=True,
+        )
+        return None
+    return out / ".volumes"
 
 
 def runner_peak_rss_mb() -> float:
@@ -856,6 +1081,39 @@ def runner_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class IncompleteRunError(RunnerError):
+    """Some units could not be run because of the host or the engine (not the teams): the
+    tables hold every unit that was done, and a rerun does the rest."""
+
+    def __init__(self, tables: dict[str, pd.DataFrame], undone: list[tuple[str, str, str]]):
+        self.tables, self.undone = tables, undone
+        lines = "; ".join(f"{team} {key}: {why}" for team, key, why in undone[:5])
+        more = f" (and {len(undone) - 5} more)" if len(undone) > 5 else ""
+        super().__init__(
+            f"{len(undone)} run(s) not done because of the host or the engine, not the team: "
+            f"{lines}{more}. Nothing was recorded for them; rerun the same command to do them"
+        )
+
+
+def check_isolation(
+    client, teams: list[Team], limits: Limits, keep_predictions: bool, log=print
+) -> Isolation:
+    """The engine's user isolation, said once; ``keep_predictions`` is refused for a team
+    whose container would run as host root (no user namespace, no rootless engine, no
+    userns-remap, and an image or --user of uid 0)."""
+    isolation = engine_isolation(client, limits)
+    log(f"isolation: {isolation.describe()}", flush=True)
+    if keep_predictions and isolation.root_is_host_root:
+        root = [t.name for t in teams if image_runs_as_root(client, t.image, limits.user)]
+        if root:
+            raise RunnerError(
+                f"--keep-predictions refused: {', '.join(root)} run(s) as root and this engine maps "
+                "container root to host root; use podman (--userns auto), Docker's userns-remap or a "
+                "rootless engine, or --user UID:GID"
+            )
+    return isolation
+
+
 def run_teams(
     teams: list[Team],
     data: TusrecData,
@@ -865,84 +1123,149 @@ def run_teams(
     keep_predictions: bool = False,
     client=None,
     log=print,
+    judge_workers: int = DEFAULT_JUDGE_WORKERS,
 ) -> dict[str, pd.DataFrame]:
     """Run every team's image on every scan; write each team's metrics into OUT/<team>.
 
     Scans already judged for the same image, time limit and data are skipped (with
-    ``keep_predictions``, only when the kept file is there). Returns each team's table.
+    ``keep_predictions``, only when the kept file is there). Up to ``judge_workers`` scans
+    are judged at once while the next containers run. Returns each team's table; raises
+    IncompleteRunError (tables included) when the host or the engine failed some units
+    twice.
     """
     limits = limits or Limits()
     out = Path(out)
     scans = data.select(keys)
     if not scans:
         raise TusrecDataError(f"{data.root}: no scans found")
+    if judge_workers < 1:
+        raise RunnerError(f"--judge-workers {judge_workers}: at least 1")
     data.require_ground_truth(scans, "the runner scores every scan and needs the transfs/ folder")
     client = client or _client()
     image_ids = _image_ids(client, teams)
+    isolation = check_isolation(client, teams, limits, keep_predictions, log)
     tag = run_tag(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(client, out)
+    images = volumes_folder(out, limits, log)
     run_id = uuid.uuid4().hex
     watchdog = Watchdog(run_id, out / ".watchdog.log")
     try:
         labels = {RUNNER_LABEL: tag, RUN_LABEL: run_id}
-        return _run(
-            teams, data, out, limits, scans, keep_predictions, client, image_ids, labels, watchdog, log
-        )
+        context = RunContext(client, data, out, limits, keep_predictions, labels, watchdog, images, isolation)
+        return _run(context, teams, scans, image_ids, judge_workers, log)
     finally:
         watchdog.close()
 
 
-def _run(teams, data, out, limits, scans, keep_predictions, client, image_ids, run_labels, watchdog, log):
-    staging = out / ".staging"
-    rows, pending = plan_runs(teams, scans, data, out, limits, image_ids, keep_predictions)
-    margin = int(limits.output_quota_margin_mb * 1e6)
+@dataclass
+class RunContext:
+    """What every unit of a serial run shares."""
+
+    client: object
+    data: TusrecData
+    out: Path
+    limits: Limits
+    keep: bool
+    labels: dict
+    watchdog: Watchdog
+    images: Path | None
+    isolation: Isolation
+
+
+def _contain_with_retries(ctx: RunContext, run: PendingRun, staged: Path, log):
+    """``contain`` tried up to INFRASTRUCTURE_ATTEMPTS times; (volume, result, quota) or the
+    last InfrastructureError's message."""
+    team, scan = run.team, run.scan
+    team_dir = ctx.out / team.name
+    labels = {**ctx.labels, "tusrec.team": team.name, "tusrec.scan": scan.key}
+    image = ctx.images / team.name / f"{scan.key}.img" if ctx.images is not None else None
+    why = ""
+    for attempt in range(INFRASTRUCTURE_ATTEMPTS):
+        if attempt:
+            log(f"{team.name} {scan.key}: trying again after: {why}", flush=True)
+            time.sleep(INFRASTRUCTURE_RETRY_S)
+        log(f"{team.name} {scan.key}: running", flush=True)
+        try:
+            return contain(
+                ctx.client,
+                run,
+                staged,
+                team_dir,
+                team_dir / ".work" / scan.key,
+                image,
+                ctx.limits,
+                labels,
+                ctx.watchdog,
+                ctx.isolation.userns,
+            )
+        except InfrastructureError as err:
+            why = str(err)
+    return why
+
+
+def _run(ctx: RunContext, teams, scans, image_ids, judge_workers, log):
+    staging = ctx.out / ".staging"
+    rows, pending = plan_runs(teams, scans, ctx.data, ctx.out, ctx.limits, image_ids, ctx.keep)
     bar = tqdm(total=len(scans) * len(teams), desc="run", unit="container", disable=None)
     bar.update(sum(len(r) for r in rows.values()))
-    for scan in scans:
-        runs = [r for r in pending if r.scan is scan]
-        if not runs:
-            continue
-        quota = output_quota(scan, margin)
-        staged = staging / scan.key
-        stage_scan(scan, data, staged)
-        for run in runs:
+    undone: list[tuple[str, str, str]] = []
+    judging: dict = {}  # future -> (run, seconds it started)
+
+    def collect(futures) -> None:
+        for future in futures:
+            run, t_judge = judging.pop(future)
             team = run.team
-            team_dir = out / team.name
-            output_dir = _fresh_dir(team_dir / ".work" / scan.key)
-            log_path = team_dir / "logs" / f"{scan.key}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            labels = {**run_labels, "tusrec.team": team.name, "tusrec.scan": scan.key}
-            log(f"{team.name} {scan.key}: running", flush=True)
-            result = run_container(
-                client,
-                team.image,
-                staged,
-                output_dir,
-                limits,
-                log_path,
-                labels,
-                Watch(output_dir, quota, watchdog),
+            try:
+                row = future.result()
+            except InfrastructureError as err:
+                undone.append((team.name, run.scan.key, str(err)))
+                bar.write(f"{team.name} {run.scan.key}: not done: {err}")
+                continue
+            rows[team.name][run.scan.key] = row
+            write_team_table(ctx.out / team.name, rows[team.name], scans, ctx.keep)
+            bar.write(
+                f"{team.name} {run.scan.key}: {row['status']} in {row['runtime_s']:.1f} s "
+                f"(judged in {time.monotonic() - t_judge:.2f} s)"
             )
-            log(f"{team.name} {scan.key}: judging", flush=True)
-            t_judge = time.monotonic()
-            row, manifest = judge(scan, data, output_dir, result, limits, log_path, quota)
-            t_judge = time.monotonic() - t_judge
-            record_judgement(run, row, manifest, output_dir, team_dir, keep_predictions)
-            remove_tree(output_dir)  # the dense arrays: GB per scan
-            rows[team.name][scan.key] = row
-            write_team_table(team_dir, rows[team.name], scans, keep_predictions)
-            status, seconds = row["status"], row["runtime_s"]
-            bar.write(f"{team.name} {scan.key}: {status} in {seconds:.1f} s (judged in {t_judge:.2f} s)")
             bar.update()
-        remove_tree(staged)
+
+    with ThreadPoolExecutor(judge_workers, thread_name_prefix="judge") as pool:
+        for scan in scans:
+            runs = [r for r in pending if r.scan is scan]
+            if not runs:
+                continue
+            staged = staging / scan.key
+            stage_scan(scan, ctx.data, staged)
+            for run in runs:
+                # One slow file never stalls the queue, and the disk holds at most
+                # judge_workers + 1 units' outputs.
+                while len(judging) >= judge_workers:
+                    collect(wait(list(judging), return_when=FIRST_COMPLETED).done)
+                contained = _contain_with_retries(ctx, run, staged, log)
+                if isinstance(contained, str):
+                    undone.append((run.team.name, scan.key, contained))
+                    bar.write(f"{run.team.name} {scan.key}: not done: {contained}")
+                    continue
+                volume, result, quota = contained
+                team_dir = ctx.out / run.team.name
+                future = pool.submit(
+                    conclude, run, ctx.data, volume, result, ctx.limits, quota, team_dir, ctx.keep, log
+                )
+                judging[future] = (run, time.monotonic())
+            remove_tree(staged)
+        collect(wait(list(judging)).done)
     bar.close()
     remove_tree(staging)
     for team in teams:
         with contextlib.suppress(OSError):
-            (out / team.name / ".work").rmdir()
-    tables = {t.name: write_team_table(out / t.name, rows[t.name], scans, keep_predictions) for t in teams}
+            (ctx.out / team.name / ".work").rmdir()
+    if ctx.images is not None:
+        close_volume(ctx.images, None)
+    tables = {t.name: write_team_table(ctx.out / t.name, rows[t.name], scans, ctx.keep) for t in teams}
     log(f"runner peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)
+    if undone:
+        raise IncompleteRunError(tables, undone)
     return tables
 
 
@@ -953,9 +1276,11 @@ def _json_value(value):
 
 
 def run_command(args) -> int:
-    """`./evaluate run`: run, print each team's summary, then rank unless --no-rank."""
+    """`./evaluate run`: run, print each team's summary, then rank unless --no-rank. Exit 3,
+    without ranking, when the host or the engine left some units undone."""
     from tusrec.data import open_data
 
+    incomplete = None
     try:
         teams = parse_teams(args.team)
         limits = Limits(
@@ -965,10 +1290,20 @@ def run_command(args) -> int:
             user=args.user,
             output_quota_margin_mb=args.output_quota_margin,
             tmp_size=args.tmp_size,
+            userns=getattr(args, "userns", "auto"),
+            output_fs=getattr(args, "output_fs", "auto"),
         )
         data = open_data(args.data)
         if getattr(args, "cluster", None) is None:
-            tables = run_teams(teams, data, args.out, limits, args.keys, args.keep_predictions)
+            tables = run_teams(
+                teams,
+                data,
+                args.out,
+                limits,
+                args.keys,
+                args.keep_predictions,
+                judge_workers=getattr(args, "judge_workers", DEFAULT_JUDGE_WORKERS),
+            )
         else:  # the same units on Dask workers holding a GPU slot (tusrec.harness.cluster)
             from tusrec import cluster
             from tusrec.harness import cluster as harness_cluster
@@ -977,12 +1312,17 @@ def run_command(args) -> int:
                 tables = harness_cluster.run_teams(
                     dask, teams, data, args.out, limits, args.keys, args.keep_predictions
                 )
+    except IncompleteRunError as err:
+        tables, incomplete = err.tables, err
     except (RunnerError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, table in tables.items():
         print(f"{name}: {summary(table)}")
     print(f"per-team tables in {args.out}/<team>/metrics.csv, container logs in {args.out}/<team>/logs/")
+    if incomplete is not None:
+        print(f"error: {incomplete}; the ranking was not made", file=sys.stderr)
+        return 3
     if args.no_rank:
         return 0
     from tusrec.ranking.report import rank_command
