@@ -428,7 +428,7 @@ def test_a_rerun_with_another_ensemble_redoes_the_files_this_one_keeps_them(data
     said.clear()
     predict_folder(data_root, out, weights, "cpu", log=said.append)
     assert {k: (out / f"{k}.h5").stat().st_mtime_ns for k in data.keys} == mtimes
-    assert said == [f"kept 3 scan(s) this ensemble had already predicted in {out}"]
+    assert said == [f"kept 3 scan(s) this model had already predicted in {out}"]
     # One member of it is another ensemble.
     predict_folder(data_root, out, weights, "cpu", members=["member1"], log=lambda *a: None)
     assert all((out / f"{k}.h5").stat().st_mtime_ns != mtimes[k] for k in data.keys)

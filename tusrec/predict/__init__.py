@@ -1,13 +1,16 @@
 """The submission predictor: a folder of scans -> a predictions folder, within the time limit.
 
-``predict_folder`` is what ``./predict`` (the container's entrypoint) runs;
+``predict_folder`` is what ``./predict`` (the container's entrypoint) runs, with the
+shipped ensemble or a team's model (``--model``, tusrec.predict.interface);
 ``predict_ddfs(frames, landmark, data_path_calib, device)`` is the organisers' template
-interface. This package never imports tusrec.scoring, tusrec.ranking or tusrec.harness.
+interface of the shipped ensemble. This package never imports tusrec.scoring,
+tusrec.ranking or tusrec.harness.
 """
 
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +34,26 @@ from tusrec.predict.core import (
     DEFAULT_IN_PLANE,
     DEFAULT_TIME_LIMIT_S,
     IN_PLANE_SOURCES,
+    RESERVE_MARGIN_S,
     Predictor,
     check_writable,
     pick_device,
     prediction_complete,
     previous_rows,
     remove_partial_files,
+    run_scan,
     write_rows,
 )
+from tusrec.predict.interface import Model, ModelSpecError, ModelThread, load_model
 
 __all__ = [
     "DEFAULT_IN_PLANE",
     "DEFAULT_WEIGHTS",
     "IN_PLANE_SOURCES",
+    "Model",
+    "ModelSpecError",
     "Predictor",
+    "load_model",
     "predict_ddfs",
     "predict_folder",
 ]
@@ -62,21 +71,28 @@ def predict_folder(
     members: list[str] | None = None,
     form: str = TRANSFORMS_FORM,
     in_plane: str = DEFAULT_IN_PLANE,
+    model: Model | None = None,
 ) -> list[dict]:
     """Predict every scan of a validation/test folder into ``output_dir``.
 
-    ``form``: 'transforms' (compact: the transforms and GL/LL, kilobytes a scan) or 'ddf'
-    (dense GP/LP as well, the challenge's official form, gigabytes a scan). ``in_plane``:
-    where the in-plane motion comes from, 'network' (the members' combined estimate) or
+    ``model``: a team's model (tusrec.predict.interface.load_model, e.g. from
+    ``--model``), in its own form; default the shipped ensemble of ``weights`` (its
+    ``members``, ``translation`` rule and ``in_plane`` source) in ``form``: 'transforms'
+    (compact: the transforms and GL/LL, kilobytes a scan) or 'ddf' (dense GP/LP as well,
+    the challenge's official form, gigabytes a scan). ``in_plane``: where the ensemble's
+    in-plane motion comes from, 'network' (the members' combined estimate) or
     'registration' (each frame registered onto the one before, started from it;
     tusrec.model.registration).
 
-    Scans this same ensemble (weights, members, translation rule, form) already predicted
-    completely are kept (a rerun finishes what is missing; another ensemble's are redone);
-    temporary files of an interrupted run are removed, never trusted. One bad scan is
-    recorded as failed in predictions.csv and the others go on. ``members``: only these
-    members of the weights manifest (default all). Returns the manifest rows.
+    The model is loaded once (Model.load), then each scan goes through
+    tusrec.predict.core.run_scan (time limit, checks, one bad scan never stops the others).
+    Scans this same model (same fingerprint: weights, members, translation rule, form; a
+    team's file and SPEC) already predicted completely are kept (a rerun finishes what is
+    missing; another model's are redone); temporary files of an interrupted run are
+    removed, never trusted. Returns the manifest rows.
     """
+    if not time_limit_s > 0:  # NaN too
+        raise ValueError(f"time limit {time_limit_s!r} s: expected a positive number of seconds")
     output = Path(output_dir)
     check_writable(output)
     data = open_data(input_dir)
@@ -84,15 +100,25 @@ def predict_folder(
     if not scans:
         raise TusrecDataError(f"{input_dir}: no scans found")
     calib = data.calibration
-    predictor = Predictor(
-        load_members(weights, pick_device(device), members),
-        device,
-        time_limit_s,
-        translation,
-        form=form,
-        in_plane=in_plane,
-        error_model=load_error_model(weights),
-    )
+    dev = pick_device(device)
+    thread = ModelThread()
+    if model is None:
+        model = Predictor(
+            load_members(weights, dev, members),
+            device,
+            time_limit_s,
+            translation,
+            form=form,
+            in_plane=in_plane,
+            error_model=load_error_model(weights),
+        )
+    thread.call(partial(model.load, dev))  # once per run, on the thread its scans run on
+    if time_limit_s <= RESERVE_MARGIN_S:
+        log(
+            f"--time-limit {time_limit_s:g} s is shorter than the {RESERVE_MARGIN_S:g} s kept for "
+            "writing each scan's predictions: the model has no time (the shipped ensemble then "
+            "writes the identity motion, scored as no motion)"
+        )
     removed = remove_partial_files(output)
     if removed:
         log(f"removed {len(removed)} partial file(s) of an interrupted run")
@@ -102,23 +128,24 @@ def predict_folder(
         for scan in bar:
             path = output / f"{scan.key}.h5"
             if (
-                prediction_complete(path, scan, form, predictor.fingerprint)
+                prediction_complete(path, scan, model.form, model.fingerprint)
                 and rows.get(scan.key, {}).get("status", "ok") == "ok"
             ):
                 rows.setdefault(scan.key, {"key": scan.key, "frames": scan.n_frames, "status": "ok"})
                 kept += 1
                 continue
-            row = predictor.predict_scan(scan, calib, path)
+            row = run_scan(model, scan, calib, path, time_limit_s, dev, thread, data.calibration_path)
             rows[scan.key] = row
             write_rows(output, rows)  # after every scan, so an interruption loses nothing
             note = f" ({row['message']})" if row["message"] else ""
+            used = f"{row['members']}/{len(model.members)} members, " if "members" in row else ""
             bar.write(
                 f"{scan.key}: {row['frames']} frames, {row['seconds']:.1f} s, {row['status']}, "
-                f"{row.get('members', 0)}/{len(predictor.members)} members, {row['device']}{note}"
+                f"{used}{row['device']}{note}"
             )
     write_rows(output, rows)
     if kept:
-        log(f"kept {kept} scan(s) this ensemble had already predicted in {output}")
+        log(f"kept {kept} scan(s) this model had already predicted in {output}")
     return [rows[s.key] for s in scans]
 
 

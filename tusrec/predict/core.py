@@ -19,6 +19,7 @@ reading, a slow disk) is marked in the manifest (column overrun_s).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import threading
@@ -37,6 +38,7 @@ from tusrec.data import (
     PREDICTION_FORMS,
     PREDICTION_PIXEL_SETS,
     PREDICTION_TRANSFORM_SETS,
+    PredictionWriter,
     Scan,
     TusrecDataError,
     h5_has_dataset,
@@ -45,7 +47,7 @@ from tusrec.data import (
     usable_cores,
     write_manifest,
 )
-from tusrec.ddf import write_predictions
+from tusrec.ddf import DEFAULT_CHUNK, write_predictions
 from tusrec.geometry import Calibration, compose_local
 from tusrec.model import registration
 from tusrec.model.ensemble import (
@@ -72,6 +74,17 @@ from tusrec.model.registration import (
     square_size,
     with_in_plane,
 )
+from tusrec.predict.interface import (
+    DensePrediction,
+    Model,
+    ModelError,
+    ModelOutputError,
+    ModelThread,
+    ModelTimeoutError,
+    RigidPrediction,
+    check_transforms,
+    describe_exception,
+)
 
 DEFAULT_TIME_LIMIT_S = 120.0
 # GP+LP written per second at 480 x 640, measured on a 2-core CPU with a plain disk
@@ -86,6 +99,9 @@ RESERVE_MARGIN_S = 2.0
 # registration that follows them. The resampling (0.9-1.0 ms a frame) is not in it: it
 # happens while the scan is read for the members (Predictor.read_inputs).
 REGISTRATION_S_PER_PAIR = 0.0060
+# A model's call still running this long past its scan's limit (at least; hang_grace_s) is
+# given up on: status 'timeout', and the run goes on.
+HANG_GRACE_MIN_S = 5.0
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -126,8 +142,9 @@ class ScanPrediction:
     expected_error_mm: np.ndarray | None = None
 
 
-class Predictor:
-    """An ensemble and the rules for running it under a time limit."""
+class Predictor(Model):
+    """An ensemble and the rules for running it under a time limit: the shipped model, one
+    implementation of the kit's model interface (tusrec.predict.interface.Model)."""
 
     def __init__(
         self,
@@ -173,6 +190,7 @@ class Predictor:
         self.workers = max(1, workers)
         serves = error_model is not None and error_model.serves([m.info for m in self.members], in_plane)
         self.error_model = error_model if serves else None
+        self._thread: ModelThread | None = None
 
     @property
     def name(self) -> str:
@@ -359,80 +377,207 @@ class Predictor:
         registered_local = with_in_plane(local, fitted, keeps_sweep_tx(self.in_plane, scan.name))
         return registered_local, "; ".join(notes), residual
 
-    def predict_scan(self, scan: Scan, calib: Calibration, out_path: Path) -> dict:
-        """Predict one scan into ``out_path``; returns its manifest row."""
+    def load(self, device=None) -> None:
+        """Model.load: the members were put on ``self.device`` when the predictor was made."""
+
+    def predict(
+        self,
+        scan: Scan,
+        calib: Calibration,
+        deadline: float,
+        landmarks: np.ndarray | None = None,
+        calib_path: Path | None = None,
+    ) -> RigidPrediction:
+        """Model.predict: the scan's combined local transforms, the members run until
+        ``deadline`` (time.perf_counter(); the scan's limit less the writing's reserve),
+        with the in-plane registration and the expected error when asked, and what the
+        file and the manifest say about them."""
         t0 = time.perf_counter()
-        row = {"key": scan.key, "frames": math.nan, "status": "ok", "seconds": math.nan}
-        row.update(device=str(self.device), message="")
-        try:
-            n, h, w = scan.shape
-            row["frames"] = n
-            landmarks = scan.read_landmarks() if scan.has_landmarks else None
-            deadline = t0 + self.time_limit_s - ddf_reserve_s(n, (h, w), self.form)
-            registering = self.in_plane != "network"
-            reserve = registration_reserve_s(n, (h, w), self.workers) if registering else 0.0
-            frames, square = self.read_inputs(scan, calib if registering else None)
-            t_read = time.perf_counter()
-            pred = self.predict_local(frames, deadline - reserve, scan_code(scan.name))
-            t_network = time.perf_counter()
-            row.update(read_s=t_read - t0, network_s=t_network - t_read)
-            notes = [pred.fallback] if pred.fallback else []
-            expected_source = EXPECTED_ERROR_SOURCES[1]  # the members' heads, unless the model serves
-            if registering:
-                with_model = self.error_model is not None and pred.uncertainty is not None
-                local, note, residual = self.register(scan, calib, pred.local, deadline, with_model, square)
-                pred.local = local
-                if residual is not None:
-                    pred.expected_error_mm = self.error_model.expected_error_mm(residual, scan.name)
-                    expected_source = EXPECTED_ERROR_SOURCES[0]
-                row["registration_s"] = time.perf_counter() - t_network
-                if note:
-                    notes.append(note)
+        n, h, w = scan.shape
+        registering = self.in_plane != "network"
+        reserve = registration_reserve_s(n, (h, w), self.workers) if registering else 0.0
+        frames, square = self.read_inputs(scan, calib if registering else None)
+        t_read = time.perf_counter()
+        pred = self.predict_local(frames, deadline - reserve, scan_code(scan.name))
+        t_network = time.perf_counter()
+        columns = {"read_s": t_read - t0, "network_s": t_network - t_read}
+        notes = [pred.fallback] if pred.fallback else []
+        expected_source = EXPECTED_ERROR_SOURCES[1]  # the members' heads, unless the model serves
+        if registering:
+            with_model = self.error_model is not None and pred.uncertainty is not None
+            local, note, residual = self.register(scan, calib, pred.local, deadline, with_model, square)
+            pred.local = local
+            if residual is not None:
+                pred.expected_error_mm = self.error_model.expected_error_mm(residual, scan.name)
+                expected_source = EXPECTED_ERROR_SOURCES[0]
+            columns["registration_s"] = time.perf_counter() - t_network
+            if note:
+                notes.append(note)
+        extras = {}
+        if pred.uncertainty is not None:
+            extras = {
+                "uncertainty": pred.uncertainty,
+                "uncertainty_translation_mm": pred.translation_spread_mm,
+            }
+            if pred.expected_error_mm is not None:
+                extras["expected_error_mm"] = pred.expected_error_mm
+        attrs = {"members_used": pred.members_used, "in_plane": self.in_plane}
+        if "expected_error_mm" in extras:
+            attrs["expected_error_source"] = expected_source
+        columns["members"] = pred.members_used
+        return RigidPrediction(pred.local, extras, attrs, notes, columns)
+
+    def predict_scan(self, scan: Scan, calib: Calibration, out_path: Path) -> dict:
+        """Predict one scan into ``out_path`` under this predictor's time limit and form
+        (run_scan); returns its manifest row."""
+        if self._thread is None:
+            self._thread = ModelThread()
+        return run_scan(self, scan, calib, out_path, self.time_limit_s, self.device, self._thread)
+
+
+def hang_grace_s(time_limit_s: float) -> float:
+    """Seconds past a scan's limit that the kit still waits for a model's call: a call that
+    returns within them is kept (its overrun marked), one that does not is given up on."""
+    return max(time_limit_s, HANG_GRACE_MIN_S)
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Between scans: hand the memory a scan's tensors held back to the GPU (torch's caching
+    allocator keeps it otherwise), after collecting cycles that may hold tensors. Nothing to
+    do on the CPU (numpy and torch return freed memory to the allocator at once)."""
+    if torch.device(device).type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_scan(
+    model: Model,
+    scan: Scan,
+    calib: Calibration,
+    out_path: Path,
+    time_limit_s: float,
+    device: torch.device,
+    thread: ModelThread,
+    calib_path: Path | None = None,
+) -> dict:
+    """Predict one scan with ``model`` (any Model: the shipped ensemble or a team's) into
+    ``out_path``; returns its manifest row. What the kit guarantees around the model:
+
+    - its call runs on ``thread`` and is given up on ``hang_grace_s`` past the scan's limit
+      (status 'timeout'; the call cannot be stopped, ModelThread);
+    - whatever it raises or returns wrong (type, shape, dtype, NaN, non-homogeneous rows)
+      costs this scan only: status 'failed' and a message naming what was wrong;
+    - the file appears only when complete (tusrec.data.PredictionWriter), in ``model.form``;
+    - the scan's time (read, model, check, write) is measured: ``overrun_s`` and a note
+      when past ``time_limit_s``;
+    - GPU memory is released after the scan (release_device_memory); on cuda the manifest
+      gets the scan's peak (gpu_peak_MB).
+    """
+    row = _run_scan(model, scan, calib, out_path, time_limit_s, torch.device(device), thread, calib_path)
+    release_device_memory(device)  # after _run_scan: its arrays are gone
+    return row
+
+
+def _run_scan(model, scan, calib, out_path, time_limit_s, device, thread, calib_path) -> dict:
+    t0 = time.perf_counter()
+    row = {"key": scan.key, "frames": math.nan, "status": "ok", "seconds": math.nan}
+    row.update(device=str(device), message="")
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    notes: list[str] = []
+    try:
+        n, h, w = scan.shape
+        row["frames"] = n
+        landmarks = scan.read_landmarks() if scan.has_landmarks else None
+        reserve = ddf_reserve_s(n, (h, w), model.form)
+        deadline = t0 + time_limit_s - reserve
+        if deadline <= t0:
+            notes.append(
+                f"the time limit ({time_limit_s:g} s) leaves the model no time: {reserve:.1f} s of it "
+                "is kept for writing this scan's predictions"
+            )
+        job = partial(model.predict, scan, calib, deadline, landmarks, calib_path)
+        pred = thread.call(job, t0 + time_limit_s + hang_grace_s(time_limit_s))
+        row.update(pred.columns)
+        notes += pred.notes
+        attrs = {"model": model.name, "model_fingerprint": model.fingerprint, "device": str(device)}
+        t_write = time.perf_counter()
+        if isinstance(pred, RigidPrediction):
+            local = check_transforms(pred.local, n)
             if landmarks is None:
                 notes.append("no landmarks for this scan: GL/LL not written")
-            extras = {}
-            if pred.uncertainty is not None:
-                extras = {
-                    "uncertainty": pred.uncertainty,
-                    "uncertainty_translation_mm": pred.translation_spread_mm,
-                }
-                if pred.expected_error_mm is not None:
-                    extras["expected_error_mm"] = pred.expected_error_mm
-            attrs = {
-                "model": self.name,
-                "model_fingerprint": self.fingerprint,
-                "members_used": pred.members_used,
-                "device": str(self.device),
-                "in_plane": self.in_plane,
-            }
-            if "expected_error_mm" in extras:
-                attrs["expected_error_source"] = expected_source
-            t_write = time.perf_counter()
             write_predictions(
                 out_path,
-                compose_local(pred.local),
-                pred.local,
+                compose_local(local),
+                local,
                 calib,
                 (h, w),
                 landmarks,
-                attrs=attrs,
-                extras=extras,
+                attrs={**attrs, **pred.attrs},
+                extras=pred.extras,
                 started_at=t0,
-                form=self.form,
+                form=model.form,
             )
-            row["write_s"] = time.perf_counter() - t_write
-            row["message"] = "; ".join(notes)
-            row["members"] = pred.members_used
-        except (TusrecDataError, OSError, ValueError) as err:
-            row.update(status="failed", message=str(err))
-        row["seconds"] = time.perf_counter() - t0
-        # The file is valid and kept, but a runner that enforces the limit from outside
-        # would have stopped this scan: say so rather than report a plain 'ok'.
-        row["overrun_s"] = max(0.0, row["seconds"] - self.time_limit_s)
-        if row["overrun_s"] > 0:
-            note = f"over the time limit: {row['seconds']:.1f} s of {self.time_limit_s:g} s"
-            row["message"] = "; ".join(m for m in (row["message"], note) if m)
-        return row
+        elif isinstance(pred, DensePrediction):
+            if landmarks is None:
+                notes.append("no landmarks for this scan: GL/LL not written")
+            write_dense(out_path, pred, (h, w), landmarks is not None, attrs, t0)
+        else:
+            raise ModelOutputError(f"the model returned a {type(pred).__name__}")
+        row["write_s"] = time.perf_counter() - t_write
+        row["message"] = "; ".join(notes)
+    except ModelTimeoutError:
+        waited = time.perf_counter() - t0
+        row.update(
+            status="timeout",
+            message=f"the model did not return within {waited:.1f} s (time limit {time_limit_s:g} s "
+            f"+ {hang_grace_s(time_limit_s):g} s of grace); the run went on without it",
+        )
+    except ModelError as err:
+        row.update(status="failed", message=str(err))
+    except (TusrecDataError, OSError, ValueError) as err:
+        row.update(status="failed", message=str(err))
+    except Exception as err:
+        row.update(status="failed", message=describe_exception(err))
+    row["seconds"] = time.perf_counter() - t0
+    if on_cuda:
+        row["gpu_peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    # The file is valid and kept, but a runner that enforces the limit from outside
+    # would have stopped this scan: say so rather than report a plain 'ok'.
+    row["overrun_s"] = max(0.0, row["seconds"] - time_limit_s)
+    if row["overrun_s"] > 0:
+        note = f"over the time limit: {row['seconds']:.1f} s of {time_limit_s:g} s"
+        row["message"] = "; ".join(m for m in (row["message"], note) if m)
+    return row
+
+
+def write_dense(
+    out_path: Path,
+    pred: DensePrediction,
+    image_size: tuple[int, int],
+    with_landmarks: bool,
+    attrs: dict,
+    started_at: float,
+    chunk: int = DEFAULT_CHUNK,
+) -> None:
+    """Write a template model's GP/GL/LP/LL (checked: check_ddfs) in the dense form, GP/LP
+    a frame chunk at a time, each chunk checked for NaN/infinity first (ModelOutputError
+    naming the first such frame; the file then never appears)."""
+    n = len(pred.GP) + 1
+    with PredictionWriter(out_path, n, image_size, attrs, started_at, DDF_FORM) as out:
+        for start in range(0, n - 1, chunk):
+            gp, lp = pred.GP[start : start + chunk], pred.LP[start : start + chunk]
+            for arr, name in ((gp, "GP"), (lp, "LP")):
+                finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+                if not finite.all():
+                    frame = start + int(np.flatnonzero(~finite)[0])
+                    raise ModelOutputError(
+                        f"{name} is not finite (NaN or infinity) at row {frame} (frame {frame + 1})"
+                    )
+            out.write_pixels(start, gp, lp)
+        if with_landmarks:
+            out.write_landmarks(pred.GL, pred.LL)
 
 
 def prediction_complete(path: Path, scan: Scan, form: str = DDF_FORM, fingerprint: str | None = None) -> bool:
