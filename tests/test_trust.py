@@ -51,7 +51,7 @@ def write_bytes(path: Path, n: int) -> int:
     """Write up to ``n`` zero bytes; returns how many the filesystem took."""
     written = 0
     with open(path, "wb", buffering=0) as f:
-        block = b"\0" * 2**20
+        block = b"\0" * 2**16
         try:
             while written < n:
                 written += f.write(block[: min(len(block), n - written)])
