@@ -20,6 +20,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc debootstrap docker-compose >/dev/null
 fi
 
+# The runner gives each team container its own user namespace (podman's --userns=auto),
+# which takes its ids from the 'containers' entries of /etc/subuid and /etc/subgid.
+for map in /etc/subuid /etc/subgid; do
+    grep -q '^containers:' "$map" 2>/dev/null || echo "containers:2147483647:2147483648" >>"$map"
+done
+
 # podman's defaults fail here: crun cannot set RLIMIT_NOFILE, and cgroups are in hybrid
 # mode; runc with cgroupfs and no default ulimits works.
 mkdir -p "$(dirname "$CONF")"

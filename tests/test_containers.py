@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from tusrec.harness.runner import (
     run_tag,
     stage_scan,
 )
+from tusrec.harness.volume import kept_file_problem, kernel_quota_problem, open_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("TUSREC_TEST_BASE_IMAGE", "localhost/debian-base:bookworm")
@@ -420,9 +423,12 @@ def build_args() -> list[str]:
     return args
 
 
-def build_misbehaving(engine, mode: str, tag: str, payload: Path | None = None) -> str:
+def build_misbehaving(
+    engine, mode: str, tag: str, payload: Path | None = None, user: str | None = None
+) -> str:
     """Build tests/containers/misbehaving in ``mode``; ``payload``: a folder whose files the
-    copy modes put into /output. Returns the tag."""
+    copy modes put into /output; ``user``: the image's USER (default 10001:10001). Returns
+    the tag."""
     context = Path(tempfile.mkdtemp(dir=engine.tmp, prefix="misbehaving-"))
     shutil.copytree(ROOT / "tests/containers/misbehaving", context, dirs_exist_ok=True)
     shutil.rmtree(context / "payload")
@@ -436,7 +442,8 @@ def build_misbehaving(engine, mode: str, tag: str, payload: Path | None = None) 
         for name in ("GL", "LL"):
             f.create_dataset(name, data=np.zeros((3, 2), np.float32))
     (context / "mode").write_text(mode + "\n")
-    podman(engine, "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(context))
+    user_arg = ["--build-arg", f"TEAM_USER={user}"] if user else []
+    podman(engine, "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *user_arg, "-t", tag, str(context))
     shutil.rmtree(context)
     return tag
 
@@ -949,7 +956,7 @@ def test_runner_contains_hostile_teams(engine, hostile, val2024, tmp_path):
         assert kept == sorted(table.loc[table["status"] == "ok", "key"]), team  # only what scored
     log = out / "log" / "logs" / f"{keys[0]}.log"
     assert log.stat().st_size <= 2_000_000 + 200 and b"LAST LINE OF A HUGE LOG" in log.read_bytes()
-    assert (out / "bigmanifest" / "logs" / f"{keys[0]}.predictions.csv").stat().st_size <= 1_000_000
+    assert (out / "bigmanifest" / "logs" / f"{keys[0]}.manifest.txt").stat().st_size <= 1_000_000
     # The copier's kept file is untouched and holds what it wrote (no team wrote into it).
     victim = out / "good" / "predictions" / f"{keys[0]}.h5"
     assert victim.read_bytes() == (clean / "good" / "predictions" / victim.name).read_bytes()
@@ -1183,3 +1190,184 @@ def test_cluster_worker_or_client_killed_mid_run(engine, hostile, val2024, tmp_p
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert_same_results(clean, out, "good", kept=True, data=hostile.data)
     assert_nothing_left(engine, out, volumes)
+
+
+# --------------------------------------------------------------------------- the trust boundary
+# The file-system and user level, against hostile images: a setuid-root prediction, quota
+# attacks a walk cannot see, a team filling the shared disk beside a good team, and the
+# runner and its watchdog both killed while a container runs. Figures each test measured
+# are printed (pytest -s shows them).
+
+needs_mount = pytest.mark.skipif(bool(kernel_quota_problem()), reason=kernel_quota_problem() or "")
+
+
+def kept_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("*/predictions/*") if not p.name.startswith("."))
+
+
+@needs_mount
+def test_a_planted_setuid_root_prediction_is_kept_as_a_plain_file(engine, val2024, tmp_path):
+    """An image running as root writes <key>.h5 as an ELF binary with a valid HDF5 file
+    behind a 32 KB user block, owned by root and setuid. The container's root is not
+    host root (a user namespace), and what is kept is the runner's own 0644 copy."""
+    data = open_data(val2024)
+    payload = tmp_path / "payload"
+    good = write_payloads(data, tmp_path / "payloads", tmp_path / "victim")["good"]
+    payload.mkdir()
+    elf = Path("/bin/true").read_bytes()[:32768]
+    for src in good.glob("*.h5"):
+        with h5py.File(src) as f_in, h5py.File(payload / src.name, "w", userblock_size=32768) as f_out:
+            for name in f_in:
+                f_in.copy(name, f_out)
+            for key, value in f_in.attrs.items():
+                f_out.attrs[key] = value
+        with open(payload / src.name, "r+b") as f:
+            f.write(elf)
+        assert (payload / src.name).read_bytes()[:4] == b"\x7fELF"
+    image = build_misbehaving(engine, "setuid", "localhost/tusrec-hostile-setuid:test", payload, user="0:0")
+    out = tmp_path / "run"
+    result, _ = evaluate_run(engine, val2024, out, {"setuid": image}, "--keep-predictions")
+    assert "isolation: podman: each container in its own user namespace (--userns=auto)" in result.stdout
+    log = (out / "setuid" / "logs" / f"{data.keys[0]}.log").read_text()
+    assert "-rwsr-xr-x 1 0 0" in log  # inside, it was root's and setuid
+    table = pd.read_csv(out / "setuid" / "metrics.csv", keep_default_na=False)
+    kept = kept_files(out)
+    assert [p.stem for p in kept] == sorted(table.loc[table["status"] == "ok", "key"])
+    assert kept, table[["status", "message"]].to_dict("records")  # a valid file: scored and kept
+    for path in kept:
+        assert kept_file_problem(path) == "", path
+        st = os.lstat(path)
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_IXUSR)
+        assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o644
+    # Without a user namespace, keeping the files of a root image is refused at once.
+    refused = subprocess.run(
+        run_command(
+            val2024, tmp_path / "refused", {"setuid": image}, "--keep-predictions", "--userns", "host"
+        ),
+        capture_output=True,
+        text=True,
+        env=engine.env,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "--keep-predictions refused: setuid" in refused.stderr
+    assert not list((tmp_path / "refused").glob("*/scans/*.json"))
+
+
+QUOTA_ATTACKS = {  # team -> misbehave.sh mode
+    "unlinked": "unlinked",
+    "longnames": "longnames",
+    "quota": "quota",
+}
+
+
+@needs_mount
+def test_quota_attacks_end_at_the_quota_while_the_run_goes_on(engine, hostile, val2024, tmp_path):
+    """A file unlinked while open, folders past PATH_MAX and a plain 4 GB write: each is
+    stopped by its own filesystem at its quota, killed, ``invalid`` with the reason, and
+    the good team's results are those of a clean run."""
+    key = hostile.data.keys[0]
+    images = {
+        team: build_misbehaving(engine, mode, f"localhost/tusrec-hostile-{team}:test")
+        for team, mode in QUOTA_ATTACKS.items()
+    }
+    clean = tmp_path / "clean"
+    evaluate_run(engine, val2024, clean, {"good": hostile.images["good"]}, "--keys", key)
+    out = tmp_path / "run"
+    teams = {"good": hostile.images["good"], **images}
+    evaluate_run(engine, val2024, out, teams, "--keys", key, "--output-fs", "kernel")
+    _same_tables(clean, out, "good")
+    for team in QUOTA_ATTACKS:
+        row = pd.read_csv(out / team / "metrics.csv", keep_default_na=False).iloc[0]
+        assert row["status"] == "invalid", (team, row["message"])
+        assert row["message"].startswith("output over quota"), (team, row["message"])
+        print(f"\n{team}: {row['message']} (killed after {row['runtime_s']:.1f} s)")
+    unlinked = pd.read_csv(out / "unlinked" / "metrics.csv", keep_default_na=False).iloc[0]["message"]
+    assert "is full" in unlinked and "unlinked files included" in unlinked
+    used = float(re.search(r"\(([\d.]+) MB used", unlinked).group(1))
+    limit = float(re.search(r"filesystem of ([\d.]+) MB", unlinked).group(1))
+    assert limit < used <= limit + 30  # stopped at the quota, plus the filesystem's slack at most
+    assert not list(out.glob("*/.work")) and not (out / ".volumes").exists()
+
+
+@needs_mount
+def test_a_team_filling_the_shared_disk_costs_no_other_team_its_result(engine, hostile, val2024, tmp_path):
+    """--out on a small disk, two units at once (--cluster local:2): a team that writes
+    until the disk is full takes only its own reserved space; the good team running
+    beside it gets the results of a clean run, and nothing is cached as failed."""
+    key = hostile.data.keys[0]
+    filler = build_misbehaving(engine, "fill", "localhost/tusrec-hostile-fill:test")
+    clean = tmp_path / "clean"
+    evaluate_run(engine, val2024, clean, {"good": hostile.images["good"]}, "--keys", key)
+    disk = open_volume(tmp_path / "disk", tmp_path / "disk.img", 150 * 10**6)  # the organisers' small disk
+    try:
+        out = disk.path / "run"
+        result = _cluster_run(
+            engine, val2024, out, {"good": hostile.images["good"], "filler": filler}, "--keys", key
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        _same_tables(clean, out, "good")
+        row = pd.read_csv(out / "filler" / "metrics.csv", keep_default_na=False).iloc[0]
+        assert row["status"] == "invalid" and row["message"].startswith("output over quota"), row["message"]
+        print(f"\nfiller: {row['message']}; the disk had {disk.quota / 1e6:.0f} MB")
+        cached = [p.read_text() for p in out.glob("good/scans/*.json")]
+        assert cached and all('"status": "ok"' in c for c in cached)
+    finally:
+        disk.close()
+
+
+def _process_of(pattern: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if pattern in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@needs_mount
+def test_the_engine_enforces_the_deadline_when_runner_and_watchdog_are_killed(engine, val2024, tmp_path):
+    """SIGKILL the runner and its watchdog while a container sleeps: podman's own timeout
+    (the time limit + 5 s) still stops the container; the rerun removes it."""
+    sleeper = build_misbehaving(engine, "sleep", "localhost/tusrec-bad-sleep:test")
+    out = tmp_path / "run"
+    limit = 8
+    command = run_command(val2024, out, {"sleeper": sleeper}, "--keys", open_data(val2024).keys[0])
+    command[command.index("--time-limit") + 1] = str(limit)
+    env = {**engine.env, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in process.stdout:
+            if "sleeper" in line and "running" in line:
+                break
+        t0 = time.monotonic()
+        deadline = time.monotonic() + 20
+        while not own_containers(engine, out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        watchdogs = [pid for pid in _process_of("tusrec.harness.watchdog") if pid != process.pid]
+        assert watchdogs
+        for pid in [process.pid, *watchdogs]:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(30)
+        process.stdout.close()
+    ids = own_containers(engine, out)
+    assert ids, "the container was gone before the test could look"
+    stopped_at = None
+    while time.monotonic() - t0 < limit + 60:
+        states = [engine.client.containers.get(cid).status for cid in ids]
+        if all(s != "running" for s in states):
+            stopped_at = time.monotonic() - t0
+            break
+        time.sleep(0.5)
+    print(f"\ncontainer stopped {stopped_at} s after the runner's start line (limit {limit} s + 5 s)")
+    assert stopped_at is not None and stopped_at < limit + 5 + 20
+    # The rerun on the same --out removes what is left and judges the scan.
+    evaluate_run(
+        engine, val2024, out, {"sleeper": sleeper}, "--keys", open_data(val2024).keys[0], "--time-limit", "8"
+    )
+    assert not own_containers(engine, out)

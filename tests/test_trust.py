@@ -282,7 +282,7 @@ def test_an_infrastructure_fault_is_retried_then_reported_never_cached(
     monkeypatch.setattr(runner, "INFRASTRUCTURE_RETRY_S", 0.0)
     calls = []
 
-    def contain(client, run, staged, team_dir, output_dir, image, limits, labels, watchdog, userns):
+    def contain(client, run, staged, team_dir, output_dir, image, limits, labels, watchdog, isolation):
         calls.append(run.team.name)
         if run.team.name == "unlucky":
             raise InfrastructureError(f"{run.team.name} {run.scan.key}: the engine could not start it: boom")

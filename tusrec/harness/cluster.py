@@ -146,11 +146,11 @@ def container_unit(run: PendingRun, image_id: str, data, out: str, limits, tag: 
             # cgroups) and its watchdog: the job's epilog removes it by this label
             # (scripts/slurm-epilog.sh).
             labels[SLURM_JOB_LABEL] = os.environ["SLURM_JOB_ID"]
-        userns = engine_isolation(engine, limits).userns
+        isolation = engine_isolation(engine, limits)
         # An InfrastructureError raised here is the unit's failure: Dask retries it, and it
         # is never cached as the team's verdict.
         volume, result, quota = contain(
-            engine, run, staged, team_dir, output_dir, image, limits, labels, watchdog, userns
+            engine, run, staged, team_dir, output_dir, image, limits, labels, watchdog, isolation
         )
         if not output_dir.is_dir():
             volume.close()

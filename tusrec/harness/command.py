@@ -51,9 +51,35 @@ def add_run(run) -> None:
         "/dev/shm, the image's VOLUMEs; the root filesystem is read-only; counted against "
         "--memory) (default 1g)",
     )
+    run.add_argument(
+        "--userns",
+        default="auto",
+        help="podman's user namespace mode for each container: 'auto' maps container root to an "
+        "unprivileged host range (needs a 'containers' entry in /etc/subuid and /etc/subgid); "
+        "'host' turns it off. Docker ignores it (its userns-remap is daemon-wide) (default %(default)s)",
+    )
+    run.add_argument(
+        "--output-fs",
+        choices=["auto", "kernel", "walk"],
+        default="auto",
+        help="'kernel': each container's /output is a loop-mounted ext4 filesystem of its quota's "
+        "size (needs root, mount and mkfs.ext4); 'walk': a plain folder walked every 0.5 s; "
+        "'auto': kernel where the host allows, else walk, said at the start (default %(default)s)",
+    )
+    run.add_argument(
+        "--judge-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="scans judged at once while the next containers run, each in its own bounded "
+        "scoring worker (the disk then holds up to N + 1 outputs) (default %(default)s)",
+    )
     run.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
     run.add_argument(
-        "--keep-predictions", action="store_true", help="keep each team's files in OUT/<team>/predictions"
+        "--keep-predictions",
+        action="store_true",
+        help="keep a copy of each team's ok files in OUT/<team>/predictions (regular files of the "
+        "runner's user, mode 0644; refused for a root image when container root is host root)",
     )
     run.add_argument("--no-rank", action="store_true", help="only run and score; no ranking report")
     run.add_argument("--normalisation", choices=["minmax", "identity"], default=None, help="as for rank")

@@ -120,6 +120,7 @@ DEFAULT_JUDGE_WORKERS = 2  # scans judged at once (each in its own bounded scori
 INFRASTRUCTURE_ATTEMPTS = 2  # a unit the host or the engine failed is tried this often
 INFRASTRUCTURE_RETRY_S = 5.0
 WATCHDOG_GRACE_S = 30.0  # the watchdog kills this long after the runner should have
+ENGINE_GRACE_S = 5.0  # podman's own deadline: this long after the runner's
 RUNNER_LABEL = "tusrec.runner"  # value: the output folder's tag (run_tag): all runs on one --out
 RUN_LABEL = "tusrec.run"  # value: this run's own id: what its watchdog acts on
 _TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -421,11 +422,23 @@ def container_options(
     return options
 
 
-def create_container(client, image: str, options: dict):
-    """``client.containers.create(image, **options)``, except that ``userns_mode`` goes to
-    the engine as given: the docker SDK accepts only 'host' there, while podman's
-    Docker-compatible API takes 'auto' (and 'keep-id', 'nomap', ...) in the same field."""
+def create_container(client, image: str, options: dict, timeout_s: float | None = None):
+    """``client.containers.create(image, **options)``, with two things the Docker API lacks.
+
+    - ``userns_mode`` goes to the engine as given: the docker SDK accepts only 'host'
+      there, while podman's Docker-compatible API takes 'auto' in the same field.
+    - ``timeout_s`` (podman only): the container is created through podman's own API
+      (``/libpod/containers/create``, the same options in its form) with ``timeout``, so
+      that podman's conmon kills it at the deadline even when the runner and its watchdog
+      are both dead. Docker has no such setting (the watchdog is the last line there).
+    """
     options = dict(options)
+    if timeout_s is not None:
+        made = client.api._post_json(
+            client.api._url("/libpod/containers/create"), data=libpod_spec(image, options, timeout_s)
+        )
+        client.api._raise_for_status(made)
+        return client.containers.get(made.json()["Id"])
     userns = options.pop("userns_mode", None)
     if not userns or userns == "host":
         if userns:
@@ -437,6 +450,69 @@ def create_container(client, image: str, options: dict):
     create["host_config"]["UsernsMode"] = userns
     made = client.api.create_container(**create)
     return client.containers.get(made["Id"])
+
+
+def libpod_spec(image: str, options: dict, timeout_s: float) -> dict:
+    """``container_options``' options in podman's own create form (its SpecGenerator), with
+    the engine's deadline ``timeout_s`` (whole seconds, rounded up)."""
+    from docker.utils import parse_bytes
+
+    mounts = [
+        {"destination": bind["bind"], "type": "bind", "source": source, "options": ["rbind", bind["mode"]]}
+        for source, bind in options["volumes"].items()
+    ]
+    mounts += [
+        {"destination": path, "type": "tmpfs", "source": "tmpfs", "options": flags.split(",")}
+        for path, flags in options["tmpfs"].items()
+    ]
+    log = options["log_config"]
+    spec = {
+        "image": image,
+        "labels": options["labels"],
+        "netns": {"nsmode": "none"},
+        "no_new_privileges": "no-new-privileges" in options["security_opt"],
+        "cap_drop": options["cap_drop"],
+        "read_only_filesystem": options["read_only"],
+        "mounts": mounts,
+        "image_volume_mode": "ignore",  # each VOLUME is one of the bounded tmpfs above
+        "shm_size": parse_bytes(options["shm_size"]),
+        "resource_limits": {
+            "memory": {
+                "limit": parse_bytes(options["mem_limit"]),
+                "swap": parse_bytes(options["memswap_limit"]),
+            },
+            "pids": {"limit": options["pids_limit"]},
+        },
+        "log_configuration": {"driver": "k8s-file", "size": int(log["Config"]["max-size"])},
+        "timeout": max(1, math.ceil(timeout_s)),
+    }
+    if options.get("userns_mode") == "auto":
+        # what `podman create --userns=auto` sends: the mode, and the storage's id mapping
+        spec["userns"] = {"nsmode": "auto"}
+        spec["idmappings"] = {"AutoUserNs": True, "HostUIDMapping": False, "HostGIDMapping": False}
+    elif options.get("userns_mode"):
+        spec["userns"] = {"nsmode": options["userns_mode"]}
+    if options.get("user"):
+        spec["user"] = options["user"]
+    if options.get("device_requests"):
+        # podman gives GPUs through CDI (`nvidia-ctk cdi generate`); untested: no GPU here
+        spec["devices"] = [
+            {"path": f"nvidia.com/gpu={name}"} for name in cdi_gpus(options["device_requests"])
+        ]
+    return spec
+
+
+def cdi_gpus(requests) -> list[str]:
+    """The CDI device names of ``device_requests``: 'all', or one name per GPU index."""
+    names = []
+    for request in requests:
+        if request.get("DeviceIDs"):
+            names += list(request["DeviceIDs"])
+        elif int(request.get("Count", 0)) < 0:
+            return ["all"]
+        else:
+            names += [str(i) for i in range(int(request.get("Count", 0)))]
+    return names
 
 
 @dataclass(frozen=True)
@@ -558,13 +634,16 @@ def run_container(
     labels: dict,
     watch: Watch | None = None,
     userns: str | None = None,
+    engine_deadline: bool = False,
 ) -> ContainerResult:
     """Run ``image`` with its own entrypoint on one staged scan; kill it at the time limit
     or when its output folder goes over the quota.
 
     The container is always removed with its anonymous volumes; its logs are saved to
     ``log_path`` first. An engine that cannot create or start the container is the
-    host's fault (``infrastructure``), never the team's.
+    host's fault (``infrastructure``), never the team's. ``engine_deadline`` (podman): the
+    engine itself also kills the container ENGINE_GRACE_S after the time limit, whatever
+    becomes of the runner and its watchdog.
     """
     import docker
 
@@ -573,7 +652,10 @@ def run_container(
     try:
         volumes = _image_volumes(client, image)
         container = create_container(
-            client, image, container_options(input_dir, output_dir, limits, labels, volumes, userns)
+            client,
+            image,
+            container_options(input_dir, output_dir, limits, labels, volumes, userns),
+            limits.time_limit_s + ENGINE_GRACE_S if engine_deadline else None,
         )
         if watch is not None and watch.watchdog is not None:
             # The watchdog's own deadline comes later than the runner's: it acts only when
@@ -996,7 +1078,7 @@ def contain(
     limits: Limits,
     labels: dict,
     watchdog: Watchdog | None,
-    userns: str | None,
+    isolation: Isolation,
 ) -> tuple[OutputVolume, ContainerResult, int]:
     """A unit's container: its /output made (a filesystem of the quota's size when
     ``image`` names where to keep it), the team's image run on the staged scan under the
@@ -1017,7 +1099,8 @@ def contain(
         log_path,
         labels,
         Watch(output_dir, quota, watchdog, volume=volume),
-        userns,
+        isolation.userns,
+        isolation.engine == "podman",
     )
     if result.infrastructure:
         volume.close()
@@ -1197,7 +1280,7 @@ def _contain_with_retries(ctx: RunContext, run: PendingRun, staged: Path, log):
                 ctx.limits,
                 labels,
                 ctx.watchdog,
-                ctx.isolation.userns,
+                ctx.isolation,
             )
         except InfrastructureError as err:
             why = str(err)

@@ -101,6 +101,35 @@ big-manifest)
     head -c 2M /dev/urandom >/output/predictions.csv
     echo "wrote a 2 MB manifest"
     ;;
+setuid)
+    # Run as root: the payload's valid HDF5 file behind an ELF user block, made setuid root.
+    copy_payload
+    for key in $(keys); do chown 0:0 "/output/${key}.h5" && chmod 4755 "/output/${key}.h5"; done
+    echo "planted: $(ls -ln /output | tr '\n' ' ')"
+    ;;
+unlinked)
+    # Invisible to any walk over names: a file unlinked while open, written without end.
+    exec 3>/output/hidden
+    rm /output/hidden
+    head -c 4G /dev/zero >&3
+    echo "wrote into an unlinked file until: $?"
+    sleep 60
+    ;;
+longnames)
+    # Folders of 255-character names, deeper than the host's PATH_MAX, then 2 GB of files.
+    cd /output || exit 1
+    name="$(printf 'n%.0s' $(seq 255))"
+    for i in $(seq 20); do mkdir "$name" && cd "$name" || break; done
+    for i in $(seq 2000); do head -c 1M /dev/zero >"f$i" || break; done
+    echo "wrote $i files below a path of 20 x 256 characters"
+    sleep 60
+    ;;
+fill)
+    # As much as the disk takes, then hold on.
+    for key in $(keys); do head -c 4G /dev/zero >"/output/${key}.h5"; done
+    echo "filled what it could"
+    sleep 60
+    ;;
 *)
     echo "unknown MODE $MODE" >&2
     exit 64
