@@ -111,6 +111,32 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def check_device(name: str) -> torch.device:
+    """``--device`` as given -> torch.device, or ValueError with one line naming what is
+    there: 'auto', 'cpu', 'cuda' or 'cuda:N' of a CUDA device this torch can use."""
+    if name in (None, "auto"):
+        return pick_device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"this torch ({torch.__version__}) was built without CUDA"
+        else:
+            why = f"torch (CUDA {torch.version.cuda}) sees no GPU here"
+        raise ValueError(f"--device {name}: {why}; the only device here is cpu (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        there = ", ".join(f"cuda:{i}" for i in range(count))
+        raise ValueError(f"--device {name}: there are {count} CUDA device(s) here: {there} (and cpu)")
+    return device
+
+
 def ddf_reserve_s(n_frames: int, image_size: tuple[int, int], form: str = DDF_FORM) -> float:
     """Seconds to keep for writing a scan's predictions file (generous estimate).
 
