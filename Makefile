@@ -81,3 +81,19 @@ bench-gpu:
 
 clean:
 	rm -rf $(DEMO) bench-data .pytest_cache .ruff_cache
+
+.PHONY: docs figures
+
+# The documentation site, strictly (a broken link, anchor, nav entry or API reference fails
+# it) into site/: the tables of measured numbers are regenerated from benchmarks/*.json,
+# research/*.json and weights/ first (scripts/docs_tables.py). tests/test_docs.py builds it
+# too, so `make test` and CI fail on a broken site.
+docs: setup
+	$(PY) scripts/docs_tables.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The README's and the docs' pictures, from the current code and weights: the demo, then
+# one of its scans drawn by ./evaluate show and its ranking figure, copied into docs/img/
+# with the numbers printed beside them (scripts/docs_figures.py).
+figures: demo
+	$(PY) scripts/docs_figures.py --demo $(DEMO)

@@ -72,9 +72,10 @@ def one(results: dict, name: str, **args: object) -> dict | None:
 def machine_line(results: dict) -> str:
     m = results["machine"]
     return (
-        f"Machine of the last `make bench`: {m.get('machine', '?')}, {m.get('cpus', '?')} CPUs, "
-        f"Python {m.get('python', '?')}, {m.get('date', '?')}. Benchmarks are not tests: nothing "
-        "asserts on time, and a shared machine's load moves every figure.\n"
+        f"Measured on {m.get('machine', '?')}, {m.get('cpus', '?')} CPUs, Python {m.get('python', '?')}; "
+        f"`benchmarks/results.json` last written on {m.get('date', '?')} (a `make bench --only ...` run "
+        "rewrites its own rows and keeps the others). Benchmarks are not tests: nothing asserts on "
+        "time, and a shared machine's load moves every figure.\n"
     )
 
 
@@ -462,8 +463,67 @@ def show() -> str:
         return "`make figures` has not been run.\n"
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    keep = [k for k in rows[0] if k]
-    return table(keep, ([r[k] for k in keep] for r in rows)) + "\n" + source("docs/img/show.csv")
+    return (
+        table(
+            ["scan", "frames", "predictions file", "GPE (mm)", "LPE (mm)", "voxel (mm)"],
+            (
+                [
+                    r["key"],
+                    r["frames"],
+                    f"{r['form']}, by {r['model']}",
+                    num(float(r["GPE"])),
+                    num(float(r["LPE"]), 3),
+                    num(float(r["voxel_mm"])),
+                ]
+                for r in rows
+            ),
+        )
+        + "\n"
+        + source("docs/img/show.csv")
+    )
+
+
+def demoted(path: Path) -> str:
+    """A Markdown file with its headings turned into bold lines, to sit inside another page."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            line = "**" + line.lstrip("#").strip() + "**"
+        lines.append(line)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def demo_leaderboard() -> str:
+    """The leaderboard `./evaluate rank` wrote in the demo, as `make figures` kept it."""
+    path = ROOT / "docs" / "img" / "demo-leaderboard.csv"
+    if not path.is_file():
+        return "`make figures` has not been run.\n"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def pm(r: dict, key: str, digits: int) -> str:
+        return f"{num(float(r[key]), digits)} ± {num(float(r[key + '_sd']), digits)}"
+
+    return (
+        table(
+            ["rank", "team", "FS", "GPE (mm)", "GLE (mm)", "LPE (mm)", "LLE (mm)", "scans scored"],
+            (
+                [
+                    r["rank"],
+                    r["team"],
+                    pm(r, "FS", 3),
+                    pm(r, "GPE", 2),
+                    pm(r, "GLE", 2),
+                    pm(r, "LPE", 3),
+                    pm(r, "LLE", 3),
+                    f"{r['scored']} of {r['scans']}",
+                ]
+                for r in rows
+            ),
+        )
+        + "\n"
+        + source("docs/img/demo-leaderboard.csv")
+    )
 
 
 def rule(name: str) -> Callable[[], str]:
@@ -471,12 +531,8 @@ def rule(name: str) -> Callable[[], str]:
     bold lines so that it can sit inside a collapsed block of docs/research.md."""
 
     def render() -> str:
-        lines = []
-        for line in (ROOT / "research" / f"{name}-rule.md").read_text().splitlines():
-            if line.startswith("#"):
-                line = "**" + line.lstrip("#").strip() + "**"
-            lines.append(line)
-        return "\n".join(lines).rstrip() + "\n\n" + source(f"research/{name}-rule.md")
+        path = ROOT / "research" / f"{name}-rule.md"
+        return demoted(path) + "\n" + source(f"research/{name}-rule.md")
 
     return render
 
@@ -489,6 +545,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "cluster": cluster,
     "members": members,
     "show": show,
+    "demo-leaderboard": demo_leaderboard,
     **{f"research-{k}": lever(v) for k, v in LEVERS.items()},
     **{f"rule-{k}": rule(k) for k in RULES},
 }
