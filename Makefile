@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: setup demo test test-containers test-slurm lint bench bench-accuracy bench-gpu clean
+.PHONY: setup wheel demo test test-containers test-slurm lint bench bench-accuracy bench-gpu clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# The kit as a wheel (dist/tusrec-<version>-py3-none-any.whl), the way a team's image installs
+# it: `pip install tusrec-*.whl[predict]` takes the predictor's libraries only (extras:
+# predict, harness, train, cluster; pyproject.toml). `tusrec new-submission` builds the same.
+wheel: setup
+	$(PY) -c "from tusrec.harness.starter import build_wheel; print(build_wheel('dist'))"
 
 # The whole story on built-in synthetic data: simulate a small validation set (subject
 # 50, never trained on), extract its SIFT landmarks, predict it with the shipped ensemble
