@@ -48,6 +48,11 @@ EVALUATE = {
         "add_run",
         "run every team's image on every scan in containers, score each scan, rank",
     ),
+    "preflight": Command(
+        "tusrec.harness.command",
+        "add_preflight",
+        "test a submission image as the organisers will run it: a checklist, then the tar to hand in",
+    ),
     "show": Command(
         "tusrec.show.command",
         "add_show",
@@ -66,9 +71,15 @@ COMMANDS: dict[str, Command | Group] = {
         "The organisers' evaluation: `check` validates a predictions folder "
         "against a data folder; `score` computes per-scan GPE, GLE, LPE, LLE and runtime; "
         "`rank` ranks teams from their scores and analyses the ranking; `run` runs team images "
-        "in containers, scores and ranks them; `show` draws trajectories and reconstructions.",
+        "in containers, scores and ranks them; `preflight` tests one image as `run` will; `show` "
+        "draws trajectories and reconstructions.",
         "evaluate_command",
         EVALUATE,
+    ),
+    "new-submission": Command(
+        "tusrec.harness.command",
+        "add_new_submission",
+        "a team's submission folder: the model, a Dockerfile installing the kit's predictor, the loop",
     ),
     "info": Command("tusrec.data_command", "add_info", "list and validate the scans of a data folder"),
     "train": Command(

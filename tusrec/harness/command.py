@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tusrec.options import add_cluster_flag
+from tusrec.options import add_cluster_flag, add_keys
 
 
 def add_run(run) -> None:
@@ -94,3 +94,120 @@ def run_evaluate_run(args) -> int:
     from tusrec.harness.runner import run_command
 
     return run_command(args)
+
+
+# ---------------------------------------------------------------------- the participant's side
+
+
+def add_preflight(p) -> None:
+    p.description = (
+        "Test a submission image as the organisers will run it, in one command: `./evaluate run`'s "
+        "own runner (the same staging, limits, quota, isolation and judging) on the longest and the "
+        "shortest scan of DATA (--keys to choose, --all for every scan), then a checklist, each line "
+        "pass, FAIL with the reason, or not checked: starts and exits 0, writes the official dense "
+        "form, every file valid, within the time limit on the longest scan (with the margin), image "
+        "size, runs as non-root, needs no network, finds the GPU (with --gpus). Exit status 0 only "
+        "when no line fails (the image would be judged); --save then writes the tar to hand in."
+    )
+    p.add_argument("image", help="the image, as the engine names it (docker build -t NAME DIR)")
+    p.add_argument("--data", type=Path, required=True, help="validation folder with ground truth (transfs/)")
+    add_keys(p)
+    p.add_argument(
+        "--all", action="store_true", help="every scan of DATA (default: the longest and the shortest)"
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=120.0,
+        help="seconds a container may run on one scan, from start to exit, as the organisers count "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--memory", default="16g", help="memory limit of the container (default: %(default)s)")
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="'all', a count or device=0,1: give the container the GPU and check that the model used it "
+        "(default: no GPU, the GPU line not checked)",
+    )
+    p.add_argument(
+        "--output-quota-margin",
+        type=float,
+        default=64.0,
+        metavar="MB",
+        help="/output may hold the scan's dense predictions (+5%%) plus this many MB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tmp-size", default="1g", help="size of each tmpfs besides /output (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-image-gb",
+        type=float,
+        default=16.0,
+        metavar="GB",
+        help="the image-size line fails above this (no limit is published; large images are slow to "
+        "hand in and load) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a new or empty folder to keep the run's table and the container's logs in "
+        "(default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="FILE.tar",
+        help="when no line fails, save the image there (docker save): the file to hand in",
+    )
+    p.set_defaults(run=run_preflight)
+
+
+def run_preflight(args) -> int:
+    from tusrec.harness.preflight import preflight_command
+
+    return preflight_command(args)
+
+
+def add_new_submission(p) -> None:
+    p.description = (
+        "Write a team's submission folder DIR (new, or empty): the model (an example by phase "
+        "correlation, or --model FILE.py:NAME copied in), a Dockerfile on the CUDA runtime base that "
+        "installs the kit's predictor from its wheel (wheels/, with the [predict] libraries only) "
+        "and runs `predict --model`, requirements.txt for the model's own libraries, weights/, and "
+        "a README with the loop: build, preflight, save."
+    )
+    p.add_argument("dir", type=Path, help="the folder to write (refused if it holds anything)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="FILE.py:NAME",
+        help="your model's file and the function or class in it (./predict --model's kinds), copied "
+        "into DIR (default: the example model.py:transforms)",
+    )
+    p.add_argument(
+        "--wheel",
+        type=Path,
+        default=None,
+        help="the kit's wheel to install in the image (default: built from this checkout, as make wheel)",
+    )
+    p.set_defaults(run=run_new_submission)
+
+
+def run_new_submission(args) -> int:
+    import sys
+
+    from tusrec.harness.starter import StarterError, image_tag, new_submission
+
+    try:
+        written = new_submission(args.dir, args.model, args.wheel)
+    except StarterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tag = image_tag(args.dir)
+    print(f"wrote {len(written)} files into {args.dir}: {', '.join(map(str, written))}")
+    print(
+        f"next: docker build -t {tag} {args.dir}, then ./evaluate preflight {tag} --data VAL --save {tag}.tar"
+    )
+    return 0
