@@ -48,6 +48,7 @@ from tusrec.harness.runner import (
     stage_scan,
 )
 from tusrec.harness.volume import kept_file_problem, kernel_quota_problem, open_volume
+from tusrec.scoring import max_prediction_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("TUSREC_TEST_BASE_IMAGE", "localhost/debian-base:bookworm")
@@ -172,14 +173,13 @@ def test_output_walk_is_bounded_and_never_follows_links(tmp_path):
     assert not deep.exists() and not folder.exists() and Path("/etc/passwd").is_file()
 
 
-def test_output_quota_is_the_dense_form_plus_a_margin(dataset_factory, tmp_path):
+def test_output_quota_is_the_largest_valid_file_plus_a_margin(dataset_factory, tmp_path):
     root = dataset_factory(tmp_path / "val", EVAL, ("050",), ("LH_Par_C_DtP",), 7)
     scan = open_data(root).scans[0]
     n, h, w = scan.shape
     k = len(scan.read_landmarks())
-    dense = 2 * (n - 1) * 3 * h * w * 4  # GP + LP float32
-    small = 2 * 3 * k * 8 + 2 * (n - 1) * 16 * 8 + (n - 1) * 8  # GL, LL, transforms, uncertainty
-    assert output_quota(scan, 10**6) == int(1.05 * (dense + small)) + 10**6
+    # the format's one rule (tests/test_policy.py checks it against files h5py writes)
+    assert output_quota(scan, 10**6) == max_prediction_bytes(n, h, w, k) + 10**6
 
 
 @pytest.mark.parametrize(
@@ -1202,7 +1202,7 @@ needs_mount = pytest.mark.skipif(bool(kernel_quota_problem()), reason=kernel_quo
 
 
 def kept_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("*/predictions/*") if not p.name.startswith("."))
+    return sorted(out.glob("*/predictions/*.h5"))
 
 
 @needs_mount

@@ -275,15 +275,14 @@ def output_usage(folder: Path, max_entries: int = OUTPUT_MAX_ENTRIES) -> Usage:
 
 
 def output_quota(scan: Scan, margin_bytes: int) -> int:
-    """Bytes a scan's /output may hold: the dense form, which is the larger (GP and LP
-    (N-1, 3, H*W) float32, GL and LL (3, K), the optional transforms and uncertainty, all
-    at 8 bytes where float64 is allowed), plus 5% for HDF5's own structures, plus
-    ``margin_bytes``."""
+    """Bytes a scan's /output may hold: the largest valid prediction file of the scan under
+    the format (tusrec.scoring.policy.max_prediction_bytes: every dataset, float64, chunked
+    as the read policy allows, HDF5's own structures), plus ``margin_bytes``."""
+    from tusrec.scoring import max_prediction_bytes  # the format's one rule
+
     n, h, w = scan.shape
     k = len(scan.read_landmarks()) if scan.has_landmarks else 0
-    dense = 2 * (n - 1) * 3 * h * w * 4
-    small = 2 * 3 * k * 8 + 2 * (n - 1) * 16 * 8 + (n - 1) * 8
-    return int(1.05 * (dense + small)) + int(margin_bytes)
+    return max_prediction_bytes(n, h, w, k) + int(margin_bytes)
 
 
 def quota_problem(usage: Usage, quota: int) -> str:
@@ -620,7 +619,10 @@ class Watch:
             )
         usage = output_usage(self.output_dir)
         if usage.error:
-            return f"output over quota: it cannot be walked ({usage.error})"
+            used = ""
+            if self.volume is not None and self.volume.kernel:
+                used = f"; {self.volume.used_bytes() / 1e6:.1f} MB used"
+            return f"output over quota: it cannot be walked ({usage.error}{used})"
         return quota_problem(usage, self.quota)
 
 
