@@ -323,48 +323,62 @@ def cluster() -> str:
 # --- weights/ and baseline/ (the model card) -----------------------------------------------
 
 
+def subject_ranges(ids: list[str]) -> str:
+    """Subject ids as ranges: ['000', '001', '002', '006'] -> '000-002, 006'."""
+    nums = sorted(int(i) for i in ids)
+    width = max((len(i) for i in ids), default=3)
+    parts, start = [], None
+    for k, n in enumerate(nums):
+        start = n if start is None else start
+        if k + 1 == len(nums) or nums[k + 1] != n + 1:
+            parts.append(f"{start:0{width}d}" + (f"-{n:0{width}d}" if n > start else ""))
+            start = None
+    return ", ".join(parts)
+
+
 def members() -> str:
-    """The shipped members and the frame-pair baseline, from their manifests."""
-    rows = []
+    """The shipped members and the frame-pair baseline, from their manifests: how each was
+    trained, then what it scored on its own validation subjects."""
+    trained, scored = [], []
     for folder in ("weights", "baseline"):
         for m in load(f"{folder}/manifest.json")["members"]:
             t, met = m.get("trained", {}), m.get("metrics", {})
             ident = met.get("val_identity_GPE")
-            ratio = met["val_GPE"] / ident if ident else None
-            size = (ROOT / folder / m["file"]).stat().st_size / 1e6
-            rows.append(
+            name = f"`{folder}/{m['name']}`"
+            trained.append(
                 [
-                    f"`{folder}/{m['name']}`",
+                    name,
                     t.get("config", {}).get("seed", ""),
-                    ", ".join(t.get("train_subjects", [])),
-                    ", ".join(t.get("val_subjects", [])),
+                    subject_ranges(t.get("train_subjects", [])),
+                    subject_ranges(t.get("val_subjects", [])),
                     f"{t.get('steps', 0):,}",
                     num(t.get("seconds"), 0),
+                    num((ROOT / folder / m["file"]).stat().st_size / 1e6, 1),
+                ]
+            )
+            scored.append(
+                [
+                    name,
                     num(met.get("val_GPE")),
                     num(met.get("val_LPE"), 3),
                     num(ident),
-                    num(ratio),
+                    num(met["val_GPE"] / ident if ident else None),
                     "yes" if m.get("error_head") else "no",
-                    num(size, 1),
                 ]
             )
     return (
-        table(
+        table(["member", "seed", "trained on", "validated on", "steps", "training (s)", "MB"], trained)
+        + "\n"
+        + table(
             [
                 "member",
-                "seed",
-                "trained on",
-                "validated on",
-                "steps",
-                "training (s)",
                 "validation GPE (mm)",
                 "LPE (mm)",
-                "identity's GPE there",
+                "the identity's GPE there",
                 "share of the identity's",
                 "error head",
-                "MB",
             ],
-            rows,
+            scored,
         )
         + "\n"
         + source("weights/manifest.json", "baseline/manifest.json")
