@@ -578,9 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         stale = [p for p, text in rendered.items() if not p.is_file() or p.read_text() != text]
         stale += [p for p in OUT.glob("*.md") if p not in rendered]
         for p in stale:
-            print(
-                f"{p.relative_to(ROOT)}: differs from what scripts/docs_tables.py generates", file=sys.stderr
-            )
+            name = p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+            print(f"{name}: differs from what scripts/docs_tables.py generates", file=sys.stderr)
         if stale:
             print("run: python scripts/docs_tables.py (or make docs)", file=sys.stderr)
         return 1 if stale else 0
