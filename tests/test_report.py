@@ -5,8 +5,10 @@ scored predictions of several quality levels."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pandas as pd
 import pytest
 
 from tusrec.cli import main
+from tusrec.ranking import report as rp
 from tusrec.ranking.rank import RankingError, combine_teams, load_teams, read_team_table
 from tusrec.ranking.report import FIGURES, analyse, write_report
 from tusrec.ranking.synthetic import synthetic_tables
@@ -86,14 +89,133 @@ def test_every_file_and_the_right_order(report):
     assert list(matrix.index) == list(QUALITY) and matrix.loc["precise", "poor"] < 0.05
 
 
-def test_figures_are_png_images(report):
-    for name in FIGURES:
-        path = report / "figures" / f"{name}.png"
-        image = matplotlib.image.imread(path)
-        assert image.shape[0] > 300 and image.shape[1] > 500, name
-        # the red SYNTHETIC DATA label (#c00000) is in every figure
-        red = (image[..., 0] > 0.7) & (image[..., 1] < 0.1) & (image[..., 2] < 0.1)
-        assert red.sum() > 200, f"{name}: no SYNTHETIC DATA label"
+@pytest.fixture(scope="module")
+def analysis(report):
+    """The report fixture's analysis, made again in this process from the same tables."""
+    meta = json.loads((report / "analysis.json").read_text())
+    teams = load_teams({name: report.parent / name / "metrics.csv" for name in QUALITY})
+    return analyse(teams, resamples=meta["settings"]["bootstrap_resamples"], seed=meta["settings"]["seed"])
+
+
+def _title(fig) -> str:
+    return fig._suptitle.get_text()
+
+
+def test_each_figure_is_titled_with_what_it_shows_beside_its_label(analysis):
+    """One title a figure, the figure's own (not the report's), on one line, right of the
+    SYNTHETIC DATA label and clear of it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tusrec.plotting import SYNTHETIC_LABEL
+    from tusrec.ranking.report import make_figures
+
+    names = []
+    for name, fig in make_figures(analysis, synthetic=True):
+        names.append(name)
+        assert _title(fig).startswith(FIGURES[name]) and "\n" not in _title(fig), name
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        labels = [t for t in fig.texts if t.get_text() == SYNTHETIC_LABEL]
+        assert len(labels) == 1, name
+        label = labels[0].get_bbox_patch().get_window_extent(renderer)
+        title = fig._suptitle.get_window_extent(renderer)
+        assert not _overlaps(label, title) and label.x1 < title.x0, name
+        # on the title's line, and above every panel
+        assert label.y0 < title.y1 and title.y0 < label.y1, name
+        for ax in fig.axes:
+            assert not _overlaps(ax.get_tightbbox(renderer), label), (name, ax.get_title())
+    assert names == list(FIGURES)
+    plain = dict(rp.figure_builders(analysis, synthetic=False))["sensitivity"]()
+    assert _title(plain) == FIGURES["sensitivity"]
+    assert SYNTHETIC_LABEL not in [t.get_text() for t in plain.texts]
+
+
+def test_blob_plot_draws_the_bootstrap_frequencies(analysis):
+    from tusrec.ranking.report import figure_builders
+
+    fig = dict(figure_builders(analysis))["blob_plot"]()
+    order = analysis.ranking.order
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split("-")[0] for ax in axes] == ["scan", "subject"]
+    for ax, boot in zip(axes, analysis.bootstrap.values(), strict=True):
+        freq = boot.frequencies[order]
+        bubbles, medians = ax.collections[:-1], ax.collections[-1]
+        for k, bubble in enumerate(bubbles):  # one scatter a team, at x = its place in the order
+            xy = bubble.get_offsets()
+            ranks = np.flatnonzero(freq[k] > 0) + 1
+            np.testing.assert_array_equal(xy[:, 0], k + 1)
+            np.testing.assert_array_equal(xy[:, 1], ranks)
+            sizes = bubble.get_sizes()
+            np.testing.assert_allclose(sizes / sizes.sum(), freq[k, ranks - 1] / freq[k, ranks - 1].sum())
+        np.testing.assert_array_equal(medians.get_offsets()[:, 1], boot.median[order])
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == [analysis.data.teams[t] for t in order]
+
+
+def test_sampling_figure_draws_the_bootstrap_means_and_their_interval(analysis):
+    from matplotlib.patches import StepPatch
+
+    from tusrec.ranking.report import figure_builders
+
+    fig = dict(figure_builders(analysis))["sampling_distribution"]()
+    ax = fig.axes[0]
+    means = analysis.bootstrap["scan"].means
+    outlines = [p for p in ax.patches if isinstance(p, StepPatch) and p.get_gid()]
+    assert [p.get_gid() for p in outlines] == [f"team {t}" for t in analysis.ranking.order]
+    for patch in outlines:
+        t = int(patch.get_gid().split()[1])
+        heights, edges, _ = patch.get_data()
+        want, _ = np.histogram(means[:, t], edges, density=True)
+        np.testing.assert_allclose(heights, want)
+        assert edges[0] >= 0 and edges[-1] <= 1  # min-max means stay in [0, 1]
+    table = analysis.sampling
+    dashed = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
+    np.testing.assert_allclose(dashed, np.sort(np.r_[table["ci_2.5%"], table["ci_97.5%"]]))
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    for text, row in zip(texts, table.itertuples(), strict=True):
+        assert text.endswith(f"{row.mean:.3f} [{row._7:.3f}, {row._8:.3f}]"), text
+
+
+def test_significance_map_draws_the_holm_adjusted_p(analysis):
+    from tusrec.ranking.report import figure_builders
+
+    fig = dict(figure_builders(analysis))["significance_map"]()
+    order = analysis.ranking.order
+    fs = [pw for pw in rp.tested(analysis) if pw.metric == "FS"]
+    assert [pw.level for pw in fs] == ["scan"]  # 3 subjects: see test_what_the_data_cannot_support
+    for ax, pw in zip([a for a in fig.axes if a.images], fs, strict=True):
+        assert ax.get_title().startswith(f"FS, {pw.level} level")
+        image = np.asarray(ax.images[0].get_array())
+        sig = pw.significant(0.05)[np.ix_(order, order)]
+        np.testing.assert_array_equal(
+            image[~np.eye(len(order), dtype=bool)], sig[~np.eye(len(order), dtype=bool)]
+        )
+        p = pw.p_holm[np.ix_(order, order)]
+        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        for (i, j), text in cells.items():
+            assert text == ("<0.001" if p[i, j] < 0.001 else f"{p[i, j]:.3f}")
+        assert len(cells) == len(order) * (len(order) - 1)
+
+
+def test_box_plots_draw_each_teams_scores(analysis):
+    from tusrec.ranking.report import figure_builders
+
+    fig = dict(figure_builders(analysis))["box_scores"]()
+    order = analysis.ranking.order
+    ax = fig.axes[0]
+    assert ax.get_title() == "final score FS"
+    # a median is the vertical line across its box (0.6 wide; the caps are half as wide)
+    medians = [
+        line
+        for line in ax.get_lines()
+        if np.ptp(line.get_xdata()) == 0 and np.ptp(line.get_ydata()) == pytest.approx(0.6)
+    ]
+    assert len(medians) == len(order)
+    fs = analysis.scores.scores["FS"]
+    for k, line in enumerate(medians):
+        assert line.get_xdata()[0] == pytest.approx(np.median(fs[order[k]]))
+        assert np.mean(line.get_ydata()) == pytest.approx(k + 1)
 
 
 class _Page(HTMLParser):
@@ -174,29 +296,41 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         "--disable-sync",
         "--window-size=1400,3000",
     ]
-    url = (report / "report.html").resolve().as_uri()
+    # A copy of the page with a script that writes, once loaded, the size at which the
+    # browser decoded each image into the DOM (the report itself has no script).
+    page = (report / "report.html").read_text(encoding="utf-8")
+    probe = (
+        "<script>window.addEventListener('load', () => { for (const img of document.images) "
+        "img.setAttribute('data-decoded', img.complete + ' ' + img.naturalWidth + 'x' + img.naturalHeight); "
+        "document.body.setAttribute('data-scroll-width', document.documentElement.scrollWidth); });</script>"
+    )
+    copy = tmp_path / "report.html"
+    copy.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
     dom = subprocess.run(
-        [browser, *flags, f"--user-data-dir={tmp_path / 'profile1'}", "--dump-dom", url],
+        [
+            browser,
+            *flags,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            copy.resolve().as_uri(),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    check_page(dom.stdout)  # the DOM the browser built shows the leaderboard and the images
-    shot = tmp_path / "shot.png"
-    run = subprocess.run(
-        [browser, *flags, f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    image = matplotlib.image.imread(shot)
-    assert image.shape[:2] == (3000, 1400)
-    # the banner is drawn, and so are the figures: strongly blue pixels come only from them
-    red = (image[..., 0] > 0.7) & (image[..., 1] < 0.1) & (image[..., 2] < 0.1)
-    blue = (image[..., 2] - image[..., 0] > 0.25) & (image[..., 2] > 0.5)
-    assert red.sum() > 5000 and blue.sum() > 5000
+    parsed = check_page(dom.stdout)  # the DOM the browser built shows the leaderboard and the images
+    # every figure decoded at the size of its PNG, in the report's order
+    drawn = [img["data-decoded"] for img in parsed.images]
+    want = []
+    for name in FIGURES:
+        height, width = matplotlib.image.imread(report / "figures" / f"{name}.png").shape[:2]
+        want.append(f"true {width}x{height}")
+    assert drawn == want
+    assert [img["alt"] for img in parsed.images] == list(FIGURES.values())
+    # nothing wider than the window: the figures shrink to the page (max-width: 100 %)
+    assert int(re.search(r'data-scroll-width="(\d+)"', dom.stdout).group(1)) <= 1400
 
 
 def test_rank_help_imports_no_analysis_code():
@@ -232,10 +366,13 @@ def test_single_team_report(tmp_path):
     assert list(analysis.leaderboard["rank"]) == [1] and not analysis.pairwise
     assert any("Only one team" in n for n in analysis.notes)
     written = write_report(analysis, tmp_path / "solo")
-    assert "figures/blob_plot.png" in written and "figures/significance_map.png" not in written
-    assert "figures/kendall_tau.png" not in written  # no empty figure: tau needs two teams
+    figures = {name for name in written if name.startswith("figures/")}
+    # rank 1 in every resample: no stability figures, no tests; the rest is drawn
+    assert "figures/blob_plot.png" not in figures and "figures/kendall_tau.png" not in figures
+    assert "figures/significance_map.png" not in figures and "figures/sampling_distribution.png" in figures
     page = (tmp_path / "solo" / "report.html").read_text()
-    assert "Needs two teams or more" in page and "it needs two teams or more" in page
+    assert "Ranking stability needs two teams or more" in page
+    assert "The pairwise tests need two teams or more." in page
 
 
 def test_report_when_no_scan_of_any_team_was_scored(tmp_path):
@@ -257,6 +394,42 @@ def test_report_when_no_scan_of_any_team_was_scored(tmp_path):
     assert "Mean FS per pattern" in page and "timeout" in page
 
 
+def test_what_the_data_cannot_support_is_said_and_not_drawn(tmp_path):
+    """The demo's shape: three teams, six scans of one subject. No subject-level bootstrap
+    (one subject is drawn every time) and no tests of a level where no pair could reach
+    Holm-adjusted p < alpha: there is a sentence in their place and no figure."""
+    from tusrec.ranking.stats import smallest_p
+
+    tables = synthetic_tables({"a": 0.2, "b": 0.5, "c": 0.9}, subjects=1, seed=2)
+    data = combine_teams({k: read_team_table_frame(v.iloc[:6]) for k, v in tables.items()})
+    analysis = analyse(data, resamples=200)
+    assert list(analysis.bootstrap) == ["scan"]
+    # with 6 scans the smallest one-sided p is that of six tied positive differences, and
+    # Holm multiplies it by the 6 ordered pairs of 3 teams
+    best = 6 * smallest_p(6)
+    assert 0.05 < best < 0.06  # the demo's: 0.059
+    assert set(analysis.not_supported) == {"bootstrap:subject", "tests:scan", "tests:subject"}
+    assert "with 6 paired scans" in analysis.not_supported["tests:scan"]
+    assert f"smallest attainable p {best:.3f}" in analysis.not_supported["tests:scan"]
+    assert "with 1 subject every resample" in analysis.not_supported["bootstrap:subject"]
+    written = write_report(analysis, tmp_path / "report", synthetic=True)
+    figures = {n.removeprefix("figures/").removesuffix(".png") for n in written if n.startswith("figures/")}
+    assert figures == set(FIGURES) - {"significance_map", "significance_all"}
+    page = (tmp_path / "report" / "report.html").read_text()
+    for sentence in analysis.not_supported.values():
+        assert html.escape(sentence) in page
+    assert "FS, scan level: Holm-adjusted p" not in page
+    assert set(pd.read_csv(written["kendall_tau.csv"])["level"]) == {"scan"}
+    # the stability figure has the scan level only
+    from tusrec.ranking.report import figure_builders
+
+    fig = dict(figure_builders(analysis))["blob_plot"]()
+    assert [ax.get_title().split("-")[0] for ax in fig.axes if ax.get_title()] == ["scan"]
+    # with 12 scans the same teams can be told apart: the scan level is tested and drawn
+    more = combine_teams({k: read_team_table_frame(v.iloc[:12]) for k, v in tables.items()})
+    assert "tests:scan" not in analyse(more, resamples=20).not_supported
+
+
 def _overlaps(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
@@ -272,7 +445,7 @@ def test_figures_keep_legends_off_titles_and_captions_inside(tmp_path, teams):
     tables = synthetic_tables(teams, subjects=2, seed=4)
     data = combine_teams({k: read_team_table_frame(v) for k, v in tables.items()})
     analysis = analyse(data, resamples=30)
-    for name, fig in make_figures(analysis, synthetic=True, title="A rather long title of a ranking report"):
+    for name, fig in make_figures(analysis, synthetic=True):
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
         renderer = canvas.get_renderer()
@@ -452,15 +625,15 @@ def test_figures_drawn_in_processes_are_those_drawn_here(tmp_path):
         {k: read_team_table_frame(v) for k, v in synthetic_tables(4, subjects=2, seed=3).items()}
     )
     analysis = analyse(data, resamples=40)
-    here = write_figures(analysis, tmp_path / "here", "t", True, workers=1)
-    apart = write_figures(analysis, tmp_path / "apart", "t", True, workers=3)
-    assert list(here) == list(apart) == [name for name, _ in figure_builders(analysis, True, "t")]
+    here = write_figures(analysis, tmp_path / "here", True, workers=1)
+    apart = write_figures(analysis, tmp_path / "apart", True, workers=3)
+    assert list(here) == list(apart) == [name for name, _ in figure_builders(analysis, True)]
     for name in here:
         assert here[name].read_bytes() == apart[name].read_bytes(), name
     daemon = multiprocessing.current_process()
     daemon.daemon, was = True, daemon.daemon
     try:
-        again = write_figures(analysis, tmp_path / "daemon", "t", True, workers=2)
+        again = write_figures(analysis, tmp_path / "daemon", True, workers=2)
     finally:
         daemon.daemon = was
     assert all(again[name].read_bytes() == here[name].read_bytes() for name in here)

@@ -69,7 +69,11 @@ def blob_plot(boots: dict[str, Bootstrap], ranking: Ranking, title: str, synthet
     colours = team_colours(t)
     cell = max(0.45, min(0.8, 9.0 / t))  # inches per team on both axes
     width = max(5.0, cell * t + 1.6)
-    fig = Figure(figsize=(2 * width + 0.5, max(4.2, cell * t + 2.4)), layout="constrained")
+    # one panel as wide as the legend below it needs (five entries, each a cell wide)
+    fig = Figure(
+        figsize=(max(len(boots) * width, 5 * cell + 7.5) + 0.5, max(4.2, cell * t + 2.4)),
+        layout="constrained",
+    )
     axes = fig.subplots(1, len(boots), squeeze=False)[0]
     # a bubble of frequency 1 fills about 85 % of a cell (area in points^2)
     smax = (0.85 * cell * 72) ** 2
@@ -126,7 +130,7 @@ def blob_plot(boots: dict[str, Bootstrap], ranking: Ranking, title: str, synthet
 
 def tau_violins(boots: dict[str, Bootstrap], title: str, synthetic: bool = False) -> Figure:
     """Kendall's tau between each resample's ranking and the full one, per level."""
-    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    fig = Figure(figsize=(9.0, 5.0), layout="constrained")
     ax = fig.subplots()
     levels = list(boots)
     data = [b.tau[np.isfinite(b.tau)] for b in boots.values()]
@@ -166,50 +170,73 @@ def tau_violins(boots: dict[str, Bootstrap], title: str, synthetic: bool = False
     return fig
 
 
-def _normal_curves(ax, table: pd.DataFrame, colours: list, rows: list[int], label: bool) -> None:
-    se = table["se"].to_numpy(float)
-    mean = table["mean"].to_numpy(float)
-    good = np.isfinite(se) & (se > 0)
-    spread = np.nanmax(se[rows][good[rows]]) if good[rows].any() else 0.01
-    x = np.linspace(np.nanmin(mean[rows]) - 4 * spread, np.nanmax(mean[rows]) + 4 * spread, 800)
-    for k in rows:
-        row = table.iloc[k]
-        text = (
-            f"{row['rank']}. {_wrap(row['team'], 24)}  {row['mean']:.3f} ± {row['se']:.3f}" if label else None
-        )
-        if good[k]:
-            y = np.exp(-0.5 * ((x - mean[k]) / se[k]) ** 2) / (se[k] * np.sqrt(2 * np.pi))
-            ax.plot(x, y, color=colours[k], lw=2, label=text)
-            ax.fill_between(x, y, color=colours[k], alpha=0.12)
-        else:
-            ax.axvline(mean[k], color=colours[k], lw=2, label=text)
-    ax.set_xlabel("mean final score FS")
+def _histograms(ax, means: np.ndarray, teams: list[int], colours: dict, lo: np.ndarray, hi: np.ndarray):
+    """Density histograms of the bootstrap means of ``teams`` (columns of means (B, T)) on
+    shared bins, each team's 2.5-97.5 % percentile interval as dashed lines."""
+    values = [means[:, t][np.isfinite(means[:, t])] for t in teams]
+    every = np.concatenate(values) if values else np.array([])
+    if not len(every):
+        return
+    left, right = float(every.min()), float(every.max())
+    if right - left < 1e-9:  # every resample the same: one narrow bin around it
+        left, right = left - 5e-4, right + 5e-4
+    edges = np.linspace(left, right, 61)
+    for t, v in zip(teams, values, strict=True):
+        if not len(v):
+            continue
+        density, _ = np.histogram(v, edges, density=True)
+        ax.stairs(density, edges, fill=True, color=colours[t], alpha=0.25, lw=0)
+        ax.stairs(density, edges, color=colours[t], lw=1.5, gid=f"team {t}")
+        for x in (lo[t], hi[t]):
+            ax.axvline(x, color=colours[t], lw=1.0, ls="--")
+    ax.set_xlabel("mean final score FS over the resampled scans")
     ax.set_ylim(bottom=0)
     ax.grid(color="0.93")
 
 
-def sampling_curves(table: pd.DataFrame, title: str, synthetic: bool = False) -> Figure:
-    """Normal density of each team's mean FS (mean, standard error sd / sqrt(n)); when the
-    leaders are too close to tell apart at the scale of all teams, a second panel zooms on
-    the teams within 8 standard errors of the leader."""
-    colours = team_colours(len(table))
+def sampling_histograms(
+    table: pd.DataFrame, means: np.ndarray, ranking: Ranking, title: str, synthetic: bool = False
+) -> Figure:
+    """The bootstrap distribution of each team's mean FS: a density histogram of its mean
+    over the resamples (``means``: (B, T), teams in data order) and, dashed, its 2.5 and
+    97.5 % percentiles (the interval of ``table``, sampling_distribution, in rank order).
+    The means of resampled scans stay within the score's range, and so does all that is
+    drawn. When the leaders are too close to tell apart at the scale of all teams, a second
+    panel zooms on the teams within 8 standard errors of the leader."""
+    order = list(ranking.order)
+    palette = team_colours(len(order))
+    colours = {t: palette[k] for k, t in enumerate(order)}
+    lo = np.full(len(order), np.nan)
+    hi = np.full(len(order), np.nan)
+    lo[order], hi[order] = table["ci_2.5%"].to_numpy(float), table["ci_97.5%"].to_numpy(float)
     mean = table["mean"].to_numpy(float)
     se = table["se"].to_numpy(float)
     top = np.nanmax(mean) if np.isfinite(mean).any() else 0.0
     reach = 8 * (np.nanmax(se) if np.isfinite(se).any() else 0.0)
-    close = [k for k in range(len(table)) if np.isfinite(mean[k]) and mean[k] >= top - reach]
+    close = [order[k] for k in range(len(table)) if np.isfinite(mean[k]) and mean[k] >= top - reach]
     zoom = 1 < len(close) < len(table)
     fig = Figure(figsize=(15 if zoom else 11, 5.5), layout="constrained")
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False, width_ratios=[1.4, 1] if zoom else None)[0]
-    _normal_curves(axes[0], table, colours, list(range(len(table))), label=True)
+    _histograms(axes[0], means, order, colours, lo, hi)
     axes[0].set_ylabel("density")
     axes[0].set_title("all teams", fontsize=11)
     if zoom:
-        _normal_curves(axes[1], table, colours, close, label=False)
+        _histograms(axes[1], means, close, colours, lo, hi)
         axes[1].set_title(f"zoom: the {len(close)} teams within 8 standard errors of the leader", fontsize=11)
+    handles = [
+        Patch(
+            facecolor=colours[t],
+            edgecolor=colours[t],
+            alpha=0.6,
+            label=f"{row['rank']}. {_wrap(row['team'], 24)}  {row['mean']:.3f} "
+            f"[{row['ci_2.5%']:.3f}, {row['ci_97.5%']:.3f}]",
+        )
+        for t, (_, row) in zip(order, table.iterrows(), strict=True)
+    ]
     # below the panels: at the right it would reach up into the title
     fig.legend(
-        title="rank. team  mean ± standard error",
+        handles=handles,
+        title="rank. team  mean FS [2.5 %, 97.5 % percentile of the resampled means] (dashed lines)",
         loc="outside lower center",
         ncol=min(len(table), 4),
         fontsize=9,
@@ -270,7 +297,8 @@ def significance_map(
     labels = [_wrap(ranking.teams[k]) for k in order]
     chosen = [r for r in results if r.metric == metric]
     side = max(4.5, 0.55 * t + 2.0)
-    fig = Figure(figsize=(len(chosen) * side + 0.5, side + 0.9), layout="constrained")
+    # at least as wide as the title and the label need on one line
+    fig = Figure(figsize=(max(len(chosen) * side + 0.5, 7.5), side + 0.9), layout="constrained")
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]
     for ax, pw in zip(axes, chosen, strict=True):
         _significance_panel(ax, pw, order, labels, alpha, annotate=t <= 12)
@@ -551,8 +579,10 @@ def length_plot(
         rs = corr[(corr["error"] == name) & (corr["level"] == "scan")]["r"].to_numpy(float)
         rs_subj = corr[(corr["error"] == name) & (corr["level"] == "subject")]["r"].to_numpy(float)
         med = f"{np.nanmedian(rs):.2f}" if np.isfinite(rs).any() else "n/a"
-        med_s = f"{np.nanmedian(rs_subj):.2f}" if np.isfinite(rs_subj).any() else "n/a"
-        ax.set_title(f"{name}: r = {med} (scans), {med_s} (subjects)", fontsize=10.5)
+        text = f"{name}: r = {med} (scans)"
+        if np.isfinite(rs_subj).any():  # undefined with fewer than 3 subjects: not said
+            text += f", {np.nanmedian(rs_subj):.2f} (subjects)"
+        ax.set_title(text, fontsize=10.5)
         ax.set_xlabel("scan length (mm)")
         ax.set_ylabel(ERROR_LABELS[name])
         ax.grid(color="0.93")

@@ -412,10 +412,10 @@ def _num(v: float) -> float | None:
 
 FIGURES = {
     "blob_plot": "Ranking stability: rank frequencies over bootstrap resamples",
-    "kendall_tau": "Kendall's tau between bootstrap rankings and the full ranking",
+    "kendall_tau": "Kendall's tau of bootstrap rankings with the full ranking",
+    "sampling_distribution": "Bootstrap distribution of each team's mean final score",
     "significance_map": "Pairwise significance of the final score",
     "significance_all": "Pairwise significance of every score and error",
-    "sampling_distribution": "Bootstrap distribution of each team's mean final score",
     "box_scores": "Per-scan scores per team",
     "box_errors": "Per-scan errors per team",
     "patterns": "Scores and errors by scan pattern",
@@ -430,9 +430,9 @@ def tested(analysis: Analysis) -> list[Pairwise]:
 
 
 def figure_builders(analysis: Analysis, synthetic: bool = False):
-    """[(name, build)] for every figure of the report, in the report's order: build() makes
-    the Figure, titled with what it shows (FIGURES; the report's own title heads the page,
-    not every figure). A figure the data cannot support (Analysis.not_supported) is not
+    """[(name, build)] for every figure of the report, in the page's order (FIGURES'):
+    build() makes the Figure, titled with what it shows (FIGURES; the report's own title
+    heads the page, not every figure). A figure the data cannot support (Analysis.not_supported) is not
     built at all. Nothing is drawn until a build is called, so a process can make just
     some of them."""
     from tusrec.ranking import figures as fg
@@ -447,6 +447,19 @@ def figure_builders(analysis: Analysis, synthetic: bool = False):
             builders.append(
                 ("kendall_tau", lambda: fg.tau_violins(a.bootstrap, FIGURES["kendall_tau"], synthetic))
             )
+    if "scan" in a.bootstrap:
+        builders.append(
+            (
+                "sampling_distribution",
+                lambda: fg.sampling_histograms(
+                    a.sampling,
+                    a.bootstrap["scan"].means,
+                    a.ranking,
+                    FIGURES["sampling_distribution"],
+                    synthetic,
+                ),
+            )
+        )
     results = tested(a)
     if any(pw.metric == "FS" for pw in results):
         alpha = a.settings["alpha"]
@@ -463,19 +476,6 @@ def figure_builders(analysis: Analysis, synthetic: bool = False):
                 "significance_all",
                 lambda: fg.significance_grid(
                     results, a.ranking, FIGURES["significance_all"], alpha, synthetic
-                ),
-            )
-        )
-    if "scan" in a.bootstrap:
-        builders.append(
-            (
-                "sampling_distribution",
-                lambda: fg.sampling_histograms(
-                    a.sampling,
-                    a.bootstrap["scan"].means,
-                    a.ranking,
-                    FIGURES["sampling_distribution"],
-                    synthetic,
                 ),
             )
         )

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from tusrec.plotting import stamp, synthetic_label
+from tusrec.plotting import stamp, title_line
 from tusrec.show.poses import DENSE, PredictedPoses
 from tusrec.show.volume import Volume, frame_corners_mm
 
@@ -35,9 +35,7 @@ def ordinal(k: int) -> str:
 def header(sub, title: str, synthetic: bool) -> None:
     """Title and SYNTHETIC DATA label (as the report's ``stamp`` draws them) in a subfigure
     of their own: with subfigures, constrained layout keeps no room for a suptitle."""
-    if synthetic:
-        synthetic_label(sub, 0.01, 0.92)
-    sub.text(0.01, 0.38 if synthetic else 0.7, title, fontsize=13, fontweight="bold", ha="left", va="top")
+    title_line(sub, title, synthetic, 0.8)
 
 
 def outline_step(n_frames: int, outlines: int = OUTLINES) -> int:
