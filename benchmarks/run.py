@@ -429,6 +429,114 @@ def registration(frames: int) -> dict:
     return result
 
 
+_BENCH_MODELS = """
+import numpy as np
+
+
+def rigid(frames, device):
+    local = np.tile(np.eye(4), (len(frames) - 1, 1, 1))
+    local[:, 0, 3] = 0.2
+    return local
+
+
+def template(frames, landmark, data_path_calib, device):
+    n, h, w = frames.shape
+    pixels = np.zeros((n - 1, 3, h * w), np.float32)  # GP and LP: one array, returned twice
+    marks = np.zeros((3, len(landmark)), np.float32)
+    return pixels, marks, pixels, marks
+"""
+
+
+@bench
+def model_interface(frames: int = 500, repeats: int = 3) -> dict:
+    """What `./predict --model` adds around a team's model on one 480 x 640 scan: a trivial
+    rigid model (compact and dense form) and a trivial template model (dense), each run
+    through the kit (tusrec.predict.predict_folder with load_model) and called bare on the
+    same frames in memory, ``repeats`` times interleaved. The kit's overhead is the scan's
+    seconds less the model call (model_s): reading the frames, the thread hand-off, the
+    checks and the writing (the reading, the writing and the rest given apart)."""
+    from tusrec.data import open_data
+    from tusrec.ddf import DEFAULT_CHUNK
+    from tusrec.predict import predict_folder
+    from tusrec.predict.interface import ModelThread, load_model
+
+    root = BENCH_DATA / f"predict{frames}"
+    if not (root / "data").is_dir():  # run alone (--only)
+        predict_setup(frames)
+    folder = Path(tempfile.mkdtemp(dir=Path.cwd()))
+    try:
+        (folder / "bench_models.py").write_text(_BENCH_MODELS)
+        data = open_data(root / "data")
+        scan = data.scans[0]
+        frames_in_memory = scan.read_frames()
+        landmark = scan.read_landmarks()
+        cases = {
+            "rigid_transforms": ("rigid", "transforms"),
+            "rigid_ddf": ("rigid", "ddf"),
+            "template_ddf": ("template", "ddf"),
+        }
+        runs: dict = {name: [] for name in cases}
+        for _ in range(repeats):
+            for name, (kind, form) in cases.items():
+                model = load_model(f"{folder / 'bench_models.py'}:{kind}", form)
+                args = (
+                    (frames_in_memory, "cpu")
+                    if kind == "rigid"
+                    else (frames_in_memory, landmark, str(data.calibration_path), "cpu")
+                )
+                t0 = time.perf_counter()
+                out = model.obj(*args)
+                bare = time.perf_counter() - t0
+                del out
+                shutil.rmtree(folder / "pred", ignore_errors=True)
+                row = predict_folder(
+                    root / "data", folder / "pred", device="cpu", log=lambda *a: None, model=model
+                )[0]
+                assert row["status"] == "ok", row
+                runs[name].append(
+                    {
+                        "bare_call_s": bare,
+                        "scan_s": float(row["seconds"]),
+                        "model_s": float(row["model_s"]),
+                        "read_s": float(row["read_s"]),
+                        "write_s": float(row["write_s"]),
+                        "overhead_s": float(row["seconds"]) - float(row["model_s"]),
+                        "rest_s": float(row["seconds"] - row["model_s"] - row["read_s"] - row["write_s"]),
+                        "output_bytes": next((folder / "pred").glob("*.h5")).stat().st_size,
+                        "load": os.getloadavg()[0],
+                    }
+                )
+        medians = {
+            name: {k: float(np.median([r[k] for r in rs])) for k in rs[0] if k != "load"}
+            for name, rs in runs.items()
+        }
+        # Two parts of the overhead on their own: the hand-off of a call to the model's thread
+        # and back (a no-op, 1,000 times), and the template's NaN check of GP and LP (the
+        # chunked check write_dense makes, without the writing).
+        thread = ModelThread()
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            thread.call(lambda: None, time.perf_counter() + 60)
+        hand_off = (time.perf_counter() - t0) / 1000
+        pixels = np.zeros((frames - 1, 3, 480 * 640), np.float32)
+        t0 = time.perf_counter()
+        for start in range(0, frames - 1, DEFAULT_CHUNK):
+            for arr in (pixels, pixels):
+                np.isfinite(arr[start : start + DEFAULT_CHUNK].reshape(-1, 480 * 640)).all(axis=1)
+        finite_check = time.perf_counter() - t0
+        return {
+            "frames": frames,
+            "image": "480x640",
+            "repeats": repeats,
+            "median": medians,
+            "thread_hand_off_s": hand_off,
+            "template_finite_check_s": finite_check,
+            "runs": runs,
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _demo_commands(demo: Path) -> list[str]:
     """The commands of `make demo` (its recipe as `make -n` prints it, continuation lines
     joined), with the demo folder at ``demo``; the set-up of the venv left out."""
@@ -919,6 +1027,7 @@ PLAN = [
     ("predict", {"frames": 500, "form": "transforms"}),
     ("predict", {"frames": 500}),
     ("registration", {"frames": 500}),
+    ("model_interface", {"frames": 500, "repeats": 3}),
     ("predict_setup", {"frames": 200}),
     ("predict", {"frames": 200, "form": "transforms"}),
     ("predict", {"frames": 200}),

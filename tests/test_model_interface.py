@@ -386,17 +386,19 @@ def test_a_foreign_model_s_failure_costs_its_scan_only(team, data_root, tmp_path
 def test_memory_is_released_after_every_scan_on_cuda(team, data_root, tmp_path, monkeypatch):
     """The CUDA code path, run on the CPU with torch.cuda's calls recorded: the peak is
     reset before each scan and read into the manifest, and the cache emptied after each,
-    a failed scan's too."""
+    a failed scan's too (and its reference cycles collected first)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(core.gc, "collect", lambda *a: calls.append("collect"))
     path = faulty_model(team, "rigid", "raise RuntimeError('CUDA out of memory')")
     rows = predict_folder(
         data_root, tmp_path / "pred", device="cuda", log=quiet, model=load_model(f"{path}:model")
     )
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
-    assert calls == ["reset", "empty"] * 3
+    # reference cycles collected after the failed scan only (its traceback holds its frames)
+    assert calls == ["reset", "empty", "reset", "collect", "empty", "reset", "empty"]
     assert all(r["gpu_peak_MB"] == 3 and r["device"] == "cuda" for r in rows)
     assert "RuntimeError: CUDA out of memory" in rows[1]["message"]
 
@@ -416,6 +418,11 @@ def test_resume_keeps_this_model_s_files_and_redoes_another_s(team, data_root, t
     said.clear()
     predict_folder(data_root, out, device="cpu", log=said.append, model=load_model(spec, "transforms"))
     assert said == [] and all((out / f"{k}.h5").stat().st_mtime_ns != mtimes[k] for k in data.keys)
+    # A version attribute (weights changed, the file not): another model.
+    model = load_model(spec, "transforms")
+    before = model.fingerprint
+    model.obj.version = "weights of 2025-06-01"
+    assert model.fingerprint != before
     # The other form, and the same file under another kind, are other models too.
     first = load_model(spec, "transforms").fingerprint
     assert load_model(spec, "ddf").fingerprint != first
@@ -551,3 +558,33 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(team, data_root, tmp_
     rerun = predict_command("--input", data_root, "--output", out, "--model", f"{team}/slow.py:transforms")
     assert rerun.returncode == 0 and "kept 1 scan(s)" in rerun.stdout and "3 of 3" in rerun.stdout
     assert first.stat().st_mtime_ns == mtime
+
+
+def test_a_class_whose_load_raises_ends_the_run_with_one_line(team, data_root, tmp_path):
+    (team / "heavy.py").write_text(
+        "class Model:\n    def load(self, device):\n        raise FileNotFoundError('weights.pt')\n"
+        "    def transforms(self, frames):\n        pass\n"
+    )
+    with pytest.raises(
+        ModelSpecError, match=r"loading it raised FileNotFoundError: weights.pt \(at heavy.py:3\)"
+    ):
+        predict_folder(
+            data_root, tmp_path / "p", device="cpu", log=quiet, model=load_model(f"{team}/heavy.py:Model")
+        )
+    assert not list((tmp_path / "p").glob("*.h5"))
+
+
+def test_check_device_names_what_is_there(monkeypatch):
+    assert core.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        core.check_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert core.check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(
+        ValueError, match=r"--device cuda:3: there are 2 CUDA device\(s\) here: cuda:0, cuda:1"
+    ):
+        core.check_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="the only device here is cpu"):
+        core.check_device("cuda")
