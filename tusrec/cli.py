@@ -6,7 +6,9 @@ The root executables (``./landmarks`` ...) are this module under their own names
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import re
 import sys
 from dataclasses import dataclass
 
@@ -171,6 +173,87 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # one line naming the path, as ./predict says it, for every command.
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
+
+
+ROOT_COMMANDS = ("predict", "evaluate", "landmarks")  # the checkout's ./predict ... (tusrec --as NAME)
+REFERENCE_WIDTH = 100  # columns of the usage lines in the reference (the terminal's otherwise)
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """A parser's arguments and options, without -h and the subcommands."""
+    return [
+        a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+    ]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name ({} if it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """An option's help as --help prints it (%(default)s ... filled in), on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+def _markdown(text: str) -> str:
+    """Help text as Markdown prose: `code` kept, and outside it the characters that Markdown
+    or a table would take for syntax (<key>.h5 would be an HTML tag) escaped."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # outside backticks
+        parts[i] = re.sub(r"([\\|*_\[\]])", r"\\\1", parts[i]).replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts) if len(parts) % 2 else text.replace("|", "\\|")
+
+
+def _command_markdown(parser: argparse.ArgumentParser, title: str, summary: str, level: int) -> list[str]:
+    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=REFERENCE_WIDTH)
+    lines = [f"{'#' * level} `{title}`", "", _markdown(summary) + ".", ""]
+    if parser.description:
+        lines += [_markdown(parser.description), ""]
+    lines += ["```text", parser.format_usage().strip(), "```", ""]
+    rows = []
+    for action in options(parser):
+        formatter = parser._get_formatter()
+        name = formatter._format_action_invocation(action)
+        required = action.required and action.option_strings
+        rows.append(
+            f"| `{name}` | {_markdown(help_text(parser, action))}{' (required)' if required else ''} |"
+        )
+    if rows:
+        lines += ["| argument or option | what it does |", "|---|---|", *rows, ""]
+    return lines
+
+
+def reference_markdown() -> str:
+    """The command reference (docs/reference/cli.md): every command's summary, description,
+    usage and options, from the parsers themselves (scripts/cli_reference.py writes it; a
+    test fails when the committed file differs)."""
+    _, sub = build_parser()
+    lines = [
+        "# Command reference",
+        "",
+        "<!-- Generated from the argparse parsers by scripts/cli_reference.py: do not edit. -->",
+        "",
+        "Every command with every option, as `--help` prints it. `./predict`, `./evaluate` and "
+        "`./landmarks` are the checkout's root commands (in the images: `predict`, `evaluate`, "
+        "`landmarks`); the others run as `.venv/bin/tusrec COMMAND` (or `python -m tusrec COMMAND`). "
+        "Usage errors exit with status 2.",
+        "",
+    ]
+    for name, command in COMMANDS.items():
+        parser = sub.choices[name]
+        title = f"./{name}" if name in ROOT_COMMANDS else f"tusrec {name}"
+        parser.prog = name if name in ROOT_COMMANDS else f"tusrec {name}"
+        lines += _command_markdown(parser, title, command.summary, 2)
+        for child_name, child in subcommands(parser).items():
+            child.prog = f"{parser.prog} {child_name}"
+            lines += _command_markdown(
+                child, f"{title} {child_name}", command.commands[child_name].summary, 3
+            )
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def os_error_message(err: OSError) -> str:

@@ -17,10 +17,21 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tusrec.data import Scan, TusrecData, h5_has_dataset, write_landmarks
+from tusrec.data import Scan, TusrecData, TusrecDataError, h5_has_dataset, write_landmarks
 
 DEFAULT_K = {"2024": 20, "2025": 100}
 FOV_MARGIN_PX = 10
+
+
+class LandmarksError(TusrecDataError):
+    """Some scans got no landmarks (the others were written): ``failed`` maps each such
+    scan's key to why; ``made`` holds what this run extracted, by key; ``keys`` the scans
+    a caller asked for (simulate: every scan it wrote)."""
+
+    def __init__(self, failed: dict[str, str], made: dict[str, np.ndarray], keys: list[str] | None = None):
+        self.failed, self.made, self.keys = failed, made, list(keys or [])
+        first = next(iter(failed.items()))
+        super().__init__(f"no landmarks for {len(failed)} scan(s), e.g. {first[0]}: {first[1]}")
 
 
 def default_k(scan: Scan) -> int:
@@ -74,6 +85,11 @@ def extract_landmarks(
     sample = scan.read_frames(0, min(n, 16))
     mask = field_of_view_mask(sample)
     if not mask.any():
+        if field_of_view_mask(sample, margin=0).any():
+            raise ValueError(
+                f"{scan.frames_path}: the field of view of these {h}x{w} frames is narrower than the "
+                f"{FOV_MARGIN_PX}-pixel margin kept from its edge; no landmarks can be found in it"
+            )
         raise ValueError(f"{scan.frames_path}: the frames are blank; no field of view found")
 
     candidates: list[tuple[float, int, int, int]] = []
@@ -133,16 +149,28 @@ def write_data_landmarks(
     the same files (each rewritten atomically, datasets sorted by name). threads: SIFT
     threads of the in-process path (2, the fastest on 2 cores: benchmarks/run.py
     landmarks_cluster measures 1 and 2 threads against local:2 side by side).
-    Returns the landmarks extracted in this run, by scan key.
+    Returns the landmarks extracted in this run, by scan key. A scan whose frames or
+    landmark file cannot be read, or that has no field of view, gets none: the others are
+    written all the same, and then LandmarksError names every such scan and why.
     """
     scans = data.select(keys)
+    failed: dict[str, str] = {}
 
     def path_of(scan: Scan) -> Path:
         if out_dir is not None:
             return Path(out_dir) / f"landmark_{scan.subject}.h5"
         return data.landmark_path(scan.subject)
 
-    todo = [s for s in scans if overwrite or not h5_has_dataset(path_of(s), s.name)]
+    def needed(scan: Scan) -> bool:
+        if overwrite:
+            return True
+        try:
+            return not h5_has_dataset(path_of(scan), scan.name)
+        except TusrecDataError as err:  # an unreadable landmark file: not overwritten unasked
+            failed[scan.key] = f"{err} (--overwrite rewrites it)"
+            return False
+
+    todo = [s for s in scans if needed(s)]
     made: dict[str, np.ndarray] = {}
 
     def keep(scan: Scan, lm: np.ndarray) -> None:
@@ -150,7 +178,7 @@ def write_data_landmarks(
         made[scan.key] = lm
 
     if client is not None:
-        from tusrec.cluster import fail_if_units_failed, map_units
+        from tusrec.cluster import map_units
 
         by_key = {s.key: s for s in todo}
         done = map_units(
@@ -162,11 +190,25 @@ def write_data_landmarks(
             total=len(scans),
             done=len(scans) - len(todo),
         )
-        fail_if_units_failed(done, "landmark")
-        return {s.key: made[s.key] for s in todo}
-    total = sum(s.n_frames - 1 for s in scans)
-    with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:
-        bar.update(total - sum(s.n_frames - 1 for s in todo))
-        for scan in todo:
-            keep(scan, extract_landmarks(scan, k, workers=threads, progress=bar.update))
+        failed.update(done.failed)
+        made = {s.key: made[s.key] for s in todo if s.key in made}
+    else:
+        sizes = {}
+        for scan in scans:
+            try:
+                sizes[scan.key] = scan.n_frames - 1
+            except TusrecDataError:
+                sizes[scan.key] = 0  # its failure is said when it is reached
+        total = sum(sizes.values())
+        with tqdm(total=total, unit="frame", desc="landmarks", disable=None) as bar:
+            bar.update(total - sum(sizes[s.key] for s in todo))
+            for scan in todo:
+                try:
+                    lm = extract_landmarks(scan, k, workers=threads, progress=bar.update)
+                except (ValueError, OSError) as err:  # the scan's frames (TusrecDataError, h5py's)
+                    failed[scan.key] = " ".join(str(err).split()) or type(err).__name__
+                    continue
+                keep(scan, lm)  # a landmark file that cannot be written stops the run (one line)
+    if failed:
+        raise LandmarksError(failed, made, [s.key for s in scans])
     return made

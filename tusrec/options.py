@@ -30,7 +30,7 @@ def add_cluster_flag(p) -> None:
         default=None,
         metavar="local:N|tcp://HOST:PORT",
         help="run one unit per scan on Dask: N worker processes here (local:N) or an existing "
-        "scheduler's workers (tcp://HOST:PORT) (default: in this process)",
+        "scheduler's workers (tcp://HOST:PORT) (default: one scan after another in this process)",
     )
 
 
@@ -47,8 +47,20 @@ def on_cluster(spec, work, gpu_slots: bool = False):
 
 
 def add_keys_and_chunk(p) -> None:
-    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
-    p.add_argument("--chunk", type=int, default=16, help="frames per chunk (default 16)")
+    add_keys(p)
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=16,
+        help="frames read and written at a time, which bounds the memory a scan takes; the "
+        "numbers do not depend on it (default: %(default)s)",
+    )
+
+
+def add_keys(p) -> None:
+    p.add_argument(
+        "--keys", nargs="+", default=None, metavar="KEY", help="only these scan keys (default: every scan)"
+    )
 
 
 def add_format(p) -> None:
@@ -56,7 +68,8 @@ def add_format(p) -> None:
         "--format",
         choices=["transforms", "ddf"],
         default="transforms",
-        help="'transforms' (default): the compact form, per scan the (N-1, 4, 4) transforms and "
+        help="'transforms': the compact form, per scan the (N-1, 4, 4) transforms and "
         "GL/LL, kilobytes, scored exactly as the dense DDFs they stand for; 'ddf': dense GP/LP "
-        "as well, the challenge's official form (1.1 GB a 150-frame scan, 12 GB at 1,600)",
+        "as well, the challenge's official form (1.1 GB a 150-frame scan, 12 GB at 1,600) "
+        "(default: %(default)s)",
     )

@@ -32,8 +32,17 @@ def add_run(run) -> None:
     )
     run.add_argument("--data", type=Path, required=True, help="test/validation folder with ground truth")
     run.add_argument("--out", type=Path, required=True, help="folder for the teams' tables, logs, ranking")
-    run.add_argument("--time-limit", type=float, default=120.0, help="seconds per scan (default 120)")
-    run.add_argument("--memory", default="16g", help="memory limit per container (default 16g)")
+    run.add_argument(
+        "--time-limit",
+        type=float,
+        default=120.0,
+        help="seconds a container may run on one scan, from start to exit (default: %(default)s)",
+    )
+    run.add_argument(
+        "--memory",
+        default="16g",
+        help="memory limit per container, in the engine's units (512m, 16g) (default: %(default)s)",
+    )
     run.add_argument("--gpus", default=None, help="'all', a count or device=0,1 (default: no GPU)")
     run.add_argument("--user", default=None, help="run containers as UID:GID (default: the image's user)")
     run.add_argument(
@@ -42,14 +51,14 @@ def add_run(run) -> None:
         default=64.0,
         metavar="MB",
         help="/output may hold the scan's dense predictions (+5%%) plus this many MB; beyond it the "
-        "container is killed and the scan is invalid (default 64)",
+        "container is killed and the scan is invalid (default: %(default)s)",
     )
     run.add_argument(
         "--tmp-size",
         default="1g",
         help="size of each tmpfs a container may write besides /output (/tmp, /var/tmp, /run, "
         "/dev/shm, the image's VOLUMEs; the root filesystem is read-only; counted against "
-        "--memory) (default 1g)",
+        "--memory) (default: %(default)s)",
     )
     run.add_argument(
         "--userns",
@@ -74,7 +83,7 @@ def add_run(run) -> None:
         help="scans judged at once while the next containers run, each in its own bounded "
         "scoring worker (the disk then holds up to N + 1 outputs) (default %(default)s)",
     )
-    run.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    add_keys(run)
     run.add_argument(
         "--keep-predictions",
         action="store_true",
@@ -82,9 +91,19 @@ def add_run(run) -> None:
         "runner's user, mode 0644; refused for a root image when container root is host root)",
     )
     run.add_argument("--no-rank", action="store_true", help="only run and score; no ranking report")
-    run.add_argument("--normalisation", choices=["minmax", "identity"], default=None, help="as for rank")
-    run.add_argument("--bootstrap", type=int, default=2000, help="resamples per level (default 2000)")
-    run.add_argument("--title", default=None, help="report title")
+    run.add_argument(
+        "--normalisation",
+        choices=["minmax", "identity"],
+        default=None,
+        help="minmax (2024) or identity (2025), as for rank (default: identity if every scan is a 2025 scan)",
+    )
+    run.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="the ranking's bootstrap resamples at each level, scans and subjects (default: %(default)s)",
+    )
+    run.add_argument("--title", default=None, help="report title (default: 'TUS-REC ranking')")
     run.add_argument("--synthetic", action="store_true", help="label the report SYNTHETIC DATA")
     add_cluster_flag(run)
     run.set_defaults(run=run_evaluate_run)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tusrec.options import add_format
+from tusrec.options import add_format, add_keys
 
 
 def add_predict(p) -> None:
@@ -24,9 +24,17 @@ def add_predict(p) -> None:
         "its scan only. Complete predictions of an earlier run of the same model are kept; "
         "partial files are redone."
     )
-    p.add_argument("--input", type=Path, default=Path("/input"), help="data folder (default /input)")
     p.add_argument(
-        "--output", type=Path, default=Path("/output"), help="predictions folder (default /output)"
+        "--input",
+        type=Path,
+        default=Path("/input"),
+        help="data folder in the validation/test layout, either edition (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("/output"),
+        help="predictions folder, created if missing (default: %(default)s)",
     )
     p.add_argument(
         "--model",
@@ -38,21 +46,36 @@ def add_predict(p) -> None:
         "one of them (docs/participants/your-model.md)",
     )
     p.add_argument(
-        "--weights", type=Path, default=None, help="ensemble folder (default: the shipped weights/)"
+        "--weights",
+        type=Path,
+        default=None,
+        help="ensemble folder, manifest.json and its members (default: $TUSREC_WEIGHTS, else the "
+        "shipped weights/)",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument(
-        "--time-limit", type=positive_seconds, default=120.0, help="seconds per scan (default 120)"
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ... (default: %(default)s)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=positive_seconds,
+        default=120.0,
+        help="seconds a scan may take; 'inf' for no limit (default: %(default)s)",
     )
     p.add_argument(
         "--translation",
         choices=["mean", "median"],
         default=None,
-        help="combine translations by (default mean)",
+        help="how the members' translations are combined: their mean or their median (default: mean)",
     )
-    p.add_argument("--keys", nargs="+", default=None, help="only these scan keys")
+    add_keys(p)
     p.add_argument(
-        "--members", nargs="+", default=None, help="only these members of the weights manifest (default all)"
+        "--members",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these members of the weights manifest (default: all)",
     )
     from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
 
@@ -62,7 +85,7 @@ def add_predict(p) -> None:
         default=None,
         help="where the in-plane motion (tx, ty, rz) comes from: the members' estimate, or "
         "registration of each frame onto the one before, started from it "
-        f"(default {DEFAULT_IN_PLANE})",
+        f"(default: {DEFAULT_IN_PLANE})",
     )
     add_format(p)
     p.set_defaults(run=run_predict)

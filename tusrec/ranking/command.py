@@ -29,9 +29,21 @@ def add_rank(rank) -> None:
         default=None,
         help="minmax (2024) or identity (2025); default: identity if every scan is a 2025 scan",
     )
-    rank.add_argument("--bootstrap", type=int, default=2000, help="resamples per level (default 2000)")
-    rank.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    rank.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    rank.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples at each level, scans and subjects (default: %(default)s)",
+    )
+    rank.add_argument(
+        "--seed", type=int, default=0, help="the bootstrap's random seed (default: %(default)s)"
+    )
+    rank.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="significance level of the one-sided Wilcoxon tests, Holm-adjusted (default: %(default)s)",
+    )
     rank.add_argument("--title", default=None, help="report title (default 'TUS-REC ranking')")
     rank.add_argument(
         "--synthetic", action="store_true", help="label every figure and the report SYNTHETIC DATA"
@@ -40,8 +52,8 @@ def add_rank(rank) -> None:
         "--continuity-correction",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Wilcoxon tests: normal approximation with the continuity correction (default, as "
-        "challengeR: R's wilcox.test(exact = FALSE, correct = TRUE)), or without it",
+        help="Wilcoxon tests: normal approximation with the continuity correction (as challengeR: "
+        "R's wilcox.test(exact = FALSE, correct = TRUE)), or without it (default: with)",
     )
     rank.add_argument(
         "--predictions",

@@ -81,7 +81,35 @@ def run_evaluate_score(args) -> int:
         )
     print(summary(table))
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'metrics.h5'}")
-    return 0
+    return nothing_scored(table, Path(args.predictions), args.data)
+
+
+def nothing_scored(table, predictions: Path, data_root: Path) -> int:
+    """0 if any scan was scored; else each scan's status and message and the likely cause
+    on stderr, and 1: a run that scored nothing is an error, not a table of blanks."""
+    from tusrec.scoring import MISSING, OK
+
+    statuses = list(table["status"]) if len(table) else []
+    if OK in statuses or not statuses:
+        return 0
+    for key, status, message in zip(table["key"], table["status"], table["message"], strict=True):
+        print(f"{key}: {status}: {message}", file=sys.stderr)
+    if all(s == MISSING for s in statuses):
+        names = sorted(p.name for p in predictions.glob("*.h5")) if predictions.is_dir() else []
+        if not predictions.is_dir():
+            cause = f"{predictions} is not a folder"
+        elif not names:
+            cause = f"{predictions} holds no <key>.h5 file (is it the --output of ./predict?)"
+        else:
+            cause = (
+                f"{predictions} holds {len(names)} .h5 file(s) for other scans (e.g. {names[0]}): were "
+                f"they predicted from another data folder than {data_root}?"
+            )
+    else:
+        cause = "the files cannot be scored: each scan's message above says why (./evaluate check: all)"
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    print(f"error: none of the {len(statuses)} scans was scored ({counts}): {cause}", file=sys.stderr)
+    return 1
 
 
 def add_reference(p) -> None:
@@ -92,7 +120,11 @@ def add_reference(p) -> None:
         "(all-zero DDFs; the 2025 normalisation's reference, and needs no ground truth). "
         "Streamed in frame chunks; complete files are kept on a rerun."
     )
-    p.add_argument("kind", choices=["ground-truth", "identity"])
+    p.add_argument(
+        "kind",
+        choices=["ground-truth", "identity"],
+        help="ground-truth: the true motion from each scan's tforms; identity: no motion",
+    )
     p.add_argument("data", type=Path, help="TUS-REC data folder (ground-truth needs its tforms)")
     p.add_argument("--out", type=Path, required=True, help="predictions folder to write")
     add_format(p)

@@ -314,8 +314,8 @@ def add_show(show) -> None:
         "--max-scans",
         type=int,
         default=DEFAULT_MAX_SCANS,
-        help=f"without --scans: all scans if at most this many, else the ones with the largest GPE "
-        f"(default {DEFAULT_MAX_SCANS})",
+        help="without --scans: all scans if at most this many, else the ones with the largest GPE "
+        "(default: %(default)s)",
     )
     show.add_argument(
         "--metrics",
@@ -327,21 +327,23 @@ def add_show(show) -> None:
         "--voxel-mm",
         type=float,
         default=DEFAULT_VOXEL_MM,
-        help=f"voxel edge (default {DEFAULT_VOXEL_MM} mm; grown when the grid would exceed --max-voxels)",
+        help="voxel edge in mm, grown when the grid would exceed --max-voxels (default: %(default)s)",
     )
     show.add_argument(
         "--max-voxels",
         type=int,
         default=DEFAULT_MAX_VOXELS,
-        help=f"voxel budget (default {DEFAULT_MAX_VOXELS:,})",
+        help="the most voxels a volume may have: memory and time grow with it (default: %(default)s)",
     )
     show.add_argument(
         "--pixel-step",
         type=int,
         default=DEFAULT_PIXEL_STEP,
-        help=f"compound every n-th row and column of pixels (default {DEFAULT_PIXEL_STEP})",
+        help="compound every n-th row and column of pixels (default: %(default)s)",
     )
-    show.add_argument("--title", default=None, help="page title")
+    show.add_argument(
+        "--title", default=None, help="page title (default: 'Trajectories and reconstructions: PREDICTIONS')"
+    )
     show.add_argument(
         "--synthetic", action="store_true", help="label every figure and the page SYNTHETIC DATA"
     )

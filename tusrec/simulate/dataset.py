@@ -66,6 +66,7 @@ def simulate_dataset(
     landmarks: bool = True,
     k: int | None = None,
     client=None,
+    ground_truth: bool = True,
 ) -> list[str]:
     """Simulate scans into ``root`` in the real layout; returns the keys written.
 
@@ -74,13 +75,18 @@ def simulate_dataset(
     interrupted run left. With ``landmarks``, the SIFT landmark files are made by the
     same code as the ``landmarks`` command. With a Dask ``client`` each scan is one unit
     on the cluster (``simulate_unit``; the landmarks too): a scan depends only on (seed,
-    subject, name), so the files are the same wherever it is made.
+    subject, name), so the files are the same wherever it is made. ``ground_truth`` False
+    (EVAL only): the test layout as a team's container sees it, frames/ without transfs/.
+    Landmarks that cannot be found for some scans raise tusrec.landmarks.LandmarksError
+    (its ``keys``: every scan written) after the others are written.
     """
-    from tusrec.landmarks import write_data_landmarks
+    from tusrec.landmarks import LandmarksError, write_data_landmarks
     from tusrec.simulate import scan_names, simulate_scan
 
     if layout not in (TRAIN, EVAL):
         raise ValueError(f"layout must be {TRAIN!r} or {EVAL!r}, got {layout!r}")
+    if not ground_truth and layout != EVAL:
+        raise ValueError("only the validation/test layout can withhold the ground truth")
     root = Path(root)
     calib = calib or default_calibration()
     frames = frames if isinstance(frames, FrameCount) else FrameCount.parse(frames)
@@ -97,13 +103,16 @@ def simulate_dataset(
     todo = [
         (subject, name, n_frames)
         for (subject, name), n_frames in zip(jobs, counts, strict=True)
-        if not _complete(root, layout, subject, name)
+        if not _complete(root, layout, subject, name, ground_truth)
     ]
     if client is not None:
         from tusrec.cluster import fail_if_units_failed, map_units
 
         units = [
-            (scan_key(subject, name), (str(root), layout, subject, name, n, seed, calib, image_size))
+            (
+                scan_key(subject, name),
+                (str(root), layout, subject, name, n, seed, calib, image_size, ground_truth),
+            )
             for subject, name, n in todo
         ]
         done = map_units(
@@ -117,6 +126,10 @@ def simulate_dataset(
                 sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
                 chunks = (_counted(c, bar) for c in sim.frame_chunks())
                 write_scan(root, layout, subject, name, chunks, sim.tforms)
+                if not ground_truth:
+                    _withhold_tforms(root, subject, name)
+    if not ground_truth:
+        _remove_empty_folders(root / "transfs")
     if layout == EVAL:
         # Scans simulated into this folder earlier (another protocol, say) stay listed.
         earlier = []
@@ -125,7 +138,10 @@ def simulate_dataset(
                 earlier = list(f.keys())
         write_dataset_keys(root, [*earlier, *keys])
     if landmarks:
-        write_data_landmarks(open_data(root), k=k, keys=keys, client=client)
+        try:
+            write_data_landmarks(open_data(root), k=k, keys=keys, client=client)
+        except LandmarksError as err:
+            raise LandmarksError(err.failed, err.made, keys) from None
     return keys
 
 
@@ -138,6 +154,7 @@ def simulate_unit(
     seed: int,
     calib: Calibration,
     image_size: tuple[int, int],
+    ground_truth: bool = True,
 ) -> int:
     """One synthetic scan as a cluster unit, written into the data folder (``write_scan``
     writes each file under a temporary name and renames it when complete); returns
@@ -146,7 +163,27 @@ def simulate_unit(
 
     sim = simulate_scan(subject, name, n_frames, seed=seed, calib=calib, image_size=image_size)
     write_scan(root, layout, subject, name, sim.frame_chunks(), sim.tforms)
+    if not ground_truth:
+        _withhold_tforms(Path(root), subject, name)
     return n_frames
+
+
+def _withhold_tforms(root: Path, subject: int, name: str) -> None:
+    """The test layout: write_scan writes the validation layout's transfs/ file with the
+    frames (kilobytes); it is removed at once, as the organisers hold it back."""
+    (root / "transfs" / f"{subject:03d}" / f"{name}.h5").unlink(missing_ok=True)
+
+
+def _remove_empty_folders(top: Path) -> None:
+    """Remove ``top`` and its subfolders if they hold no file (a folder of earlier scans
+    with their ground truth stays)."""
+    if not top.is_dir():
+        return
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(top.iterdir()):
+        top.rmdir()
 
 
 def _counted(chunk: np.ndarray, bar: tqdm) -> np.ndarray:
@@ -154,10 +191,10 @@ def _counted(chunk: np.ndarray, bar: tqdm) -> np.ndarray:
     return chunk
 
 
-def _complete(root: Path, layout: str, subject: int, name: str) -> bool:
+def _complete(root: Path, layout: str, subject: int, name: str, ground_truth: bool = True) -> bool:
     sub = f"{subject:03d}"
     if layout == TRAIN:
         return (root / "frames_transfs" / sub / f"{name}.h5").is_file()
     return (root / "frames" / sub / f"{name}.h5").is_file() and (
-        root / "transfs" / sub / f"{name}.h5"
-    ).is_file()
+        not ground_truth or (root / "transfs" / sub / f"{name}.h5").is_file()
+    )

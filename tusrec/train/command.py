@@ -24,34 +24,47 @@ def add_train(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights/)")
     p.add_argument("--config", type=Path, required=True, help="TrainConfig JSON, or a weights manifest.json")
     p.add_argument(
-        "--name", default="member0", help="member name (default member0); the prefix with --members"
+        "--name",
+        default="member0",
+        help="member name; the prefix of the names with --members (default: %(default)s)",
     )
-    p.add_argument("--members", type=int, default=1, help="train M members, <name>0..<name>M-1 (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="train M members, <name>0..<name>M-1, seeds seed..seed+M-1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="override the config's seed (default: the config's)"
+    )
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="override the config's step count (one run; no schedule replay)",
+        help="override the config's step count: one run, no schedule replay (default: the config's)",
     )
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default --out/weights)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument(
-        "--cache", type=Path, default=None, help="keep the preprocessed scans here (reused by later runs)"
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep the preprocessed scans here, reused by later runs (default: in memory only; "
+        "OUT/cache under torchrun)",
     )
     p.add_argument(
         "--val-subjects",
         default=None,
-        help="override the config's validation subjects: ids (e.g. 009 or 3,7) or a fraction (e.g. 0.1)",
+        help="override the config's validation subjects: ids (e.g. 009 or 3,7) or a fraction (e.g. 0.1) "
+        "(default: the config's)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    add_threads_and_device(p)
     p.add_argument(
         "--workers",
         type=int,
         default=2,
-        help="data-loader processes drawing clips ahead of the training loop (default 2; "
-        "the result does not depend on it)",
+        help="data-loader processes drawing clips ahead of the training loop; the result does not "
+        "depend on it (default: %(default)s)",
     )
     p.add_argument(
         "--fp32", action="store_true", help="no mixed precision on a GPU (default: bf16, else fp16 autocast)"
@@ -60,9 +73,21 @@ def add_train(p) -> None:
         "--max-seconds",
         type=float,
         default=None,
-        help="stop each run after this long, checkpointed (continue with --resume)",
+        help="stop each run after this many seconds, checkpointed (continue with --resume) "
+        "(default: no limit)",
     )
     p.set_defaults(run=run_train)
+
+
+def add_threads_and_device(p) -> None:
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ... (default: %(default)s)",
+    )
 
 
 def _val_subjects(text: str) -> list[str] | float:
@@ -141,19 +166,31 @@ def add_error_head(p) -> None:
     )
     p.add_argument("weights", type=Path, help="weights folder (manifest.json) of trained members")
     p.add_argument("data", type=Path, help="the training data folder the members were trained on")
-    p.add_argument("--members", nargs="+", default=None, help="only these members (default all)")
-    p.add_argument("--steps", type=int, default=None, help="AdamW steps a member (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="the head's and its batches' seed (default 0)")
-    p.add_argument("--cache", type=Path, default=None, help="the preprocessed scans' cache (as for train)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    from tusrec.train.error_head import DEFAULT_STEPS
+
+    p.add_argument(
+        "--members", nargs="+", default=None, metavar="NAME", help="only these members (default: all)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="AdamW steps a member (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="the head's and its batches' seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="the preprocessed scans' cache, as for train (default: in memory only)",
+    )
+    add_threads_and_device(p)
     p.set_defaults(run=run_error_head)
 
 
 def run_error_head(args) -> int:
     from tusrec.model.manifest import WeightsError
     from tusrec.train.config import TrainError
-    from tusrec.train.error_head import DEFAULT_STEPS, fit_members
+    from tusrec.train.error_head import fit_members
     from tusrec.train.trainer import pick_device
 
     if args.threads:
@@ -165,7 +202,7 @@ def run_error_head(args) -> int:
             args.weights,
             args.data,
             args.members,
-            args.steps or DEFAULT_STEPS,
+            args.steps,
             args.seed,
             device=pick_device(args.device),
             cache_dir=args.cache,
@@ -196,9 +233,15 @@ def add_error_model(p) -> None:
     p.add_argument("weights", type=Path, help="weights folder (manifest.json) of trained members")
     p.add_argument("data", type=Path, nargs="+", help="data folder(s) (train layout) holding the subjects")
     p.add_argument("--subjects", required=True, help="held-out subjects, e.g. 011,012")
-    p.add_argument("--in-plane", default=None, help="the registration source (default: ./predict's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    from tusrec.model.registration import DEFAULT_IN_PLANE, IN_PLANE_SOURCES
+
+    p.add_argument(
+        "--in-plane",
+        choices=[s for s in IN_PLANE_SOURCES if s != "network"],
+        default=None,
+        help=f"the registration source (default: ./predict's, {DEFAULT_IN_PLANE})",
+    )
+    add_threads_and_device(p)
     p.set_defaults(run=run_error_model)
 
 
@@ -244,11 +287,23 @@ def add_weights(p) -> None:
         "of the identity's GPE when every member records it (bagged members validate on "
         "different subjects), else the lowest validation GPE."
     )
-    p.add_argument("folder", type=Path, nargs="?", default=None, help="weights folder (default: shipped)")
-    p.add_argument("--best", action="store_true", help="print the best member's name only")
-    p.add_argument("--export", type=Path, default=None, metavar="DIR", help="copy members into a new folder")
     p.add_argument(
-        "--top", type=int, default=None, metavar="N", help="with --export: the N best (default all)"
+        "folder",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="weights folder (default: $TUSREC_WEIGHTS, else the shipped weights/)",
+    )
+    p.add_argument("--best", action="store_true", help="print the best member's name only")
+    p.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy members, best first, into this new weights folder (default: list them only)",
+    )
+    p.add_argument(
+        "--top", type=int, default=None, metavar="N", help="with --export: the N best (default: all)"
     )
     p.set_defaults(run=run_weights)
 
