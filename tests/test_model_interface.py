@@ -588,3 +588,32 @@ def test_check_device_names_what_is_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="the only device here is cpu"):
         core.check_device("cuda")
+
+
+def test_the_command_ends_after_a_hang_even_if_the_model_started_threads_of_its_own(
+    team, data_root, tmp_path
+):
+    """A call given up on that waits on a (non-daemon) thread of its own: the interpreter
+    would wait for that thread at exit; the command ends when the run is done."""
+    (team / "stuck.py").write_text(
+        "import threading, time\nfrom motion import local_motion\nCALLS = []\n\n"
+        "def transforms(frames, device):\n    CALLS.append(1)\n    if len(CALLS) == 2:\n"
+        "        worker = threading.Thread(target=time.sleep, args=(120,))\n"
+        "        worker.start()\n        worker.join()\n    return local_motion(len(frames))\n"
+    )
+    t0 = time.monotonic()
+    run = predict_command(
+        "--input",
+        data_root,
+        "--output",
+        tmp_path / "p",
+        "--model",
+        f"{team}/stuck.py:transforms",
+        "--time-limit",
+        "1",
+        timeout=100,
+    )
+    assert run.returncode == 1 and time.monotonic() - t0 < 100
+    table = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert list(table["status"]) == ["ok", "timeout", "ok"]
+    assert "did not return within" in table.loc[1, "message"]

@@ -172,7 +172,15 @@ def _run_predict(args) -> int:
         return 2
     failed = [r["key"] for r in rows if r["status"] != "ok"]
     print(f"predict: {len(rows) - len(failed)} of {len(rows)} scans predicted into {args.output}")
+    code = 0
     if failed:
         print(f"failed: {', '.join(failed)} (see {args.output / 'predictions.csv'})", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if any(r["status"] == "timeout" for r in rows):
+        # A call given up on is still running, and may have started threads of its own that
+        # the interpreter would wait for at exit (for ever, if it hangs): end now, the files
+        # and the manifest are written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
