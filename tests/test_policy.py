@@ -8,11 +8,20 @@ import time
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from tusrec.data import open_data, write_manifest
 from tusrec.ddf import write_ground_truth
-from tusrec.scoring.score import ScoreLimits, check_predictions, run_bounded, score_file, score_predictions
+from tusrec.scoring import max_prediction_bytes
+from tusrec.scoring.score import (
+    ScoreLimits,
+    check_file,
+    check_predictions,
+    run_bounded,
+    score_file,
+    score_predictions,
+)
 
 
 @pytest.fixture
@@ -277,3 +286,183 @@ def test_unreadable_manifest_is_the_teams_problem_only(kind, data_root, tmp_path
     assert (table["status"] == "ok").all()  # every file is still scored
     assert table["message"].str.contains("manifest ignored: ").all()
     assert table["message"].str.contains(expected, regex=False).all()
+
+
+# --------------------------------------------------------------------------- judging cost
+
+
+@pytest.fixture
+def big_root(dataset_factory, tmp_path):
+    """One scan of 7 frames of 240 x 320: GP is 5.5 MB, so a chunk can pass the 1 MiB slack."""
+    return dataset_factory(tmp_path / "big", "eval", ("050",), ("LH_Par_C_DtP",), 7, image_size=(240, 320))
+
+
+def _rewrite_pixels(path, **layout):
+    """GP and LP of a prediction file rewritten with ``layout`` (h5py create_dataset
+    options); values from ``values`` (default: the file's own)."""
+    values = layout.pop("values", None)
+    with h5py.File(path, "r+") as f:
+        for name in ("GP", "LP"):
+            data = f[name][()] if values is None else np.full(f[name].shape, values, np.float32)
+            del f[name]
+            ds = f.create_dataset(name, data.shape, data.dtype, **layout)
+            ds[...] = data
+
+
+def _corrupt_chunks(path):
+    """Overwrite the stored bytes of every chunk of GP and LP: any decompression now fails."""
+    spans = []
+    with h5py.File(path, "r") as f:
+        for name in ("GP", "LP"):
+            f[name].id.chunk_iter(lambda info: spans.append((info.byte_offset, info.size)))
+    with open(path, "r+b") as raw:
+        for offset, size in spans:
+            raw.seek(offset)
+            raw.write(b"\xa5" * size)
+
+
+# bomb -> (how to rewrite the file, the bound its message names)
+BOMBS = {
+    # the measured lzf bomb: chunks 100 times as deep as GP's 3 components
+    "chunks larger than the dataset": (
+        lambda p: _rewrite_pixels(p, chunks=(1, 300, 1201), maxshape=(None, None, None), compression="lzf"),
+        "larger than its shape (6, 3, 76800) along axis 1; a chunk may not exceed the dataset",
+    ),
+    "a grid far larger than the dataset": (
+        lambda p: _rewrite_pixels(p, chunks=(6, 3, 76799), compression="gzip"),
+        "whose grid decompresses to 11059056 bytes for the dataset's 5529600; at most",
+    ),
+    "one chunk of zeros at ratio 1,000": (
+        lambda p: _rewrite_pixels(p, chunks=(6, 3, 76800), compression="gzip", values=0.0),
+        "the compression ratio of a chunk may be at most 100",
+    ),
+    "many chunks of zeros, each under the slack": (
+        lambda p: _rewrite_pixels(p, chunks=(1, 3, 76800), compression="gzip", values=0.0),
+        "the compression ratio of a file may be at most 100",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BOMBS))
+def test_compression_bombs_are_invalid_without_decompressing(kind, big_root, tmp_path):
+    data = open_data(big_root)
+    scan = data.scans[0]
+    folder = write_gt_folder(data, tmp_path / "team")
+    path = folder / f"{scan.key}.h5"
+    make, bound = BOMBS[kind]
+    make(path)
+    _corrupt_chunks(path)  # a decompression would now fail with an HDF5 error instead
+    problems = check_predictions(folder, data)
+    assert problems and all(p.key == scan.key and bound in p.message for p in problems), problems
+    row = score_file(scan, path, None, data.calibration)
+    assert row["status"] == "invalid" and bound in row["message"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"compression": "gzip", "shuffle": True, "fletcher32": True, "chunks": (1, 3, 76800)},
+        {"compression": "lzf", "chunks": (4, 3, 19200)},  # a last layer of chunks past the 6 frames
+        {"compression": "lzf", "chunks": (3, 3, 76800), "values": 0.0},  # the identity: lzf ~90x
+    ],
+)
+def test_compressed_predictions_within_the_bounds_score_as_uncompressed(layout, big_root, tmp_path):
+    data = open_data(big_root)
+    scan = data.scans[0]
+    plain = write_gt_folder(data, tmp_path / "plain") / f"{scan.key}.h5"
+    packed = write_gt_folder(data, tmp_path / "packed") / f"{scan.key}.h5"
+    if "values" in layout:
+        _rewrite_pixels(plain, values=layout["values"])
+    _rewrite_pixels(packed, **layout)
+    expected = score_file(scan, plain, None, data.calibration)
+    got = score_file(scan, packed, None, data.calibration)
+    assert got["status"] == "ok", got["message"]
+    assert check_predictions(packed.parent, data) == []
+    errors = ("GPE", "LPE", "GLE", "LLE", "GPE_identity", "LPE_identity")
+    assert [got[e] for e in errors] == [expected[e] for e in errors]
+
+
+# --------------------------------------------------------------------------- attributes by real size
+
+
+def test_a_huge_variable_length_model_is_a_note_not_a_read(data_root, tmp_path):
+    data = open_data(data_root)
+    folder = write_gt_folder(data, tmp_path / "team")
+    huge, small = data.keys[:2]
+    with h5py.File(folder / f"{huge}.h5", "r+") as f:
+        f.attrs["model"] = "x" * (9 << 20)  # variable-length: 16 B of storage, 9 MiB in the heap
+    with h5py.File(folder / f"{small}.h5", "r+") as f:
+        f.attrs["model"] = "resnet-ensemble"  # also variable-length (h5py's str), and small
+    table = score_predictions(folder, data, tmp_path / "scores", limits=ScoreLimits(memory_mb=300)).set_index(
+        "key"
+    )
+    assert (table["status"] == "ok").all()
+    assert "attribute 'model' is variable-length and the file holds" in table.loc[huge, "message"]
+    assert pd.isna(table.loc[huge, "model"]) or table.loc[huge, "model"] == ""
+    assert table.loc[small, "model"] == "resnet-ensemble" and table.loc[small, "message"] == ""
+
+
+# --------------------------------------------------------------------------- the format's size
+
+
+def _float64_file(path, scan, layout):
+    """A prediction file with every dataset the format names, all float64, the pixel sets
+    and the small sets created with ``layout`` (h5py create_dataset options, by kind)."""
+    n, h, w = scan.shape
+    rng = np.random.default_rng(0)
+    k = len(scan.read_landmarks())
+    shapes = {
+        "GP": (n - 1, 3, h * w),
+        "LP": (n - 1, 3, h * w),
+        "GL": (3, k),
+        "LL": (3, k),
+        "transforms_global": (n - 1, 4, 4),
+        "transforms_local": (n - 1, 4, 4),
+        "uncertainty": (n - 1,),
+        "uncertainty_translation_mm": (n - 1,),
+        "expected_error_mm": (n - 1,),
+    }
+    eye = np.broadcast_to(np.eye(4), (n - 1, 4, 4))
+    with h5py.File(path, "w") as f:
+        for name, shape in shapes.items():
+            data = eye if name.startswith("transforms") else rng.normal(0, 50, shape)
+            f.create_dataset(
+                name, data=data, dtype=np.float64, **layout.get(len(shape) == 3 and name[1] == "P", {})
+            )
+        f.attrs["model"] = "m" * 4000
+        f.attrs["runtime_seconds"] = 1.0
+        f.attrs["form"] = "ddf"
+    return sum(int(np.prod(s)) * 8 for s in shapes.values())
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {},  # contiguous
+        {  # the most wasteful layout the policy accepts: a last layer of chunks past the frames,
+            # 64 chunks a frame, tiny gzip chunks with checksums in the small sets
+            True: {"chunks": (4, 3, 1200), "compression": "gzip", "fletcher32": True},
+            False: {"chunks": True, "compression": "lzf", "fletcher32": True},
+        },
+    ],
+)
+def test_a_valid_float64_dense_file_fits_the_largest_size_the_format_allows(layout, big_root, tmp_path):
+    data = open_data(big_root)
+    scan = data.scans[0]
+    n, h, w = scan.shape
+    k = len(scan.read_landmarks())
+    path = tmp_path / f"{scan.key}.h5"
+    data_bytes = _float64_file(path, scan, layout)
+    assert check_file(path, scan.shape, k, values=False) == []  # valid under the policy
+    size = os.path.getsize(path)
+    bound = max_prediction_bytes(n, h, w, k)
+    assert size <= bound
+    if not layout:
+        assert data_bytes <= size  # every value is stored: the file is the format's data
+    # The allowances, not a blank cheque: an eighth, a last layer of at most 15 frames of
+    # GP and LP past the scan (here 4 of 6: 5-frame chunks), 1 MiB each set, metadata.
+    past = 2 * min(15, n - 2) * 3 * h * w * 8
+    assert bound - data_bytes < data_bytes / 8 + past + 10 * 2**20
+    # the kit's own float32 file fits too (the old quota's case)
+    write_ground_truth(scan, data.calibration, tmp_path / "kit.h5")
+    assert os.path.getsize(tmp_path / "kit.h5") <= bound

@@ -14,6 +14,7 @@ from tusrec.scoring.metrics import (
     pixel_errors,
     transform_pixel_error,
 )
+from tusrec.scoring.policy import max_prediction_bytes
 from tusrec.scoring.score import (
     DESCRIPTIVE,
     ERRORS,
@@ -57,6 +58,7 @@ __all__ = [
     "check_structure",
     "file_signature",
     "landmark_errors",
+    "max_prediction_bytes",
     "metrics_for_scan",
     "pixel_errors",
     "plan_scoring",

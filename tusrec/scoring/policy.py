@@ -36,13 +36,25 @@ import numpy as np
 import pandas as pd
 from h5py import h5a, h5d, h5l, h5o, h5t, h5z
 
-from tusrec.data import TusrecDataError
+from tusrec.data import (
+    PREDICTION_LANDMARK_SETS,
+    PREDICTION_PER_FRAME_SETS,
+    PREDICTION_PIXEL_SETS,
+    PREDICTION_TRANSFORM_SETS,
+    TusrecDataError,
+)
 from tusrec.ddf import DEFAULT_CHUNK
 
 OK, FAILED, TIMEOUT, INVALID = "ok", "failed", "timeout", "invalid"
 DECLARED_STATUSES = (OK, FAILED, TIMEOUT)
 
 FORM_DENSE, FORM_TRANSFORMS = "ddf", "transforms"
+PREDICTION_SETS = (
+    *PREDICTION_PIXEL_SETS,
+    *PREDICTION_LANDMARK_SETS,
+    *PREDICTION_TRANSFORM_SETS,
+    *PREDICTION_PER_FRAME_SETS,
+)
 
 # Accepted element types of every float dataset: IEEE float32 or float64, either byte
 # order. float16 loses millimetres at TUS-REC displacements; integers are not DDFs.
@@ -62,7 +74,24 @@ MAX_CHUNK_FRAMES = DEFAULT_CHUNK
 MAX_CHUNKS_PER_FRAME = 64
 # The small datasets (GL, LL, transforms, uncertainty): at most this many chunks each.
 MAX_SMALL_CHUNKS = 4096
+# Judging cost, bounded from the chunk index before any chunk is decompressed (a few MB
+# of lzf or gzip can otherwise unpack into tens of GB: chunks far larger than the data
+# they cover, each decompressed whole for every read that touches it). A chunk may not
+# be larger than its dataset along any axis; the chunks of a dataset's grid together
+# decompress to at most its own bytes, an eighth more and one layer of chunks along the
+# first axis (grid_allowance: the edges of a frame-chunked set); the index holds no chunk
+# outside the dataset's shape; and beyond RATIO_SLACK_BYTES, a chunk (and the file's
+# compressed datasets together) decompress to at most MAX_COMPRESSION_RATIO times what
+# they store. Real float32 DDFs compress 1.1-2x; only near-constant data compresses more
+# (an all-zero GP: lzf ~90x, gzip ~1,000x).
+GRID_EXCESS = 8  # the grid may exceed a dataset by 1/GRID_EXCESS of it (plus a layer)
+MAX_COMPRESSION_RATIO = 100
+RATIO_SLACK_BYTES = 1 << 20
 MAX_ATTRIBUTE_BYTES = 4096  # runtime_seconds, model, form are scalars or short strings
+# A variable-length attribute is read only when the file holds at most this much beyond
+# its datasets' raw data (a dense file's metadata: object headers and chunk indexes, about
+# 60 B a chunk, so ~0.2 MB at 1,600 frames of one-frame chunks).
+MAX_HEAP_BYTES = 8 << 20
 MAX_MODEL_CHARS = 200
 MAX_MESSAGE_CHARS = 500
 
@@ -235,7 +264,10 @@ def dataset_problems(dsid: h5d.DatasetID, shape: tuple) -> list[str]:
     if out:
         return out
     if layout == h5d.CHUNKED:
-        problem = layout_problem(tuple(int(c) for c in dcpl.get_chunk()), tuple(shape))
+        chunks = tuple(int(c) for c in dcpl.get_chunk())
+        problem = layout_problem(chunks, tuple(shape)) or chunk_index_problem(
+            dsid, chunks, tuple(shape), dcpl.get_nfilters() > 0
+        )
         if problem:
             return [problem]
     return []
@@ -275,6 +307,129 @@ def layout_problem(chunks: tuple, shape: tuple) -> str | None:
     return None
 
 
+# What a valid file may hold beyond its datasets' chunk grids (max_prediction_bytes): an
+# entry in a chunk index (h5py's v1 B-tree: 56-61 B a chunk, measured), what a filter may
+# add to a chunk it cannot shrink (deflate: 5 B a 64 KiB block and 6 B; fletcher32: 4 B),
+# and the rest of the file: superblock, object headers, attributes.
+CHUNK_INDEX_BYTES = 128
+FILTER_GROWTH = 1000  # a filtered chunk stores at most 1/FILTER_GROWTH more, plus 16 B
+METADATA_BYTES = 256 << 10
+
+
+def max_prediction_bytes(n_frames: int, height: int, width: int, n_landmarks: int | None) -> int:
+    """The largest a valid prediction file of one scan can be under the format, in bytes.
+
+    n_frames N, height H, width W: the scan's; n_landmarks K (0 or None: none). Every
+    dataset the format names present (GP, LP (N-1, 3, H*W); GL, LL (3, K); both transform
+    sets (N-1, 4, 4); every per-frame set (N-1,)), all float64 (the widest dtype allowed),
+    each chunked as wastefully as the read policy accepts (grid_allowance, the most chunks
+    layout_problem accepts, each with its index entry and filter growth), plus
+    METADATA_BYTES. The runner's output quota (tusrec.harness.runner.output_quota) is this.
+    """
+    n, hw = n_frames - 1, height * width
+    sets = [((n, 3, hw), MAX_CHUNK_FRAMES, n * min(MAX_CHUNKS_PER_FRAME, 3 * hw))] * len(
+        PREDICTION_PIXEL_SETS
+    )
+    small = [(3, n_landmarks)] * len(PREDICTION_LANDMARK_SETS) if n_landmarks else []
+    small += [(n, 4, 4)] * len(PREDICTION_TRANSFORM_SETS) + [(n,)] * len(PREDICTION_PER_FRAME_SETS)
+    sets += [(shape, shape[0], min(MAX_SMALL_CHUNKS, math.prod(shape))) for shape in small]
+    total = METADATA_BYTES
+    for shape, span, chunks in sets:
+        worst = max(range(1, min(span, shape[0]) + 1), key=lambda c: -shape[0] % c)  # most rows past
+        grid = grid_allowance(shape, 8, worst)
+        total += grid + grid // FILTER_GROWTH + chunks * (CHUNK_INDEX_BYTES + 16)
+    return total
+
+
+def grid_allowance(shape: tuple, itemsize: int, span: int) -> int:
+    """Most bytes the chunk grid of a dataset may decompress to: its own bytes, 1/GRID_EXCESS
+    more, the rows its last layer of ``span``-row chunks reaches past the first axis (a
+    frame-chunked set whose frames are not a multiple of the span), and RATIO_SLACK_BYTES
+    (so a small dataset may be chunked any way). shape: the dataset's; itemsize: bytes."""
+    own = math.prod(shape) * itemsize
+    past = (-shape[0] % span) * math.prod(shape[1:]) * itemsize if shape else 0
+    return own + own // GRID_EXCESS + past + RATIO_SLACK_BYTES
+
+
+def chunk_index_problem(dsid: h5d.DatasetID, chunks: tuple, shape: tuple, filtered: bool) -> str | None:
+    """Why reading a chunked dataset would decompress too much, from its chunk shape and
+    its chunk index (each chunk's offset and stored size), or None. Nothing is
+    decompressed: H5Dchunk_iter reads the index only, and stops past the grid's count.
+
+    chunks, shape: the dataset's chunk shape and shape. filtered: it has filters (an
+    unfiltered chunk stores its own bytes: no ratio to bound).
+    """
+    for axis, (c, s) in enumerate(zip(chunks, shape, strict=True)):
+        if c > max(s, 1):
+            return (
+                f"has chunks {chunks} larger than its shape {shape} along axis {axis}; "
+                "a chunk may not exceed the dataset"
+            )
+    itemsize = dsid.get_type().get_size()
+    chunk_bytes = math.prod(chunks) * itemsize
+    grid = math.prod(math.ceil(s / c) for s, c in zip(shape, chunks, strict=True))
+    allowed = grid_allowance(shape, itemsize, chunks[0] if chunks else 1)
+    if grid * chunk_bytes > allowed:
+        return (
+            f"has chunks {chunks} whose grid decompresses to {grid * chunk_bytes} bytes for the "
+            f"dataset's {math.prod(shape) * itemsize}; at most {allowed} (the dataset's bytes, "
+            f"1/{GRID_EXCESS} more and one layer of chunks)"
+        )
+    if not filtered:
+        return None
+    found: list[str] = []
+    count = 0
+
+    def visit(info):
+        nonlocal count
+        count += 1
+        if count > grid:
+            found.append(f"has more than {grid} chunks in its index (its chunk grid holds {grid})")
+        elif any(o >= max(s, 1) for o, s in zip(info.chunk_offset, shape, strict=True)):
+            found.append(f"holds a chunk at {tuple(info.chunk_offset)}, outside its shape {shape}")
+        else:
+            # The data a chunk holds: an edge chunk's fill past the shape compresses to
+            # nothing, and its cost is the grid's (bounded above), not the ratio's.
+            held = itemsize * math.prod(
+                min(c, s - o) for c, s, o in zip(chunks, shape, info.chunk_offset, strict=True)
+            )
+            if held > MAX_COMPRESSION_RATIO * info.size + RATIO_SLACK_BYTES:
+                found.append(
+                    f"has a chunk at {tuple(info.chunk_offset)} of {info.size} bytes holding {held} "
+                    f"(ratio {held / max(info.size, 1):.0f}); the compression ratio of a chunk may be "
+                    f"at most {MAX_COMPRESSION_RATIO}"
+                )
+        return True if found else None  # anything but None stops the iteration
+
+    try:
+        dsid.chunk_iter(visit)
+    except Exception as err:  # a corrupt index: nothing may be read
+        return f"has an unreadable chunk index ({type(err).__name__}: {clean_text(str(err), 200)})"
+    return found[0] if found else None
+
+
+def compression_problem(f: h5py.File, names) -> str | None:
+    """Why the compressed datasets ``names`` of a file, together, hold too much data for
+    what they store, or None (the per-file bound: many chunks each under the per-chunk
+    slack add up). Only root datasets that exist and are filtered count."""
+    unpacked = stored = 0
+    for name in names:
+        if link_kind(f, name) != "hard":
+            continue
+        dsid = h5d.open(f.id, name.encode())
+        if dsid.get_create_plist().get_nfilters() == 0:
+            continue
+        unpacked += math.prod(int(n) for n in dsid.shape) * dsid.get_type().get_size()
+        stored += dsid.get_storage_size()
+    if unpacked > MAX_COMPRESSION_RATIO * stored + RATIO_SLACK_BYTES:
+        return (
+            f"{_filename(f)}: its compressed datasets store {stored} bytes holding {unpacked} "
+            f"(ratio {unpacked / max(stored, 1):.0f}); the compression ratio of a file may be at most "
+            f"{MAX_COMPRESSION_RATIO}"
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- attributes
 
 
@@ -291,7 +446,13 @@ class FileAttributes:
 
 def read_attribute(f: h5py.File, name: str):
     """(value, problem): a small scalar attribute of the root group, inspected with h5a
-    (shape, storage size) before it is read. value is None when absent or refused."""
+    (shape, type, size) before it is read. value is None when absent or refused.
+
+    A fixed-size attribute's size is its storage size. A variable-length one (a string
+    or anything holding a sequence) stores only a 16-byte reference there; its data lives
+    in the file's global heap, which can hold at most what the file holds beyond the
+    format's datasets (variable_length_room): past MAX_HEAP_BYTES of that it is not read.
+    """
     key = name.encode()
     try:
         if not h5a.exists(f.id, key):
@@ -302,12 +463,35 @@ def read_attribute(f: h5py.File, name: str):
             return None, f"attribute '{name}' is {size} bytes (at most {MAX_ATTRIBUTE_BYTES})"
         if aid.shape not in ((), (1,)):
             return None, f"attribute '{name}' has shape {aid.shape}; expected a single value"
+        tid = aid.get_type()
+        variable = tid.detect_class(h5t.VLEN) or (tid.get_class() == h5t.STRING and tid.is_variable_str())
+        if variable:
+            room = variable_length_room(f)
+            if room > MAX_HEAP_BYTES:
+                return None, (
+                    f"attribute '{name}' is variable-length and the file holds {room} bytes beyond its "
+                    f"datasets (at most {MAX_HEAP_BYTES} for a variable-length attribute to be read)"
+                )
         value = f.attrs[name]
     except Exception as err:  # any HDF5 or type error: the attribute is unreadable
         return None, f"attribute '{name}' unreadable ({type(err).__name__}: {err})"
     if isinstance(value, np.ndarray):
         value = value.reshape(-1)[0]
+    text = as_text(value)
+    if text is not None and len(text) > MAX_ATTRIBUTE_BYTES:
+        return None, f"attribute '{name}' is {len(text)} characters (at most {MAX_ATTRIBUTE_BYTES})"
     return value, None
+
+
+def variable_length_room(f: h5py.File) -> int:
+    """Bytes the file holds beyond the raw data of the format's root datasets: an upper
+    bound on any variable-length attribute's data (with the metadata). Metadata only."""
+    fd = getattr(f, "_policy_fd", None)
+    size = os.fstat(fd).st_size if fd is not None else f.id.get_filesize()
+    for name in PREDICTION_SETS:
+        if link_kind(f, name) == "hard" and h5o.get_info(f.id, name.encode()).type == h5o.TYPE_DATASET:
+            size -= h5d.open(f.id, name.encode()).get_storage_size()
+    return max(size, 0)
 
 
 def as_text(value) -> str | None:

@@ -56,6 +56,7 @@ from tusrec.scoring.policy import (
     FORM_TRANSFORMS,
     PolicyError,
     clean_text,
+    compression_problem,
     link_kind,
     open_dataset,
     open_prediction,
@@ -139,6 +140,10 @@ def _structure_problems(f: h5py.File, scan_shape: tuple, n_landmarks: int | None
             open_dataset(f, name, shape)
         except PolicyError as err:
             problems.append(str(err))
+    if not problems:
+        problem = compression_problem(f, [name for name, _, _ in wanted])
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -173,7 +178,9 @@ def check_finite(path: Path) -> list[str]:
                 ds = open_dataset(f, name, f[name].shape)
             except PolicyError:
                 continue  # check_structure reports it
-            step = DEFAULT_CHUNK if ds.ndim == 3 else max(len(ds), 1)
+            # Blocks of whole chunks (a chunk is decompressed once), about DEFAULT_CHUNK frames.
+            span = ds.chunks[0] if ds.chunks else 1
+            step = -(-DEFAULT_CHUNK // span) * span if ds.ndim == 3 else max(len(ds), 1)
             for start in range(0, len(ds), step):
                 block = ds[start : start + step]
                 finite = np.isfinite(block).reshape(len(block), -1)
