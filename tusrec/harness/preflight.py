@@ -48,7 +48,7 @@ TEAM = "preflight"  # the team's name in the run's folder
 DEFAULT_MAX_IMAGE_GB = 16.0
 # What a program prints when it looks for a network that is not there.
 NETWORK_WORDS = re.compile(
-    r"name resolution|Name or service not known|network is unreachable|No route to host|"
+    r"name resolution|Name or service not known|network (is )?unreachable|No route to host|"
     r"Could not resolve host|getaddrinfo|urlopen error|Max retries exceeded|ConnectionError|"
     r"Connection refused|Failed to establish a new connection",
     re.IGNORECASE,
@@ -97,7 +97,8 @@ def choose_scans(data: TusrecData, keys: list[str] | None = None, every: bool = 
         return data.select(keys)
     scans = data.select(None)
     longest = max(scans, key=lambda s: s.n_frames)
-    shortest = min(scans, key=lambda s: s.n_frames)
+    others = [s for s in scans if s is not longest]
+    shortest = min(others, key=lambda s: s.n_frames) if others else longest
     return [s for s in scans if s is longest or s is shortest]
 
 
@@ -156,7 +157,11 @@ def _valid(rows: dict[str, dict]) -> Check:
     bad = [f"{k}: {r['status']}: {r.get('message', '')}" for k, r in rows.items() if r["status"] != OK]
     if bad:
         return Check(name, False, "; ".join(bad))
-    errors = "; ".join(f"{k} GPE {r['GPE']:.3f} mm, LPE {r['LPE']:.3f} mm" for k, r in rows.items())
+    errors = "; ".join(
+        f"{k} GPE {r['GPE']:.3f} mm, LPE {r['LPE']:.3f} mm (no motion: {r['GPE_identity']:.3f}, "
+        f"{r['LPE_identity']:.3f})"
+        for k, r in rows.items()
+    )
     return Check(name, True, f"{len(rows)} of {len(rows)} judged ok ({errors})")
 
 
@@ -208,9 +213,10 @@ def _network(rows: dict[str, dict], team_dir: Path) -> Check:
         return Check(name, True, "ran to the end with no network (only the loopback interface)")
     for key, row in rows.items():
         if row.get("exit_code") not in (0, None):
-            hit = NETWORK_WORDS.search(_log_text(team_dir, key))
-            if hit:
-                return Check(name, False, f"{key}: it failed without a network (its log: {hit.group(0)!r})")
+            hits = [line for line in _log_text(team_dir, key).splitlines() if NETWORK_WORDS.search(line)]
+            if hits:
+                said = clean_text(hits[-1].strip(), 200)
+                return Check(name, False, f"{key}: it failed without a network; its log: {said}")
     return Check(name, None, "it did not run to the end for another reason (above)")
 
 
