@@ -96,7 +96,7 @@ clean:
 # too, so `make test` and CI fail on a broken site.
 docs: setup
 	$(PY) scripts/docs_tables.py
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The README's and the docs' pictures, from the current code and weights: the demo, then
 # one of its scans drawn by ./evaluate show and its ranking figure, copied into docs/img/

@@ -30,20 +30,39 @@ def _script(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
-        cwd=ROOT,
+def _build(cwd: Path, out: Path) -> subprocess.CompletedProcess:
+    """`make docs`'s build. Not --quiet: it hides the warnings from --strict, which then
+    passes them (tested below)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    run = _build(ROOT, out)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return out
+
+
+def test_the_build_fails_on_a_broken_anchor(tmp_path):
+    """The site's validation settings, on a two-page site whose link names a missing heading."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    validation = config[config.index("validation:") : config.index("\n\n", config.index("validation:"))]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# Home\n\n[there](other.md#no-such-heading)\n")
+    (tmp_path / "docs" / "other.md").write_text("# Other\n\n## A heading\n")
+    (tmp_path / "mkdocs.yml").write_text(f"site_name: t\nstrict: true\n{validation}\n")
+    run = _build(tmp_path, tmp_path / "site")
+    assert run.returncode != 0 and "no-such-heading" in run.stderr, run.stderr[-2000:]
+    (tmp_path / "docs" / "index.md").write_text("# Home\n\n[there](other.md#a-heading)\n")
+    assert _build(tmp_path, tmp_path / "site").returncode == 0
 
 
 def _text(html: str) -> str:
