@@ -207,6 +207,15 @@ def demo() -> str:
     )
 
 
+def round_rows(rounds: list[dict], keys: list[str]) -> list[list[object]]:
+    """One row per repeated round of a benchmark: its number, the given times (s) and the
+    load average before and after it."""
+    return [
+        [i + 1, *(num(r[k], 1) for k in keys), f"{r['load_before']} -> {r['load_after']}"]
+        for i, r in enumerate(rounds)
+    ]
+
+
 def cluster() -> str:
     """The cluster benchmarks of results.json: orchestration scaling, landmarks, scoring."""
     res = load("benchmarks/results.json")
@@ -249,17 +258,9 @@ def cluster() -> str:
         )
     lm = next(iter(bench_rows_named(res, "landmarks_cluster")), None)
     if lm:
-        rows = [
-            [
-                i + 1,
-                num(r["serial_1_thread_s"], 1),
-                num(r["serial_default_s"], 1),
-                num(r["cluster_s"], 1),
-                num(r["cluster_start_s"], 1),
-                f"{r['load_before']} -> {r['load_after']}",
-            ]
-            for i, r in enumerate(lm["rounds"])
-        ]
+        rows = round_rows(
+            lm["rounds"], ["serial_1_thread_s", "serial_default_s", "cluster_s", "cluster_start_s"]
+        )
         out.append(
             f"**Landmarks** of {lm['scans']} scans of {lm['frames']} frames (seconds; the landmark files "
             f"of all three identical: {lm['identical']}):\n\n"
@@ -277,18 +278,9 @@ def cluster() -> str:
         )
     sg = next(iter(bench_rows_named(res, "score_cluster")), None)
     if sg:
-        rows = [
-            [
-                i + 1,
-                num(r["raw_s"], 1),
-                num(r["serial_s"], 1),
-                num(r["serial_no_readahead_s"], 1),
-                num(r["serial_warm_s"], 1),
-                num(r["cluster_s"], 1),
-                f"{r['load_before']} -> {r['load_after']}",
-            ]
-            for i, r in enumerate(sg["rounds"])
-        ]
+        rows = round_rows(
+            sg["rounds"], ["raw_s", "serial_s", "serial_no_readahead_s", "serial_warm_s", "cluster_s"]
+        )
         rows.append(
             [
                 "as a fraction of the raw read, best of 3",
