@@ -465,6 +465,10 @@ def test_the_template_s_device_is_optional_and_other_parameters_need_defaults():
     assert interface.function_kind(template_2024) == "template"
     assert interface.function_kind(rigid) == "rigid"
     assert interface.function_kind(needs_more) is None
+    # The kit's own template interface is a template-kind model (device and scan_name optional).
+    from tusrec.predict import predict_ddfs
+
+    assert interface.function_kind(predict_ddfs) == "template"
 
 
 # ----------------------------------------------------------------------- the command

@@ -549,6 +549,8 @@ def _run_scan(model, scan, calib, out_path, time_limit_s, device, thread, calib_
                 form=model.form,
             )
         elif isinstance(pred, DensePrediction):
+            if model.form != DDF_FORM:  # its files would never count as complete
+                raise ModelOutputError(f"the model returned dense DDFs but writes the {model.form} form")
             if landmarks is None:
                 notes.append("no landmarks for this scan: GL/LL not written")
             write_dense(out_path, pred, (h, w), landmarks is not None, attrs, t0)
