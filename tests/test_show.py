@@ -8,6 +8,7 @@ import re
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests import reference
@@ -250,24 +251,60 @@ def test_worst_scans_are_chosen_by_gpe(eval_root):
     assert [s.key for s in choose_scans(data, keys, 1, None)] == keys
 
 
-def test_show_command_writes_a_self_contained_page(scan_and_files, capsys):
+def test_show_command_writes_a_self_contained_page(scan_and_files, capsys, monkeypatch):
+    from PIL import Image
+
+    from tusrec.show import figures as sf
+
     data, _scan, _gt, _glob, _local, pred, tmp = scan_and_files
     other = data.scans[1]
     _write_compact(
         pred / f"{other.key}.h5", compose_local(GroundTruth.from_scan(other, data.calibration).local)
     )
+    drawn = {}  # the Figures the command saved, by (key, kind)
+
+    def keep(kind, draw):
+        def wrapper(key, *args, **kwargs):
+            drawn[key, kind] = fig = draw(key, *args, **kwargs)
+            return fig
+
+        return wrapper
+
+    monkeypatch.setattr(sf, "trajectory_figure", keep("trajectory", sf.trajectory_figure))
+    monkeypatch.setattr(sf, "reconstruction_figure", keep("reconstruction", sf.reconstruction_figure))
     out = tmp / "show"
     code = main(["evaluate", "show", str(pred), "--data", str(data.root), "--out", str(out), "--synthetic"])
     assert code == 0, capsys.readouterr()
     page = (out / "show.html").read_text()
+    rows = pd.read_csv(out / "show.csv").set_index("key")
+    ts = data.calibration.T_scale
     for s in data.scans:
         for kind in ("trajectory", "reconstruction"):
             png = out / f"{s.key}_{kind}.png"
-            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            fig = drawn[s.key, kind]
+            # the PNG is this figure (75 dpi), inlined in the page
+            size = np.array(Image.open(png).size)
+            assert (np.abs(size - fig.get_size_inches() * 75) < 1).all()
             assert base64.b64encode(png.read_bytes()).decode() in page
+        # what the reconstruction draws: the volumes compounded here with the file's poses
+        gt = GroundTruth.from_scan(s, data.calibration)
+        poses = read_poses(pred / f"{s.key}.h5", s, gt)
+        true_v, pred_v = compound(s, [gt.global_, poses.global_], ts)
+        images = [ax.images[0] for ax in drawn[s.key, "reconstruction"].axes if ax.images]
+        np.testing.assert_array_equal(
+            np.ma.filled(images[0].get_array().astype(float), np.nan), projection(true_v, 2).T
+        )
+        np.testing.assert_array_equal(
+            np.ma.filled(images[1].get_array().astype(float), np.nan), projection(pred_v, 2).T
+        )
+        row = rows.loc[s.key]
+        assert (row["fill_voxels"], row["gaps_true"], row["gaps_predicted"]) == (
+            true_v.fill,
+            len(true_v.gaps),
+            len(pred_v.gaps),
+        )
     assert "SYNTHETIC DATA" in page and not re.search(r'src="(?!data:)', page)
-    table = (out / "show.csv").read_text()
-    assert "ddf" in table and "transforms" in table
+    assert set(rows["form"]) == {"ddf", "transforms"}
     # a file that cannot be shown: exit 1, its row says why, the other scan is still shown
     (pred / f"{other.key}.h5").write_text("garbage")
     code = main(["evaluate", "show", str(pred), "--data", str(data.root), "--out", str(out)])
@@ -294,3 +331,131 @@ def test_cli_defaults_are_the_modules_defaults():
         volume.DEFAULT_MAX_VOXELS,
         volume.DEFAULT_PIXEL_STEP,
     )
+
+
+class _Frames:
+    """A scan's frames in memory, as compound reads them (image_size, iter_frames)."""
+
+    def __init__(self, frames: np.ndarray):
+        self.frames = frames
+        self.image_size = frames.shape[1:]
+        self.key = "sub000__made_here"
+
+    def iter_frames(self, chunk: int = 64, start: int = 0):
+        for s in range(start, len(self.frames), chunk):
+            yield s, self.frames[s : s + chunk]
+
+
+def _stack(z_mm: np.ndarray) -> np.ndarray:
+    """(N-1, 4, 4) T(i->0) of frames translated along frame 0's z to z_mm[i] (z_mm[0] = 0)."""
+    poses = np.tile(np.eye(4), (len(z_mm) - 1, 1, 1))
+    poses[:, 2, 3] = z_mm[1:]
+    return poses
+
+
+@pytest.fixture
+def gapped(rng):
+    """Twelve frames 0.75 mm apart along z (1.5 voxels of 0.5 mm), and 4 mm between the
+    7th and the 8th (frames 6 and 7): a real gap."""
+    from tusrec.geometry import default_calibration
+
+    z = 0.75 * np.arange(12.0)
+    z[7:] += 3.25
+    frames = rng.integers(1, 256, (12, 20, 30), dtype=np.uint8)
+    return _Frames(frames), _stack(z), default_calibration().T_scale, z
+
+
+def test_hole_filling_closes_the_spacing_of_frames_and_leaves_real_gaps(gapped):
+    from tusrec.show.volume import fill_voxels, frame_gaps
+
+    scan, poses, ts, z = gapped
+    np.testing.assert_allclose(frame_gaps(poses, ts, scan.image_size), np.diff(z), atol=1e-12)
+    assert fill_voxels(np.diff(z), 0.5) == 1  # 0.75 mm apart: a voxel from either side closes it
+    (vol,) = compound(scan, [poses], ts, voxel_mm=0.5, pixel_step=1)
+    g = vol.grid
+    assert g.voxel_mm == 0.5 and vol.fill == 1 and vol.reach_mm == pytest.approx(1.5)
+    np.testing.assert_array_equal(vol.gaps, [6])
+    np.testing.assert_allclose(vol.gap_mm, [4.0])
+    np.testing.assert_allclose(vol.gap_mid[0, 2], (z[6] + z[7]) / 2)
+    # along z through the frames' footprint: filled from frame 0 to 6 and from 7 to 11;
+    # between 6 and 7 (4 mm, 8 voxels) the voxels more than one from a frame stay empty
+    k = np.rint((z - g.origin[2]) / g.voxel_mm).astype(int)
+    column = vol.values[g.shape[0] // 2, g.shape[1] // 2]
+    assert np.isfinite(column[k[0] : k[6] + 2]).all() and np.isfinite(column[k[7] - 1 : k[11] + 1]).all()
+    assert np.isnan(column[k[6] + 2 : k[7] - 1]).all() and k[7] - 1 - (k[6] + 2) == 5
+    # splatting alone leaves every other voxel empty between neighbouring frames
+    plain = Compounder(g, ts, scan.image_size, pixel_step=1)
+    plain.add(np.concatenate([np.eye(4)[None], poses]), scan.frames)
+    bare = plain.volume().values[g.shape[0] // 2, g.shape[1] // 2]
+    assert np.isnan(bare[k[0] : k[6] + 1]).sum() >= 3
+    # a splatted voxel keeps its own mean; an empty one gets the mean of the pixels
+    # splatted into the 3 x 3 x 3 voxels around it (brute force over the neighbourhood)
+    splatted = plain.count.reshape(g.shape) > 0
+    np.testing.assert_array_equal(vol.values[splatted], plain.volume().values[splatted])
+    total, count = plain.sum.reshape(g.shape), plain.count.reshape(g.shape)
+    filled = np.argwhere(~splatted & np.isfinite(vol.values))
+    for i, j, m in filled[:: max(1, len(filled) // 50)]:
+        box = np.s_[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2, max(m - 1, 0) : m + 2]
+        assert vol.values[i, j, m] == pytest.approx(total[box].sum() / count[box].sum(), rel=1e-5)
+
+
+def test_reconstruction_figure_draws_the_projections_and_marks_the_gaps(gapped):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tusrec.plotting import SYNTHETIC_LABEL
+    from tusrec.show.figures import VIEWS, reconstruction_figure
+
+    scan, poses, ts, _z = gapped
+    spread = _stack(np.r_[0.0, 2.0 * np.arange(1, 12.0)])  # a prediction spreading its frames: 11 gaps
+    true_v, pred_v = compound(scan, [poses, spread], ts, voxel_mm=0.5, pixel_step=1)
+    assert len(pred_v.gaps) == 11 and pred_v.fill == true_v.fill  # the truth's fill for both
+    fig = reconstruction_figure(scan.key, true_v, pred_v, synthetic=True, pixel_step=1)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6
+    for r, (cut, hor, ver, name) in enumerate(VIEWS):
+        for ax, vol, label in zip(
+            panels[2 * r : 2 * r + 2], (true_v, pred_v), ("true", "predicted"), strict=True
+        ):
+            assert ax.get_title() == f"{label} poses: {name}"
+            want = projection(vol, cut)
+            drawn = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+            np.testing.assert_array_equal(drawn, want.T if hor < ver else want)
+            marks = [c for c in ax.collections if c.get_gid() == "gaps"]
+            assert len(marks) == 1
+            np.testing.assert_allclose(marks[0].get_offsets(), vol.gap_mid[:, [hor, ver]])
+    caption = " ".join(fig._supxlabel.get_text().split())  # wrapped to the figure's width
+    assert "within 1 voxel(s) (closes gaps between neighbouring frames under 1.5 mm)" in caption
+    assert "true poses: 1 gap(s)" in caption and "widest 4.0 mm, between frames 6 and 7" in caption
+    assert "predicted poses: 11 gap(s)" in caption
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for sub in fig.subfigs for t in sub.texts]
+    label = (
+        next(t for t in texts if t.get_text() == SYNTHETIC_LABEL).get_bbox_patch().get_window_extent(renderer)
+    )
+    title = next(t for t in texts if t.get_text().startswith(scan.key)).get_window_extent(renderer)
+    assert label.x1 < title.x0 and label.y0 < title.y1 and title.y0 < label.y1
+    assert title.get_points()[1, 1] <= fig.bbox.y1
+    caption = fig._supxlabel.get_window_extent(renderer)
+    assert caption.x0 >= 0 and caption.x1 <= fig.bbox.x1  # the whole caption inside the figure
+
+
+def test_trajectory_figure_draws_the_corners_and_the_per_frame_errors(scan_and_files):
+    from tusrec.show.figures import trajectory_figure
+
+    data, scan, gt, _glob, _local, _pred, tmp = scan_and_files
+    poses = read_poses(tmp / "compact.h5", scan, gt)
+    ts = data.calibration.T_scale
+    fig = trajectory_figure(scan.key, poses, gt.global_, ts, scan.image_size, synthetic=False)
+    ax3 = fig.axes[0]
+    lines = ax3.get_lines()
+    for corner, colour in ((frame_corners_mm(gt.global_, ts, scan.image_size), "0.15"),):
+        for c in range(4):  # the first four lines: the true corners' tracks, plotted as (x, z, y)
+            x, y, zz = lines[c].get_data_3d()
+            np.testing.assert_allclose(np.c_[x, zz, y], corner[:, c], atol=1e-9)
+            assert lines[c].get_color() == colour
+    gpe_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "GPE per frame (mm)")
+    np.testing.assert_allclose(gpe_ax.get_lines()[0].get_ydata(), poses.gpe)
+    assert gpe_ax.get_title() == f"global pixel error: mean {poses.gpe.mean():.2f} mm"
+    assert fig._suptitle.get_text().startswith(f"{scan.key}: trajectory, true against predicted")

@@ -111,6 +111,10 @@ def show_scan(
         voxel_mm=g.voxel_mm,
         grid="x".join(str(s) for s in g.shape),
         outside_fraction=pred_vol.outside / max(pred_vol.splatted, 1),
+        # hole filling's reach, and the pairs of frames further apart (left empty, marked)
+        fill_voxels=true_vol.fill,
+        gaps_true=len(true_vol.gaps),
+        gaps_predicted=len(pred_vol.gaps),
         poses_s=t_poses,
         volumes_s=t_volumes,
         seconds=time.perf_counter() - t0,
@@ -208,7 +212,9 @@ EXPLANATION = (
     "image mm, true against predicted, with the per-frame GPE and LPE and the file's per-frame "
     "uncertainty when it holds one) and the <b>reconstruction</b> (the frames compounded into one voxel "
     "volume with the true poses and with the predicted poses, on the same grid, cut by three orthogonal "
-    "planes). Dense files (GP/LP) are shown through each frame's least-squares rigid fit of its DDF "
+    "planes; an empty voxel between neighbouring frames is given the mean of the voxels around it, and a "
+    "gap between consecutive frames wider than that reaches is left empty and marked x). Dense files "
+    "(GP/LP) are shown through each frame's least-squares rigid fit of its DDF "
     "(the RMS fit residual is reported: 0 mm for a rigid prediction); compact files through their "
     "matrices. Per-frame GPE and LPE are computed from the file as scoring does (docs/conventions.md).</p>"
 )

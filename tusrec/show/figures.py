@@ -10,6 +10,7 @@ x along the image columns, y along the rows (depth, drawn downwards), z = x cros
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
@@ -23,6 +24,7 @@ from tusrec.show.volume import Volume, frame_corners_mm
 
 TRUE_COLOUR = "0.15"
 PRED_COLOUR = "#d95f02"
+GAP_COLOUR = "#e7298a"
 OUTLINES = 12  # frame outlines drawn along the scan (every k-th frame)
 
 
@@ -204,7 +206,9 @@ def reconstruction_figure(
 ) -> Figure:
     """Maximum-intensity projections of the volume compounded with the true poses (left)
     and with the predicted poses (right), on the same grid, along each axis of frame 0's
-    image mm (one row per axis)."""
+    image mm (one row per axis). A gap between consecutive frames wider than the volume's
+    hole filling reaches (Volume.gaps) is marked with an x midway between the frames'
+    centres, and the caption says how many and the widest."""
     g = true_volume.grid
     cmap = colormaps["gray"].with_extremes(bad="#16213a")
     extent = [g.extent(a) for a in range(3)]
@@ -233,6 +237,18 @@ def reconstruction_figure(
                 interpolation="nearest",
                 aspect="equal",
             )
+            if len(vol.gaps):  # real gaps between frames: marked where they are, not hidden
+                ax.scatter(
+                    vol.gap_mid[:, hor],
+                    vol.gap_mid[:, ver],
+                    marker="x",
+                    s=50,
+                    lw=1.8,
+                    color=GAP_COLOUR,
+                    gid="gaps",
+                    label=f"gap between frames (> {vol.reach_mm:.1f} mm)",
+                )
+                ax.legend(loc="upper right", fontsize=8, frameon=True)
             if ver == 2:
                 ax.invert_yaxis()  # z upwards in the view from above
             ax.set_xlabel(f"{AXIS[hor]} (mm)")
@@ -242,12 +258,27 @@ def reconstruction_figure(
     dropped = pred_volume.outside / max(pred_volume.splatted, 1)
     note = (
         f"maximum-intensity projections; voxel {g.voxel_mm:.2f} mm, grid {g.shape[0]} x {g.shape[1]} x "
-        f"{g.shape[2]}, nearest-voxel splatting of every {ordinal(pixel_step)} row and column of pixels; "
-        "dark blue: no pixel on the ray; axes in frame 0's image mm"
+        f"{g.shape[2]}, nearest-voxel splatting of every {ordinal(pixel_step)} row and column of pixels"
     )
+    if true_volume.fill:
+        note += (
+            f", an empty voxel given the mean of those splatted within {true_volume.fill} voxel(s) "
+            f"(closes gaps between neighbouring frames under {true_volume.reach_mm:.1f} mm)"
+        )
+    note += "; dark blue: no pixel on the ray; axes in frame 0's image mm"
+    for label, vol in (("true", true_volume), ("predicted", pred_volume)):
+        if len(vol.gaps):
+            k = int(np.argmax(vol.gap_mm))
+            note += (
+                f"\n{label} poses: {len(vol.gaps)} gap(s) between consecutive frames wider than that "
+                f"(x, left empty; widest {vol.gap_mm[k]:.1f} mm, between frames {vol.gaps[k]} and "
+                f"{vol.gaps[k] + 1})"
+            )
     if dropped > 0:
         note += f"; {100 * dropped:.1f} % of the predicted pixels fall outside the region shown"
-    fig.supxlabel(note, fontsize=9)
+    # wrapped to the figure's width (about 15 characters an inch at 9 points)
+    width = int(fig.get_size_inches()[0] * 15)
+    fig.supxlabel("\n".join(textwrap.fill(line, width) for line in note.split("\n")), fontsize=9)
     title = f"{key}{f' ({team})' if team else ''}: frames compounded with the true and the predicted poses"
     header(top, title, synthetic)
     return fig
