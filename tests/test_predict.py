@@ -92,6 +92,8 @@ def test_tiny_time_limit_still_gives_a_scorable_identity(data_root, weights, tmp
         data_root, tmp_path / "pred", weights, "cpu", time_limit_s=1e-3, log=lambda *a: None
     )
     assert all(r["status"] == "ok" and "fallback: identity" in r["message"] for r in rows)
+    # and the reason is said plainly: the limit is shorter than the writing's reserve
+    assert all("the time limit (0.001 s) leaves the model no time" in r["message"] for r in rows)
     data = open_data(data_root)
     table = score_predictions(tmp_path / "pred", data, tmp_path / "scores")
     np.testing.assert_allclose(table["GPE"], table["GPE_identity"], rtol=1e-6)
