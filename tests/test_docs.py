@@ -11,13 +11,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+
+from tests.browser import FLAGS, chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,36 +126,12 @@ def test_api_reference_is_generated_from_the_code(site):
     assert "calib_matrix.csv" in _text(api)  # metrics_for_scan's docstring
 
 
-def _chromium() -> str | None:
-    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
-
-
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1300,2000",
-]
-
-
-def _browser() -> str:
-    browser = _chromium()
-    if browser is None:
-        message = "chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: CI must install it")
-        pytest.skip(message)
-    return browser
+WINDOW = "--window-size=1300,2000"
 
 
 def _dom(browser: str, page: Path, profile: Path) -> str:
     run = subprocess.run(
-        [browser, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        [browser, *FLAGS, WINDOW, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
@@ -164,7 +141,7 @@ def _dom(browser: str, page: Path, profile: Path) -> str:
 
 
 def test_home_and_a_deep_page_render_in_headless_chromium(site, tmp_path):
-    browser = _browser()
+    browser = chromium()
     home = _dom(browser, site / "index.html", tmp_path / "p1")
     assert "<title>tusrec</title>" in home
     text = _text(home)
@@ -185,6 +162,7 @@ def test_home_and_a_deep_page_render_in_headless_chromium(site, tmp_path):
         [
             browser,
             *FLAGS,
+            WINDOW,
             f"--user-data-dir={tmp_path / 'p3'}",
             f"--screenshot={shot}",
             (site / "index.html").as_uri(),

@@ -7,9 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -20,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.browser import FLAGS, chromium
 from tusrec.cli import main
 from tusrec.ranking import report as rp
 from tusrec.ranking.rank import RankingError, combine_teams, load_teams, read_team_table
@@ -274,28 +273,9 @@ def test_report_html_stands_alone(report):
     assert "3 of 72 scans are not in its table" in html  # the missing scans are reported
 
 
-def _chromium() -> str | None:
-    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
-
-
 def test_report_renders_in_headless_chromium(report, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        message = "chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: CI must install it")
-        pytest.skip(message)
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,3000",
-    ]
+    browser = chromium()
+    flags = [*FLAGS, "--window-size=1400,3000"]
     # A copy of the page with a script that writes, once loaded, the size at which the
     # browser decoded each image into the DOM (the report itself has no script).
     page = (report / "report.html").read_text(encoding="utf-8")
