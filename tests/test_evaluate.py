@@ -707,3 +707,54 @@ def test_comparison_kernel_makes_exactly_the_fields_pixel_ddfs_makes():
         a, b = field_terms(transforms, CALIB.T_scale, h, w)
         rows = (a[:, :, None, :] + b[:, :, :, None]).reshape(4, 3, h * w)
         assert np.array_equal(rows, pixel_ddfs(transforms, CALIB.T_scale, h, w))
+
+
+def test_check_names_stray_files_in_a_warning_and_ignores_them(data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    (gt_dir / "notes.txt").write_text("=cmd\n")
+    (gt_dir / "logs").mkdir()
+    run = subprocess.run(
+        [str(ROOT / "evaluate"), "check", str(gt_dir), "--data", str(data_root)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr  # ignored: scoring reads only <key>.h5 and the manifest
+    warnings = sorted(line for line in run.stderr.splitlines() if line.startswith("warning: "))
+    assert warnings == [
+        f"warning: {gt_dir / 'logs'}: not a prediction file (<key>.h5) nor predictions.csv; ignored",
+        f"warning: {gt_dir / 'notes.txt'}: not a prediction file (<key>.h5) nor predictions.csv; ignored",
+    ]
+    assert "are valid" in run.stdout
+
+
+# The caller's last word: an exit handler registered before the command runs, so it runs
+# after the command's own (atexit is last-in first-out), and says whether the scoring
+# worker's server, the caller's child, is still there (alive or a zombie not yet reaped).
+WAITS_FOR_ITS_WORKER = """
+import atexit, sys
+from pathlib import Path
+server = []
+atexit.register(lambda: print("left" if Path(f"/proc/{server[0]}").exists() else "reaped", flush=True))
+from tusrec.cli import main
+from tusrec.scoring import worker
+code = main(sys.argv[1:])
+server.append(worker.SERVER._proc.pid)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", ["check", "score"])
+def test_evaluate_waits_for_its_scoring_worker(command, data_root, tmp_path):
+    data = open_data(data_root)
+    gt_dir = write_gt_folder(data, tmp_path / "gt")
+    args = ["evaluate", command, str(gt_dir), "--data", str(data_root)]
+    args += ["--out", str(tmp_path / "s")] if command == "score" else []
+    run = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", WAITS_FOR_ITS_WORKER, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "reaped"

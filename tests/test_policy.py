@@ -4,7 +4,10 @@ hostile input of the issue gets a clear `invalid` (or a note), and loses no othe
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -22,6 +25,8 @@ from tusrec.scoring.score import (
     score_file,
     score_predictions,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -71,6 +76,54 @@ def test_worker_returns_results_and_bounds_time_memory_and_crashes():
     assert result is None and "killed by SIGSEGV" in reason
     # ...and the worker is still there for the next job.
     assert run_bounded(sleep_for, (0,), limits, 30) == ("woke", None)
+
+
+def announce_and_sleep(seconds):
+    print("job started", file=sys.stderr, flush=True)  # stderr: the caller's, a pipe here
+    time.sleep(seconds)
+
+
+# A caller (a Dask worker scoring a unit) that starts the worker's server, says its pid
+# and waits on a ten-minute job.
+CALLER = """
+from tusrec.scoring import worker
+worker.SERVER.start()
+print(worker.SERVER._proc.pid, flush=True)
+worker.SERVER.run("tests.test_policy", "announce_and_sleep", (600,), 600, 600)
+"""
+
+
+def test_a_caller_killed_mid_job_stops_the_job_quietly():
+    caller = subprocess.Popen(
+        [sys.executable, "-c", CALLER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    server = int(caller.stdout.readline())
+    assert caller.stderr.readline().strip() == "job started"
+    caller.kill()  # as a Dask worker is killed: no cleanup of its own
+    # stderr ends only when every holder of the pipe (the server, the job's child) is gone:
+    # a job left running for the 600 s the caller asked would time this out.
+    _, rest = caller.communicate(timeout=120)
+    assert "Traceback" not in rest and "BrokenPipe" not in rest and "Exception ignored" not in rest, rest
+    assert _ends(server)
+
+
+def _ends(pid: int, within_s: float = 60.0) -> bool:
+    """Whether process ``pid`` ends (is gone or a zombie) within ``within_s``: after the
+    stderr it held closes, an interpreter still finalises a moment."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_score_file_row_for_a_good_file_a_runner_outcome_and_a_dead_worker(data_root, tmp_path):

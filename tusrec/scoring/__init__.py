@@ -36,6 +36,7 @@ from tusrec.scoring.score import (
     scan_row,
     score_file,
     score_predictions,
+    stray_entries,
     summary,
     write_metrics,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "scan_row",
     "score_file",
     "score_predictions",
+    "stray_entries",
     "summary",
     "transform_pixel_error",
     "write_metrics",

@@ -215,6 +215,34 @@ def check_file(
     return problems
 
 
+MAX_STRAY_LISTED = 20  # a folder of a million stray files is named by a count, not listed
+
+
+def stray_entries(folder: str | Path) -> list[str]:
+    """What a predictions folder holds besides <key>.h5 files and predictions.csv (notes,
+    logs, folders, links...), which checking and scoring ignore: one line each, at most
+    MAX_STRAY_LISTED and then a count. Names are printed as text (clean_text); nothing is
+    followed or opened."""
+    folder = Path(folder)
+    lines, count = [], 0
+    try:
+        entries = os.scandir(folder)
+    except OSError:
+        return []
+    with entries:
+        for entry in entries:
+            if entry.name == MANIFEST_FILE or entry.name.endswith(".h5"):
+                continue
+            count += 1
+            if count <= MAX_STRAY_LISTED:
+                name = clean_text(str(folder / entry.name), 300)
+                lines.append(f"{name}: not a prediction file (<key>.h5) nor {MANIFEST_FILE}; ignored")
+    if count > MAX_STRAY_LISTED:
+        more = count - MAX_STRAY_LISTED
+        lines.append(f"{folder}: {more} more entries that are not prediction files; ignored")
+    return lines
+
+
 def check_predictions(
     folder: str | Path, data: TusrecData, values: bool = True, limits: ScoreLimits | None = None
 ) -> list[Problem]:

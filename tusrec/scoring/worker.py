@@ -18,9 +18,12 @@ Protocol (both directions): an 8-byte big-endian length, then the payload.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import importlib
 import json
+import math
 import os
 import pickle
 import resource
@@ -35,6 +38,7 @@ import time
 _HEADER = struct.Struct(">Q")
 PRELOAD = ("tusrec.scoring.score",)
 MAX_RESULT_BYTES = 1 << 20  # a row of numbers and messages; anything longer is refused
+CLOSE_WAIT_S = 5.0  # a server asked to stop kills and reaps its job's child in milliseconds
 
 
 def _read_exact(stream, n: int) -> bytes:
@@ -58,6 +62,15 @@ def _receive(stream) -> bytes:
 
 
 # --------------------------------------------------------------------------- the child
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG; the
+    server forks from its only thread, so "parent" is the server); elsewhere, nothing."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the server died before the request took effect
+        os._exit(70)
 
 
 def _child(write_fd: int, module: str, name: str, args: tuple, memory_mb: int, seconds: float) -> None:
@@ -89,14 +102,26 @@ def _child(write_fd: int, module: str, name: str, args: tuple, memory_mb: int, s
         out.write(payload)
 
 
-def _run_job(module: str, name: str, args: tuple, memory_mb: int, seconds: float) -> list:
-    """In the server: fork a child for one job, wait up to ``seconds``; a JSON-able reply."""
+class CallerGoneError(Exception):
+    """The caller closed its end of the server's stdin (it exited or was killed)."""
+
+
+def _run_job(
+    module: str, name: str, args: tuple, memory_mb: int, seconds: float, caller_fd: int | None = None
+) -> list:
+    """In the server: fork a child for one job, wait up to ``seconds``; a JSON-able reply.
+
+    caller_fd: the server's stdin; when the caller closes it mid-job (a Dask worker
+    killed, Ctrl-C) the child is killed and reaped and CallerGoneError is raised. The child is
+    reaped whatever happens (a SIGTERM to the server unwinds through here too)."""
     read_fd, write_fd = os.pipe()
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child
         code = 0
         try:
             os.close(read_fd)
+            _die_with_parent(server)
             _child(write_fd, module, name, args, memory_mb, seconds)
         except BaseException:
             code = 70
@@ -105,14 +130,23 @@ def _run_job(module: str, name: str, args: tuple, memory_mb: int, seconds: float
     os.close(write_fd)
     deadline = time.monotonic() + seconds
     chunks, size, timed_out = [], 0, False
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    if caller_fd is not None:
+        poller.register(caller_fd, 0)  # POLLHUP and POLLERR are always reported
+    reaped = False
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select([read_fd], [], [], left)
-            if not ready:
+            events = dict(poller.poll(max(1, math.ceil(left * 1000))))
+            if caller_fd is not None and events.get(caller_fd, 0) & (
+                select.POLLHUP | select.POLLERR | select.POLLNVAL
+            ):
+                raise CallerGoneError
+            if read_fd not in events:
                 continue
             part = os.read(read_fd, 65536)
             if not part:
@@ -123,12 +157,18 @@ def _run_job(module: str, name: str, args: tuple, memory_mb: int, seconds: float
                 chunks = None
                 break
             chunks.append(part)
+        if timed_out or chunks is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        reaped = True
     finally:
         os.close(read_fd)
-    if timed_out or chunks is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+        if not reaped:  # leaving on an exception: the child goes with the job
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     if timed_out:
         return ["failed", f"scoring stopped at its time limit of {seconds:.0f} s"]
     if chunks is None:
@@ -148,23 +188,48 @@ def _run_job(module: str, name: str, args: tuple, memory_mb: int, seconds: float
     return ["failed", f"the scoring worker exited with code {code} (memory cap {memory_mb} MiB)"]
 
 
+def _terminated(signum, frame):
+    raise SystemExit(0)  # unwinds through _run_job, which kills and reaps its child
+
+
 def serve(stdin=None, stdout=None) -> None:
-    """The server loop: one job at a time from stdin, one reply each on stdout."""
+    """The server loop: one job at a time from stdin, one reply each on stdout. Ends,
+    quietly, when the caller closes stdin (between jobs or during one), when it stops
+    reading the replies, or on SIGTERM (WorkerServer.close); never leaves a child behind."""
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    signal.signal(signal.SIGTERM, _terminated)
     for module in PRELOAD:  # imported once here, so that each forked child starts warm
         importlib.import_module(module)
+    try:
+        caller_fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests)
+        caller_fd = None
     while True:
         try:
             job = pickle.loads(_receive(stdin))
         except EOFError:
             return  # the caller is gone
         try:
-            reply = _run_job(*job)
+            reply = _run_job(*job, caller_fd=caller_fd)
+        except CallerGoneError:
+            return
         except Exception as err:  # e.g. fork failed: the job fails, the server goes on
             reply = ["failed", f"the scoring worker could not run ({type(err).__name__}: {err})"]
-        _send(stdout, json.dumps(reply).encode())
+        try:
+            _send(stdout, json.dumps(reply).encode())
+        except (BrokenPipeError, ValueError, OSError):  # the caller died mid-job: nobody to tell
+            _quiet_exit()
+
+
+def _quiet_exit() -> None:
+    """Exit without the interpreter's flush of a broken stdout (which would print
+    'Exception ignored ... BrokenPipeError' on the caller's terminal)."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------- the caller
@@ -176,8 +241,9 @@ class WorkerServer:
     def __init__(self):
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._atexit = False
 
-    def _start(self) -> subprocess.Popen:
+    def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
         # The server imports this checkout's tusrec, whatever the caller's working folder.
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -198,6 +264,13 @@ class WorkerServer:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        proc = self._spawn()
+        if not self._atexit:
+            atexit.register(self.close)  # a command waits for what it started
+            self._atexit = True
+        return proc
 
     def run(self, module: str, name: str, args: tuple, memory_mb: int, seconds: float) -> list:
         """['ok', value] | ['error', message] | ['failed', reason] for module.name(*args)."""
@@ -224,15 +297,23 @@ class WorkerServer:
         return json.loads(_receive(self._proc.stdout))
 
     def close(self) -> None:
-        if self._proc is not None:
+        """Stop the server and wait for it (it kills and reaps a job's child first; a
+        server that does not end in CLOSE_WAIT_S is killed with its process group)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError):
-                self._proc.kill()
+                stream.close()
+        with contextlib.suppress(OSError):
+            proc.terminate()
+        try:
+            proc.wait(CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and a job's child
             with contextlib.suppress(Exception):
-                self._proc.wait(10)
-            for stream in (self._proc.stdin, self._proc.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
-            self._proc = None
+                proc.wait(10)
 
 
 SERVER = WorkerServer()
