@@ -14,8 +14,9 @@ from tusrec.options import add_cluster_flag, add_format, add_keys_and_chunk, on_
 def add_check(check) -> None:
     check.description = (
         "Check that every scan has a prediction file with the right datasets, "
-        "shapes and dtype, finite values, no extra files, and a consistent manifest. "
-        "Lists every problem, file by file; exit status 1 if there is any."
+        "shapes and dtype, finite values, no .h5 file for an unknown scan, and a consistent "
+        "manifest. Lists every problem, file by file; exit status 1 if there is any. Other "
+        "files (notes, logs, folders) are ignored, each named in a warning."
     )
     check.add_argument("predictions", type=Path, help="predictions folder (<key>.h5 + predictions.csv)")
     check.add_argument("--data", type=Path, required=True, help="the data folder the predictions are for")
@@ -49,10 +50,12 @@ def _start_scoring_worker() -> None:
 def run_evaluate_check(args) -> int:
     _start_scoring_worker()
     from tusrec.data import open_data
-    from tusrec.scoring import check_predictions
+    from tusrec.scoring import check_predictions, stray_entries
 
     data = open_data(args.data)
     problems = check_predictions(args.predictions, data, values=not args.no_values)
+    for line in stray_entries(args.predictions):
+        print(f"warning: {line}", file=sys.stderr)
     for problem in problems:
         print(problem)
     if problems:
