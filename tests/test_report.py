@@ -617,3 +617,18 @@ def test_figures_drawn_in_processes_are_those_drawn_here(tmp_path):
     finally:
         daemon.daemon = was
     assert all(again[name].read_bytes() == here[name].read_bytes() for name in here)
+
+
+def test_mixed_protocols_are_named_once_in_plain_words(tmp_path):
+    sweeps = synthetic_tables({"a": 0.2, "b": 0.5}, subjects=2, seed=3)
+    rotations = synthetic_tables({"a": 0.2, "b": 0.5}, subjects=2, protocol="2025", seed=4)
+    data = combine_teams(
+        {k: read_team_table_frame(pd.concat([sweeps[k], rotations[k]], ignore_index=True)) for k in sweeps}
+    )
+    analysis = analyse(data, resamples=20)
+    assert analysis.normalisation_reason == (
+        "the scans are of more than one protocol; the 2024 ranking normalises min-max over the teams"
+    )
+    write_report(analysis, tmp_path / "mixed", figures=False)
+    page = (tmp_path / "mixed" / "report.html").read_text()
+    assert "52 scans of 2 subjects (protocols 2024 and 2025)" in page and "2024, 2025" not in page
