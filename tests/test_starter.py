@@ -6,7 +6,9 @@ example model against a known shift, the extras against requirements.txt, and th
 installed with [predict] into a fresh virtual environment. The last group builds a
 starter from scratch in podman as tests/test_containers.py builds the kit's images (its
 fixtures, its base image, CA bundle and local torch wheel), and runs `./evaluate
-preflight` and `./evaluate run` on it.
+preflight` and `./evaluate run` on it, then preflight on images that fail it (run as root,
+the compact form only, a network they cannot reach). Without podman these skip, as the
+container tests do.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pandas as pd
 import pytest
 
 from tests import test_containers as containers
-from tests.test_containers import ROOT, SUBMISSION, build_args, evaluate_run, podman
+from tests.test_containers import ROOT, SUBMISSION, build_args, build_misbehaving, evaluate_run, podman
 from tusrec.harness import starter
 from tusrec.harness.starter import StarterError, build_wheel, new_submission, parse_model, render
 
@@ -289,3 +291,44 @@ def test_starter_passes_preflight_and_is_judged_ok(engine, images, starter_image
         table = pd.read_csv(out / team / "metrics.csv")
         assert (table["status"] == "ok").all(), (team, table["message"].tolist())
         assert np.isfinite(table[["GPE", "GLE", "LPE", "LLE"]].to_numpy()).all()
+
+
+def derived(engine, base: str, tag: str, lines: str, tmp_path: Path) -> str:
+    context = tmp_path / tag.split("/")[-1].replace(":", "-")
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {base}\n{lines}\n")
+    podman(engine, "build", "-t", tag, str(context))
+    return tag
+
+
+def test_failing_images_get_their_line_and_no_tar(engine, starter_image, val2024, tmp_path):
+    """The starter run as root, the starter writing the compact form only, and an image that
+    needs the network: each fails its own line, exit status 1, and --save writes nothing."""
+    cases = {
+        "runs as non-root": derived(
+            engine, starter_image.tag, "localhost/tusrec-pf-root:test", "USER 0:0", tmp_path
+        ),
+        "writes the official dense form": derived(
+            engine,
+            starter_image.tag,
+            "localhost/tusrec-pf-compact:test",
+            'CMD ["--input", "/input", "--output", "/output", "--format", "transforms"]',
+            tmp_path,
+        ),
+        "needs no network": build_misbehaving(engine, "network", "localhost/tusrec-pf-network:test"),
+    }
+    for failing, image in cases.items():
+        tar = tmp_path / "team.tar"
+        run = preflight(engine, image, val2024, "--save", str(tar))
+        assert run.returncode == 1, (failing, run.stdout[-3000:], run.stderr[-3000:])
+        verdicts = checklist(run.stdout)
+        assert verdicts[failing] == "FAIL", (failing, run.stdout)
+        assert "NOT be judged" in run.stdout and f"{tar} not written" in run.stderr
+        assert not tar.exists()
+        if failing != "needs no network":  # the starter's other lines still pass
+            others = {k: v for k, v in verdicts.items() if k not in (failing, "finds the GPU")}
+            assert set(others.values()) == {"pass"}, (failing, run.stdout)
+        else:
+            assert verdicts["starts and exits 0"] == "FAIL" and verdicts["runs as non-root"] == "pass"
+    for image in cases.values():
+        podman(engine, "rmi", "-f", image, check=False)
