@@ -632,3 +632,22 @@ def test_mixed_protocols_are_named_once_in_plain_words(tmp_path):
     write_report(analysis, tmp_path / "mixed", figures=False)
     page = (tmp_path / "mixed" / "report.html").read_text()
     assert "52 scans of 2 subjects (protocols 2024 and 2025)" in page and "2024, 2025" not in page
+
+
+def test_a_single_scan_has_no_distribution_of_its_mean(tmp_path):
+    tables = synthetic_tables({"a": 0.2, "b": 0.5}, subjects=1, seed=1)
+    data = combine_teams({k: read_team_table_frame(v.iloc[:1]) for k, v in tables.items()})
+    analysis = analyse(data, resamples=20)
+    assert analysis.bootstrap == {} and analysis.sampling["ci_2.5%"].isna().all()
+    assert {"bootstrap:scan", "bootstrap:subject", "tests:scan", "tests:subject"} <= set(
+        analysis.not_supported
+    )
+    written = write_report(analysis, tmp_path / "one", synthetic=True)
+    figures = {n for n in written if n.startswith("figures/")}
+    assert not figures & {f"figures/{n}.png" for n in ("blob_plot", "kendall_tau", "sampling_distribution")}
+    page = (tmp_path / "one" / "report.html").read_text()
+    assert "With a single scan there is no distribution of the mean to estimate." in page
+    assert "with 1 scan every resample is the same scans" in page
+    # the bootstrap's tables are there, with their header and no row
+    assert list(pd.read_csv(written["kendall_tau.csv"]).columns) == ["level", "resample", "tau"]
+    assert len(pd.read_csv(written["bootstrap_summary.csv"])) == 0

@@ -332,6 +332,24 @@ def _write_text(text: str, path: Path) -> Path:
     return path
 
 
+BOOTSTRAP_SUMMARY = [
+    "level",
+    "team",
+    "rank",
+    "median_rank",
+    "rank_2.5%",
+    "rank_97.5%",
+    "p_rank_as_full",
+    "p_first",
+]
+
+
+def _stack(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """The frames one below the other; with none (no bootstrap level the data support),
+    an empty table with its header."""
+    return pd.concat(frames) if frames else pd.DataFrame(columns=columns)
+
+
 def write_tables(analysis: Analysis, out: Path, title: str, synthetic: bool) -> list[Path]:
     """Every CSV, leaderboard.md and analysis.json into ``out``."""
     data = analysis.data
@@ -340,21 +358,25 @@ def write_tables(analysis: Analysis, out: Path, title: str, synthetic: bool) -> 
         _write_text(leaderboard_markdown(analysis, title, synthetic), out / "leaderboard.md"),
         _write_csv(scores_per_scan(analysis), out / "scores_per_scan.csv", index=False, float_format="%.6g"),
         _write_csv(
-            pd.concat([b.summary(data.teams) for b in analysis.bootstrap.values()]),
+            _stack([b.summary(data.teams) for b in analysis.bootstrap.values()], BOOTSTRAP_SUMMARY),
             out / "bootstrap_summary.csv",
             index=False,
         ),
         _write_csv(
-            pd.concat([b.frequency_table(data.teams) for b in analysis.bootstrap.values()]),
+            _stack(
+                [b.frequency_table(data.teams) for b in analysis.bootstrap.values()],
+                ["level", "team", "rank", "frequency"],
+            ),
             out / "bootstrap_rank_frequencies.csv",
             index=False,
         ),
         _write_csv(
-            pd.concat(
+            _stack(
                 [
                     pd.DataFrame({"level": lv, "resample": np.arange(b.resamples), "tau": b.tau})
                     for lv, b in analysis.bootstrap.items()
-                ]
+                ],
+                ["level", "resample", "tau"],
             ),
             out / "kendall_tau.csv",
             index=False,
