@@ -1,6 +1,7 @@
 """Property-based fuzzing of the read side (issue 12 item 3): mutated prediction files
 and manifests never make check or score raise, and a file that reaches outside itself
-(links, virtual or external storage, a symlinked file) is never scored ok.
+(links, virtual or external storage, a symlinked file) is never scored ok, nor is one
+with chunks larger than the dataset they cover.
 
 Deterministic (derandomize, no example database) and bounded: 40 examples of a
 16 x 20, 5-frame scan, each checked and scored through the bounded worker."""
@@ -80,6 +81,12 @@ MUTATIONS = st.one_of(
         st.sampled_from(SETS),
         st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 400)),
     ),
+    st.tuples(  # chunk shapes up to 10x the dataset's, filtered: the compression bombs' material
+        st.just("compress"),
+        st.sampled_from(SETS),
+        st.sampled_from(["gzip", "lzf", "shuffle+gzip", "fletcher32+lzf"]),
+        st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(1, 3200)),
+    ),
     st.tuples(
         st.just("dtype"),
         st.sampled_from(SETS),
@@ -155,6 +162,12 @@ def mutate(path: Path, mutation, victim: Path, folder: Path) -> None:
         elif kind == "chunks":
             chunks = tuple(min(c, s) for c, s in zip(mutation[2], shape, strict=False))
             _rebuild(f, name, chunks=chunks if all(chunks) else None)
+        elif kind == "compress":
+            flags = {"gzip": {"compression": "gzip"}, "lzf": {"compression": "lzf"}}
+            flags["shuffle+gzip"] = {"compression": "gzip", "shuffle": True}
+            flags["fletcher32+lzf"] = {"compression": "lzf", "fletcher32": True}
+            chunks = mutation[3][: len(shape)] if shape else None
+            _rebuild(f, name, chunks=chunks, maxshape=(None,) * len(shape), **flags[mutation[2]])
         elif kind == "dtype":
             data = f[name][()]
             del f[name]
@@ -199,6 +212,22 @@ def test_mutated_files_and_manifests_never_raise_nor_score_a_link_ok(world, form
         assert any(p.key == scan.key for p in problems)
     if row["status"] == "ok":
         assert np.isfinite(row[["GPE", "LPE"]].astype(float)).all()
+        assert not _oversized_chunks(path), (mutations, row["message"])  # never decompressed
+
+
+def _oversized_chunks(path: Path) -> bool:
+    """Whether a dataset the format names has a chunk larger than itself along an axis
+    (what the read policy refuses before decompressing anything)."""
+    try:
+        with h5py.File(path, "r") as f:
+            sets = [f[name] for name in SETS if name in f and isinstance(f[name], h5py.Dataset)]
+            return any(
+                any(c > max(s, 1) for c, s in zip(ds.chunks, ds.shape, strict=True))
+                for ds in sets
+                if ds.chunks
+            )
+    except Exception:
+        return False
 
 
 def _reaches_outside(path: Path) -> bool:
