@@ -9,15 +9,20 @@ turns every attribute and manifest cell into a value or a note, never an excepti
 - each dataset the format names is reached by a *hard* link of the root group (no soft
   or external link, so nothing outside the file is ever opened), is not virtual, keeps
   its raw data in the file (no external storage), uses only the allowed filters, has
-  the format's shape and an accepted float dtype, and has a chunk layout whose read cost
-  is bounded (see ``check_layout``);
-- attributes are inspected (type, size) through h5py's low-level API before they are
-  read, and parsed into runtime / model / form with a note when malformed;
+  the format's shape and an accepted float dtype, and has a chunk layout and a chunk
+  index whose read cost is bounded (``layout_problem``, ``chunk_index_problem``: chunk
+  span and count, chunk shape, the grid's bytes, compression ratios; the file's ratio in
+  ``compression_problem``), all before a chunk is decompressed;
+- attributes are inspected (type, size, and for a variable-length one the room its heap
+  data can take) through h5py's low-level API before they are read, and parsed into
+  runtime / model / form with a note when malformed;
+- ``max_prediction_bytes``: the largest a valid file can be (the runner's output quota);
 - manifest cells (status, seconds, frames, message) of any type parse into a
   ``Declared`` outcome.
 
-The low-level calls (h5l link info, h5d create property lists) never follow a link or
-touch raw data, so inspecting a file costs a few metadata reads whatever it holds.
+The low-level calls (h5l link info, h5d create property lists, H5Dchunk_iter over the
+chunk index) never follow a link or touch raw data, so inspecting a file costs metadata
+reads only (the index walk stops past the chunk grid's count).
 """
 
 from __future__ import annotations
