@@ -102,7 +102,9 @@ def test_a_file_unlinked_while_open_is_counted(tmp_path):
             assert list(volume.path.iterdir()) == []
             assert runner.output_usage(volume.path).bytes == 0
             assert volume.used_bytes() >= 30 * MB
-            assert "full" in Watch(volume.path, 30 * MB, volume=volume).problem()
+            problem = Watch(volume.path, 30 * MB, volume=volume).problem()
+            assert problem.startswith("output over quota: ") and problem.endswith(" MB > 30.0 MB")
+            assert float(problem.split()[3]) >= 30.0
     finally:
         volume.close()
 

@@ -611,18 +611,17 @@ class Watch:
     def problem(self) -> str:
         """'' while the output is within its quota, else the message. A walk that cannot go
         on (a path the host cannot name, a folder it may not read) is over quota: what
-        cannot be counted is not allowed."""
-        if self.volume is not None and self.volume.kernel and self.volume.full():
-            return (
-                f"output over quota: its filesystem of {self.quota / 1e6:.1f} MB is full "
-                f"({self.volume.used_bytes() / 1e6:.1f} MB used, unlinked files included)"
-            )
+        cannot be counted is not allowed. With a filesystem of its own, the size is the
+        larger of the walk's count and the kernel's (which sees files unlinked while open)."""
         usage = output_usage(self.output_dir)
+        kernel = self.volume is not None and self.volume.kernel
+        used = self.volume.used_bytes() if kernel else 0
         if usage.error:
-            used = ""
-            if self.volume is not None and self.volume.kernel:
-                used = f"; {self.volume.used_bytes() / 1e6:.1f} MB used"
-            return f"output over quota: it cannot be walked ({usage.error}{used})"
+            held = f"; {used / 1e6:.1f} MB used" if kernel else ""
+            return f"output over quota: it cannot be walked ({usage.error}{held})"
+        if kernel and self.volume.full():
+            size = max(used, usage.bytes)
+            return f"output over quota: {size / 1e6:.1f} MB > {self.quota / 1e6:.1f} MB"
         return quota_problem(usage, self.quota)
 
 
