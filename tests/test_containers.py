@@ -767,6 +767,11 @@ def write_payloads(data, root: Path, victim_dir: Path) -> dict[str, Path]:
         "chunkbomb",
         "badattrs",
         "badmanifest",
+        "formula",
+        "lzfbomb",
+        "gzipbomb",
+        "bigattr",
+        "float64",
     )
     folders = {name: root / name for name in names}
     for folder in folders.values():
@@ -812,14 +817,49 @@ def write_payloads(data, root: Path, victim_dir: Path) -> dict[str, Path]:
                 chunks = (n - 1, 3, 1) if len(shape) == 3 else None
                 f.create_dataset(name, shape, np.float32, chunks=chunks)
         assert (folders["chunkbomb"] / good.name).stat().st_size < 10_000
+        shutil.copyfile(good, folders["formula"] / good.name)
+        with h5py.File(good) as src:
+            datasets = {name: src[name][()] for name in src}
+            attrs_of = dict(src.attrs)
+        # Decompression bombs: GP compressed in chunks far larger than the data they
+        # cover (each read decompresses a whole chunk), within the output quota.
+        for name, compression in (("lzfbomb", "lzf"), ("gzipbomb", "gzip")):
+            with h5py.File(folders[name] / good.name, "w") as f:
+                for key, value in datasets.items():
+                    if key == "GP":
+                        f.create_dataset(
+                            key,
+                            data=value,
+                            chunks=(1, 30, h * w),
+                            maxshape=(None, None, None),
+                            compression=compression,
+                        )
+                    else:
+                        f[key] = value
+                f.attrs.update(attrs_of)
+        # A variable-length 'model' attribute of 15 MB: its storage size is 16 bytes.
+        shutil.copyfile(good, folders["bigattr"] / good.name)
+        with h5py.File(folders["bigattr"] / good.name, "a") as f:
+            f.attrs["model"] = "m" * 15_000_000
+        # A dense file in float64, which the format allows: it must fit the quota.
+        with h5py.File(folders["float64"] / good.name, "w") as f:
+            for key, value in datasets.items():
+                chunks = (1, 3, h * w) if value.ndim == 3 else None
+                f.create_dataset(key, data=value.astype(np.float64), chunks=chunks)
+            f.attrs.update(attrs_of)
     rows = [
         {"key": s.key, "frames": s.n_frames, "status": "ok", "seconds": 1.5, "device": "cpu", "message": ""}
         for s in data.scans
     ]
     for name, folder in folders.items():
-        if name not in ("badattrs", "badmanifest"):
+        if name not in ("badattrs", "badmanifest", "formula"):
             write_manifest(folder, rows)
     write_manifest(folders["badattrs"], [{**r, "seconds": "fast", "frames": "many"} for r in rows])
+    # A team's message that a spreadsheet would run: written as the team's own CSV bytes.
+    formula = "key,frames,status,seconds,device,message\n" + "".join(
+        f"{s.key},{s.n_frames},failed,1.5,cpu,=cmd|' /C calc'!A0\n" for s in data.scans
+    )
+    (folders["formula"] / "predictions.csv").write_text(formula)
     (folders["badmanifest"] / "predictions.csv").write_bytes(b'key,status\n"unterminated,\x00\xff\n' * 3)
     return folders
 
@@ -840,6 +880,11 @@ HOSTILE = {
     "tree": ("tree", None, "invalid", "more than 1000 files"),
     "links": ("links", None, "invalid", "not a regular file"),
     "log": ("log", None, "missing", ""),
+    "formula": ("copy", "formula", "failed", "'=cmd|' /C calc'!A0"),
+    "lzfbomb": ("copy", "lzfbomb", "invalid", "GP"),
+    "gzipbomb": ("copy", "gzipbomb", "invalid", "GP"),
+    "bigattr": ("copy", "bigattr", "ok", "variable-length"),
+    "float64": ("copy", "float64", "ok", ""),
 }
 
 
