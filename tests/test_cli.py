@@ -243,3 +243,97 @@ def test_score_of_files_that_cannot_be_scored_says_so(eval_root, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(": invalid: " in line for line in err[:4])
     assert err[4].startswith("error: none of the 4 scans was scored (4 invalid): the files cannot be scored")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["reference", "identity", "DATA", "--out", "OUT", "--chunk", "0"],
+            "argument --chunk: '0': expected at least 1",
+        ),
+        (
+            ["evaluate", "score", "P", "--data", "DATA", "--out", "OUT", "--chunk", "-5"],
+            "argument --chunk: '-5'",
+        ),
+        (
+            ["evaluate", "rank", "--team", "a=M", "--out", "OUT", "--seed", "-1"],
+            "argument --seed: '-1': expected 0",
+        ),
+        (["evaluate", "run", "--team", "a=i", "--data", "D", "--out", "O", "--time-limit", "nan"], "finite"),
+        (
+            ["evaluate", "run", "--team", "a=i", "--data", "D", "--out", "O", "--bootstrap", "-1"],
+            "at least 1",
+        ),
+        (
+            ["evaluate", "run", "--team", "a=i", "--data", "D", "--out", "O", "--output-quota-margin", "-5"],
+            "0 or more",
+        ),
+        (
+            ["train", "D", "--out", "O", "--config", "C", "--steps", "0"],
+            "argument --steps: '0': expected at least 1",
+        ),
+        (["train", "D", "--out", "O", "--config", "C", "--max-seconds", "inf"], "expected a finite number"),
+        (["train", "D", "--out", "O", "--config", "C", "--workers", "-1"], "expected 0 or more"),
+        (["error-head", "W", "D", "--steps", "-3"], "argument --steps: '-3'"),
+        (["landmarks", "D", "--k", "0"], "argument --k: '0': expected at least 1"),
+    ],
+)
+def test_a_value_out_of_range_is_a_usage_error_before_anything_runs(argv, said, capsys):
+    """Checked by argparse: no engine, data or weights is looked at (there are none here)."""
+    line = usage_error(argv, capsys)
+    assert "error: argument" in line and said in line
+
+
+def test_show_refuses_a_voxel_edge_that_is_not_a_finite_positive_number(eval_root, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    assert main(["reference", "identity", str(eval_root), "--out", str(pred)]) == 0
+    for value in ("nan", "inf", "0"):  # NaN and inf ended in a traceback
+        argv = ["evaluate", "show", str(pred), "--data", str(eval_root), "--out", str(tmp_path / "s")]
+        assert main([*argv, "--voxel-mm", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --max-scans, --pixel-step, --voxel-mm") and "\n" not in err
+
+
+def test_train_names_a_config_that_is_not_there(tmp_path, capsys):
+    config = tmp_path / "nowhere.json"
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --config {config}: No such file or directory"
+
+
+def test_reference_writes_the_readable_scans_and_names_the_others(eval_root, tmp_path, capsys):
+    data = open_data(eval_root)
+    bad = data.scans[0]
+    bad.frames_path.write_bytes(b"not HDF5")
+    out = tmp_path / "pred"
+    assert main(["reference", "identity", str(eval_root), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith(f"{bad.key}: failed: {bad.frames_path}: cannot be opened as an HDF5 file")
+    assert err[-1] == f"failed: {bad.key} (1 of 4 scans)"
+    assert "identity: 3 scans" in captured.out
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(s.key for s in data.scans[1:])
+    manifest = (out / "predictions.csv").read_text()
+    assert f"{bad.key},,failed," in manifest
+    # ground-truth on a folder without it is a usage error before anything is written
+    test_layout = tmp_path / "t"
+    argv = ["simulate", str(test_layout), "--layout", "test", "--scans", "1", "--frames", "3"]
+    assert main([*argv, "--no-landmarks", "--image-size", "24x32"]) == 0
+    capsys.readouterr()
+    assert main(["reference", "ground-truth", str(test_layout), "--out", str(tmp_path / "gt")]) == 2
+    assert "no ground truth for 1 scan(s)" in capsys.readouterr().err
+    assert not (tmp_path / "gt").exists()
+
+
+def test_landmarks_name_the_scans_of_an_unreadable_landmark_file(eval_root, capsys):
+    data = open_data(eval_root)
+    path = data.landmark_path("050")
+    path.write_bytes(b"not HDF5")
+    assert main(["landmarks", str(eval_root), "--k", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    named = [s.key for s in data.scans if s.subject == "050"]
+    assert [line.split(":")[0] for line in err[:-1]] == named
+    assert all("(remove it to have it made again)" in line for line in err[:-1])
+    assert path.read_bytes() == b"not HDF5"  # never overwritten unasked
+    assert main(["landmarks", str(eval_root), "--k", "3", "--overwrite"]) == 1  # nor with --overwrite
+    assert path.read_bytes() == b"not HDF5"

@@ -166,15 +166,19 @@ def write_data_landmarks(
             return True
         try:
             return not h5_has_dataset(path_of(scan), scan.name)
-        except TusrecDataError as err:  # an unreadable landmark file: not overwritten unasked
-            failed[scan.key] = f"{err} (--overwrite rewrites it)"
+        except TusrecDataError as err:  # an unreadable landmark file: never overwritten
+            failed[scan.key] = f"{err} (remove it to have it made again)"
             return False
 
     todo = [s for s in scans if needed(s)]
     made: dict[str, np.ndarray] = {}
 
     def keep(scan: Scan, lm: np.ndarray) -> None:
-        write_landmarks(path_of(scan), {scan.name: lm})
+        try:
+            write_landmarks(path_of(scan), {scan.name: lm})
+        except TusrecDataError as err:  # the subject's landmark file is there but unreadable
+            failed[scan.key] = f"{err} (remove it to have it made again)"
+            return
         made[scan.key] = lm
 
     if client is not None:

@@ -3,22 +3,11 @@ room's command (a module beside ``tusrec/landmarks.py``, which is a module, not 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tusrec.data import TusrecDataError
-from tusrec.options import add_cluster_flag, add_keys, on_cluster
-
-
-def _landmark_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of landmarks") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1 landmark a scan")
-    return value
+from tusrec.options import add_cluster_flag, add_keys, on_cluster, positive_int
 
 
 def add_landmarks(p) -> None:
@@ -31,7 +20,7 @@ def add_landmarks(p) -> None:
     p.add_argument("data", type=Path, help="TUS-REC data folder (either layout)")
     p.add_argument(
         "--k",
-        type=_landmark_count,
+        type=positive_int,
         default=None,
         help="landmarks per scan (default: 20 for 2024 scans, 100 for 2025 scans)",
     )

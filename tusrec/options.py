@@ -9,6 +9,7 @@ On the floor: the submission image holds it (./predict's ``--format``); ``tusrec
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -50,11 +51,59 @@ def add_keys_and_chunk(p) -> None:
     add_keys(p)
     p.add_argument(
         "--chunk",
-        type=int,
+        type=positive_int,
         default=16,
         help="frames read and written at a time, which bounds the memory a scan takes; the "
         "numbers do not depend on it (default: %(default)s)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a whole number >= 0 (a seed: numpy's SeedSequence takes no negative)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a finite number > 0 (seconds, megabytes: NaN and inf are refused)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number above 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type of a finite number >= 0."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
+    return value
 
 
 def add_keys(p) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tusrec.options import add_cluster_flag, add_keys
+from tusrec.options import add_cluster_flag, add_keys, non_negative_float, positive_float, positive_int
 
 
 def add_run(run) -> None:
@@ -34,7 +34,7 @@ def add_run(run) -> None:
     run.add_argument("--out", type=Path, required=True, help="folder for the teams' tables, logs, ranking")
     run.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_float,
         default=120.0,
         help="seconds a container may run on one scan, from start to exit (default: %(default)s)",
     )
@@ -47,7 +47,7 @@ def add_run(run) -> None:
     run.add_argument("--user", default=None, help="run containers as UID:GID (default: the image's user)")
     run.add_argument(
         "--output-quota-margin",
-        type=float,
+        type=non_negative_float,
         default=64.0,
         metavar="MB",
         help="/output may hold the scan's dense predictions (+5%%) plus this many MB; beyond it the "
@@ -99,7 +99,7 @@ def add_run(run) -> None:
     )
     run.add_argument(
         "--bootstrap",
-        type=int,
+        type=positive_int,
         default=2000,
         help="the ranking's bootstrap resamples at each level, scans and subjects (default: %(default)s)",
     )
@@ -136,7 +136,7 @@ def add_preflight(p) -> None:
     )
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_float,
         default=120.0,
         help="seconds a container may run on one scan, from start to exit, as the organisers count "
         "(default: %(default)s)",
@@ -150,7 +150,7 @@ def add_preflight(p) -> None:
     )
     p.add_argument(
         "--output-quota-margin",
-        type=float,
+        type=non_negative_float,
         default=64.0,
         metavar="MB",
         help="/output may hold the scan's dense predictions (+5%%) plus this many MB (default: %(default)s)",

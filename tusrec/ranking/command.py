@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tusrec.options import non_negative_int
+
 
 def add_rank(rank) -> None:
     rank.description = (
@@ -36,7 +38,10 @@ def add_rank(rank) -> None:
         help="bootstrap resamples at each level, scans and subjects (default: %(default)s)",
     )
     rank.add_argument(
-        "--seed", type=int, default=0, help="the bootstrap's random seed (default: %(default)s)"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="the bootstrap's random seed, 0 or more (default: %(default)s)",
     )
     rank.add_argument(
         "--alpha",

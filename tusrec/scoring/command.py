@@ -136,6 +136,8 @@ def add_reference(p) -> None:
 
 
 def run_reference(args) -> int:
+    """Exit 0; 1 when some scans could not be read (the others are written, each failed one
+    is a row of predictions.csv saying why, as ./predict does); 2 for a usage error."""
     import numpy as np
     from tqdm import tqdm
 
@@ -146,19 +148,31 @@ def run_reference(args) -> int:
     scans = data.select(args.keys)
     if not scans:
         raise TusrecDataError(f"{args.data}: no scans found")
+    if args.kind == "ground-truth":
+        why = "no ground-truth transforms to write (they are the transfs/ folder of the validation layout)"
+        data.require_ground_truth(scans, why)
     calib = data.calibration
     total_bytes = 0
     rows = []
+    failed = []
     for scan in tqdm(scans, desc=args.kind, unit="scan", disable=None):
         path = args.out / f"{scan.key}.h5"
         t0 = time.perf_counter()
         if not path.exists():
-            if args.kind == "ground-truth":
-                gt = GroundTruth.from_scan(scan, calib)
-                glob, local = gt.global_, gt.local
-            else:
-                glob = local = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
-            landmarks = scan.read_landmarks() if scan.has_landmarks else None
+            try:
+                if args.kind == "ground-truth":
+                    gt = GroundTruth.from_scan(scan, calib)
+                    glob, local = gt.global_, gt.local
+                else:
+                    glob = local = np.tile(np.eye(4), (scan.n_frames - 1, 1, 1))
+                landmarks = scan.read_landmarks() if scan.has_landmarks else None
+            except (ValueError, OSError) as err:  # the scan's own files (TusrecDataError, h5py's)
+                message = " ".join(str(err).split()) or type(err).__name__
+                print(f"{scan.key}: failed: {message}", file=sys.stderr)
+                failed.append(scan.key)
+                row = {"key": scan.key, "status": "failed", "seconds": time.perf_counter() - t0}
+                rows.append({**row, "device": "cpu", "message": message})
+                continue
             attrs = {"model": args.kind, "runtime_seconds": time.perf_counter() - t0}
             write_predictions(
                 path,
@@ -184,5 +198,9 @@ def run_reference(args) -> int:
             }
         )
     write_manifest(args.out, rows)
-    print(f"{args.kind}: {len(scans)} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
+    done = len(scans) - len(failed)
+    print(f"{args.kind}: {done} scans, {total_bytes / 1e9:.2f} GB in {args.out}")
+    if failed:
+        print(f"failed: {', '.join(failed)} ({len(failed)} of {len(scans)} scans)", file=sys.stderr)
+        return 1
     return 0

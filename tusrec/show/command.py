@@ -359,9 +359,11 @@ def add_show(show) -> None:
 def run_show(args) -> int:
     from tusrec.data import open_data
 
-    if args.max_scans < 1 or args.pixel_step < 1 or args.voxel_mm <= 0 or args.max_voxels < 1:
+    positive = args.voxel_mm > 0 and math.isfinite(args.voxel_mm)  # NaN and inf are neither
+    if args.max_scans < 1 or args.pixel_step < 1 or not positive or args.max_voxels < 1:
         print(
-            "error: --max-scans, --pixel-step, --voxel-mm and --max-voxels must be positive", file=sys.stderr
+            "error: --max-scans, --pixel-step, --voxel-mm and --max-voxels must be positive (and finite)",
+            file=sys.stderr,
         )
         return 2
     data = open_data(args.data)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tusrec.data import EVAL, TRAIN
-from tusrec.options import add_cluster_flag, on_cluster
+from tusrec.options import add_cluster_flag, non_negative_int, on_cluster, positive_int
 
 MAX_SUBJECT = 999  # subject folders are three digits
 MAX_IMAGE_SIDE = 4096  # 8.5 times the real 480x640 frames; a frame chunk stays in memory
@@ -58,26 +58,6 @@ def _frames(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 0:  # numpy's SeedSequence takes no negative entropy
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
-    return value
-
-
 def add_simulate(p) -> None:
     p.description = (
         "Simulate freehand forearm sweeps (2024 protocol) or rotation scans "
@@ -123,7 +103,7 @@ def add_simulate(p) -> None:
     )
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=non_negative_int,
         default=0,
         help="seed of the anatomy, trajectories and speckle (0 or more): the same seed, subject and "
         "scan give the same file (default: %(default)s)",
@@ -137,7 +117,7 @@ def add_simulate(p) -> None:
     p.add_argument("--no-landmarks", action="store_true", help="skip SIFT landmark extraction")
     p.add_argument(
         "--k",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="landmarks per scan (default: 20 for 2024 scans, 100 for 2025 scans)",
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tusrec.options import non_negative_int, positive_float, positive_int
+
 
 def add_train(p) -> None:
     p.description = (
@@ -39,7 +41,7 @@ def add_train(p) -> None:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="override the config's step count: one run, no schedule replay (default: the config's)",
     )
@@ -61,7 +63,7 @@ def add_train(p) -> None:
     add_threads_and_device(p)
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=2,
         help="data-loader processes drawing clips ahead of the training loop; the result does not "
         "depend on it (default: %(default)s)",
@@ -71,7 +73,7 @@ def add_train(p) -> None:
     )
     p.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="stop each run after this many seconds, checkpointed (continue with --resume) "
         "(default: no limit)",
@@ -81,7 +83,10 @@ def add_train(p) -> None:
 
 def add_threads_and_device(p) -> None:
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own choice)",
     )
     p.add_argument(
         "--device",
@@ -105,7 +110,10 @@ def run_train(args) -> int:
 
     try:
         config = TrainConfig.load(args.config, member=args.name)
-    except (OSError, ValueError) as err:
+    except OSError as err:
+        print(f"error: --config {args.config}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.steps is not None:
@@ -172,7 +180,10 @@ def add_error_head(p) -> None:
         "--members", nargs="+", default=None, metavar="NAME", help="only these members (default: all)"
     )
     p.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help="AdamW steps a member (default: %(default)s)"
+        "--steps",
+        type=positive_int,
+        default=DEFAULT_STEPS,
+        help="AdamW steps a member (default: %(default)s)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="the head's and its batches' seed (default: %(default)s)"
