@@ -206,6 +206,16 @@ def serve(stdin=None, stdout=None) -> None:
         caller_fd = stdin.fileno()
     except (AttributeError, OSError, ValueError):  # not a real file (tests)
         caller_fd = None
+    try:
+        _serve_jobs(stdin, stdout, caller_fd)
+    finally:
+        # A SIGTERM from WorkerServer.close arriving once the loop is over (the caller
+        # closed stdin first) ends the process quietly, never inside the interpreter's
+        # shutdown (where a raised SystemExit prints 'Exception ignored').
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _serve_jobs(stdin, stdout, caller_fd) -> None:
     while True:
         try:
             job = pickle.loads(_receive(stdin))
