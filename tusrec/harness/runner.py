@@ -619,10 +619,15 @@ class Watch:
         if usage.error:
             held = f"; {used / 1e6:.1f} MB used" if kernel else ""
             return f"output over quota: it cannot be walked ({usage.error}{held})"
-        if kernel and self.volume.full():
+        walked = quota_problem(usage, self.quota)
+        if walked or not kernel:
+            return walked
+        if self.volume.full():
             size = max(used, usage.bytes)
+            if size <= self.quota:  # every inode taken, by names the walk did not reach or none
+                return "output over quota: its filesystem has no file or folder left to make"
             return f"output over quota: {size / 1e6:.1f} MB > {self.quota / 1e6:.1f} MB"
-        return quota_problem(usage, self.quota)
+        return ""
 
 
 def run_container(

@@ -68,10 +68,12 @@ slow-copy)
 quota)
     for key in $(keys); do head -c 4G /dev/zero >"/output/${key}.h5"; done
     echo "wrote 4 GB per scan"
+    sleep 30 # its own filesystem stops the write at once: be there when the watcher looks
     ;;
 sparse)
     # 1 TB that costs no disk: whoever reads it pays.
     for key in $(keys); do truncate -s 1T "/output/${key}.h5"; done
+    sleep 30
     ;;
 tree)
     # 20,000 levels, 1,000 at a time (each step's path stays under PATH_MAX; deeper than
