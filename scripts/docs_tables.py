@@ -543,6 +543,52 @@ def rule(name: str) -> Callable[[], str]:
     return render
 
 
+def model_interface() -> str:
+    """What the kit adds around a foreign model (docs/participants/your-model.md), from the
+    model_interface entry of results.json."""
+    results = load("benchmarks/results.json")
+    rows = bench_rows_named(results, "model_interface")
+    if not rows:
+        return "*Not measured yet: `python -m benchmarks.run --only model_interface`.*\n"
+    row = rows[0]
+    cases = {
+        "rigid_transforms": "rigid, compact",
+        "rigid_ddf": "rigid, dense",
+        "template_ddf": "template, dense",
+    }
+    body = []
+    for key, label in cases.items():
+        m = row["median"][key]
+        body.append(
+            [
+                label,
+                f"{num(m['bare_call_s'] * 1e3)} ms",
+                f"{num(m['model_s'] * 1e3)} ms",
+                f"{num(m['read_s'])} s",
+                f"{num(m['rest_s'], 3)} s",
+                f"{num(m['write_s'])} s",
+                f"{num(m['scan_s'])} s",
+                f"{num(m['output_bytes'] / 1e6, 1)} MB",
+            ]
+        )
+    header = [
+        "model, form",
+        "the call, bare",
+        "the call in the kit",
+        "reading the frames",
+        "checks, hand-off, rest",
+        "writing",
+        "the scan",
+        "file",
+    ]
+    note = (
+        f"One {row['frames']}-frame {row['image']} scan, medians of {row['repeats']} runs; the hand-off "
+        f"to the model's thread and back: {num(row['thread_hand_off_s'] * 1e3)} ms a call; the "
+        f"template's NaN check of GP and LP: {num(row['template_finite_check_s'])} s.\n\n"
+    )
+    return note + table(header, body) + "\n" + machine_line(results) + "\n" + source("benchmarks/results.json")
+
+
 RULES = sorted(p.name[: -len("-rule.md")] for p in (ROOT / "research").glob("*-rule.md"))
 
 GENERATED: dict[str, Callable[[], str]] = {
@@ -551,6 +597,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "cluster": cluster,
     "members": members,
     "show": show,
+    "model-interface": model_interface,
     "demo-leaderboard": demo_leaderboard,
     **{f"research-{k}": lever(v) for k, v in LEVERS.items()},
     **{f"rule-{k}": rule(k) for k in RULES},
