@@ -586,7 +586,8 @@ def model_interface() -> str:
         f"to the model's thread and back: {num(row['thread_hand_off_s'] * 1e3)} ms a call; the "
         f"template's NaN check of GP and LP: {num(row['template_finite_check_s'])} s.\n\n"
     )
-    return note + table(header, body) + "\n" + machine_line(results) + "\n" + source("benchmarks/results.json")
+    where = machine_line(results) + "\n" + source("benchmarks/results.json")
+    return note + table(header, body) + "\n" + where
 
 
 RULES = sorted(p.name[: -len("-rule.md")] for p in (ROOT / "research").glob("*-rule.md"))
