@@ -44,6 +44,7 @@ from tusrec.harness.runner import (
     contain,
     engine_isolation,
     plan_runs,
+    remove_run_folders,
     remove_tree,
     run_tag,
     runner_peak_rss_mb,
@@ -55,6 +56,7 @@ from tusrec.harness.watchdog import remove_labelled
 
 _ENGINE = None
 _WATCHDOG = None
+_ISOLATION = None  # (the userns mode asked for, the engine's Isolation)
 _LOCK = threading.Lock()
 
 
@@ -81,6 +83,16 @@ def _worker_watchdog():
             _WATCHDOG = Watchdog(run_id, log_path)
             _WATCHDOG.run_id = run_id
         return _WATCHDOG
+
+
+def _engine_isolation(limits):
+    """This worker's engine's user isolation (asked of the engine once per process)."""
+    global _ISOLATION
+    engine = _engine()  # before the lock, which _engine takes itself
+    with _LOCK:
+        if _ISOLATION is None or _ISOLATION[0] != limits.userns:
+            _ISOLATION = (limits.userns, engine_isolation(engine, limits))
+        return _ISOLATION[1]
 
 
 def engine_image_ids(teams) -> dict:
@@ -146,7 +158,7 @@ def container_unit(run: PendingRun, image_id: str, data, out: str, limits, tag: 
             # cgroups) and its watchdog: the job's epilog removes it by this label
             # (scripts/slurm-epilog.sh).
             labels[SLURM_JOB_LABEL] = os.environ["SLURM_JOB_ID"]
-        isolation = engine_isolation(engine, limits)
+        isolation = _engine_isolation(limits)
         # An InfrastructureError raised here is the unit's failure: Dask retries it, and it
         # is never cached as the team's verdict.
         volume, result, quota = contain(
@@ -195,10 +207,7 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     out.mkdir(parents=True, exist_ok=True)
     # What a dead run on this --out left: its containers on every engine, its folders.
     client.run(remove_run_containers, tag, workers=gpu)
-    for work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
-        close_volume(work, None)
-    close_volume(out / ".volumes", None)
-    remove_tree(out / ".staging")
+    remove_run_folders(out)
     rows, pending = plan_runs(teams, scans, data, out, limits, image_ids, keep_predictions)
     units = []
     for run in pending:
@@ -216,10 +225,7 @@ def run_teams(client, teams, data, out, limits=None, keys=None, keep_predictions
     done = map_units(client, container_unit, units, "run", merge, {GPU: 1}, total=total, done=done_before)
     # Every unit is done: what is left are the folders of attempts whose worker died (their
     # containers went with the worker's watchdog). Nothing reads them; they go.
-    remove_tree(out / ".staging")
-    for team in teams:
-        close_volume(out / team.name / ".work", None)
-    close_volume(out / ".volumes", None)
+    remove_run_folders(out)
     fail_if_units_failed(done, "container")
     tables = {t.name: write_team_table(out / t.name, rows[t.name], scans, keep_predictions) for t in teams}
     log(f"client peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)

@@ -11,6 +11,54 @@ from pathlib import Path
 from tusrec.options import add_cluster_flag, add_keys, non_negative_float, positive_float, positive_int
 
 
+def add_container_limits(p) -> None:
+    """The limits a team's container runs under: ``./evaluate run``'s, which preflight takes
+    too (tusrec.harness.runner.limits_from reads them)."""
+    p.add_argument(
+        "--time-limit",
+        type=positive_float,
+        default=120.0,
+        help="seconds a container may run on one scan, from start to exit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--memory",
+        default="16g",
+        help="memory limit per container, in the engine's units (512m, 16g) (default: %(default)s)",
+    )
+    p.add_argument("--gpus", default=None, help="'all', a count or device=0,1 (default: no GPU)")
+    p.add_argument("--user", default=None, help="run containers as UID:GID (default: the image's user)")
+    p.add_argument(
+        "--output-quota-margin",
+        type=non_negative_float,
+        default=64.0,
+        metavar="MB",
+        help="/output may hold the scan's largest valid predictions file plus this many MB; beyond it "
+        "the container is killed and the scan is invalid (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tmp-size",
+        default="1g",
+        help="size of each tmpfs a container may write besides /output (/tmp, /var/tmp, /run, "
+        "/dev/shm, the image's VOLUMEs; the root filesystem is read-only; counted against "
+        "--memory) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--userns",
+        default="auto",
+        help="podman's user namespace mode for each container: 'auto' maps container root to an "
+        "unprivileged host range (needs a 'containers' entry in /etc/subuid and /etc/subgid); "
+        "'host' turns it off. Docker ignores it (its userns-remap is daemon-wide) (default %(default)s)",
+    )
+    p.add_argument(
+        "--output-fs",
+        choices=["auto", "kernel", "walk"],
+        default="auto",
+        help="'kernel': each container's /output is a loop-mounted ext4 filesystem of its quota's "
+        "size (needs root, mount and mkfs.ext4); 'walk': a plain folder walked every 0.5 s; "
+        "'auto': kernel where the host allows, else walk, said at the start (default %(default)s)",
+    )
+
+
 def add_run(run) -> None:
     run.description = (
         "The organisers' runner. For each scan of DATA (with ground truth) and each "
@@ -32,52 +80,10 @@ def add_run(run) -> None:
     )
     run.add_argument("--data", type=Path, required=True, help="test/validation folder with ground truth")
     run.add_argument("--out", type=Path, required=True, help="folder for the teams' tables, logs, ranking")
-    run.add_argument(
-        "--time-limit",
-        type=positive_float,
-        default=120.0,
-        help="seconds a container may run on one scan, from start to exit (default: %(default)s)",
-    )
-    run.add_argument(
-        "--memory",
-        default="16g",
-        help="memory limit per container, in the engine's units (512m, 16g) (default: %(default)s)",
-    )
-    run.add_argument("--gpus", default=None, help="'all', a count or device=0,1 (default: no GPU)")
-    run.add_argument("--user", default=None, help="run containers as UID:GID (default: the image's user)")
-    run.add_argument(
-        "--output-quota-margin",
-        type=non_negative_float,
-        default=64.0,
-        metavar="MB",
-        help="/output may hold the scan's dense predictions (+5%%) plus this many MB; beyond it the "
-        "container is killed and the scan is invalid (default: %(default)s)",
-    )
-    run.add_argument(
-        "--tmp-size",
-        default="1g",
-        help="size of each tmpfs a container may write besides /output (/tmp, /var/tmp, /run, "
-        "/dev/shm, the image's VOLUMEs; the root filesystem is read-only; counted against "
-        "--memory) (default: %(default)s)",
-    )
-    run.add_argument(
-        "--userns",
-        default="auto",
-        help="podman's user namespace mode for each container: 'auto' maps container root to an "
-        "unprivileged host range (needs a 'containers' entry in /etc/subuid and /etc/subgid); "
-        "'host' turns it off. Docker ignores it (its userns-remap is daemon-wide) (default %(default)s)",
-    )
-    run.add_argument(
-        "--output-fs",
-        choices=["auto", "kernel", "walk"],
-        default="auto",
-        help="'kernel': each container's /output is a loop-mounted ext4 filesystem of its quota's "
-        "size (needs root, mount and mkfs.ext4); 'walk': a plain folder walked every 0.5 s; "
-        "'auto': kernel where the host allows, else walk, said at the start (default %(default)s)",
-    )
+    add_container_limits(run)
     run.add_argument(
         "--judge-workers",
-        type=int,
+        type=positive_int,
         default=2,
         metavar="N",
         help="scans judged at once while the next containers run, each in its own bounded "
@@ -134,30 +140,7 @@ def add_preflight(p) -> None:
     p.add_argument(
         "--all", action="store_true", help="every scan of DATA (default: the longest and the shortest)"
     )
-    p.add_argument(
-        "--time-limit",
-        type=positive_float,
-        default=120.0,
-        help="seconds a container may run on one scan, from start to exit, as the organisers count "
-        "(default: %(default)s)",
-    )
-    p.add_argument("--memory", default="16g", help="memory limit of the container (default: %(default)s)")
-    p.add_argument(
-        "--gpus",
-        default=None,
-        help="'all', a count or device=0,1: give the container the GPU and check that the model used it "
-        "(default: no GPU, the GPU line not checked)",
-    )
-    p.add_argument(
-        "--output-quota-margin",
-        type=non_negative_float,
-        default=64.0,
-        metavar="MB",
-        help="/output may hold the scan's dense predictions (+5%%) plus this many MB (default: %(default)s)",
-    )
-    p.add_argument(
-        "--tmp-size", default="1g", help="size of each tmpfs besides /output (default: %(default)s)"
-    )
+    add_container_limits(p)
     p.add_argument(
         "--max-image-gb",
         type=float,

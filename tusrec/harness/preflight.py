@@ -322,13 +322,7 @@ def preflight_command(args) -> int:
 
     from tusrec.data import open_data
 
-    limits = Limits(
-        args.time_limit,
-        args.memory,
-        args.gpus,
-        output_quota_margin_mb=args.output_quota_margin,
-        tmp_size=args.tmp_size,
-    )
+    limits = runner.limits_from(args)
     try:
         data = open_data(args.data)
         client = runner._client()

@@ -914,7 +914,14 @@ def _remove_leftovers(client, out: Path) -> None:
     from tusrec.harness.watchdog import remove_labelled
 
     remove_labelled(client, RUNNER_LABEL, run_tag(out))
-    for team_work in out.glob("*/.work"):  # only the runner makes these; nothing in them is kept
+    remove_run_folders(out)
+
+
+def remove_run_folders(out: Path) -> None:
+    """The runner's own folders under ``out``: every team's work folder (with the output
+    filesystems still mounted there), the filesystems' files and the staging. Only the
+    runner makes these, and nothing in them is kept; safe on what a killed run left."""
+    for team_work in out.glob("*/.work"):
         close_volume(team_work, None)
     close_volume(out / ".volumes", None)
     remove_tree(out / ".staging")
@@ -1345,12 +1352,7 @@ def _run(ctx: RunContext, teams, scans, image_ids, judge_workers, log):
             remove_tree(staged)
         collect(wait(list(judging)).done)
     bar.close()
-    remove_tree(staging)
-    for team in teams:
-        with contextlib.suppress(OSError):
-            (ctx.out / team.name / ".work").rmdir()
-    if ctx.images is not None:
-        close_volume(ctx.images, None)
+    remove_run_folders(ctx.out)  # every unit has concluded: what is left is empty
     tables = {t.name: write_team_table(ctx.out / t.name, rows[t.name], scans, ctx.keep) for t in teams}
     log(f"runner peak RSS {runner_peak_rss_mb():.0f} MB", flush=True)
     if undone:
@@ -1364,6 +1366,21 @@ def _json_value(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
+def limits_from(args) -> Limits:
+    """The Limits of the options tusrec.harness.command.add_container_limits adds (``./evaluate
+    run`` and ``./evaluate preflight`` alike)."""
+    return Limits(
+        args.time_limit,
+        args.memory,
+        args.gpus,
+        user=args.user,
+        output_quota_margin_mb=args.output_quota_margin,
+        tmp_size=args.tmp_size,
+        userns=args.userns,
+        output_fs=args.output_fs,
+    )
+
+
 def run_command(args) -> int:
     """`./evaluate run`: run, print each team's summary, then rank unless --no-rank. Exit 3,
     without ranking, when the host or the engine left some units undone."""
@@ -1372,16 +1389,7 @@ def run_command(args) -> int:
     incomplete = None
     try:
         teams = parse_teams(args.team)
-        limits = Limits(
-            args.time_limit,
-            args.memory,
-            args.gpus,
-            user=args.user,
-            output_quota_margin_mb=args.output_quota_margin,
-            tmp_size=args.tmp_size,
-            userns=getattr(args, "userns", "auto"),
-            output_fs=getattr(args, "output_fs", "auto"),
-        )
+        limits = limits_from(args)
         data = open_data(args.data)
         if getattr(args, "cluster", None) is None:
             tables = run_teams(
@@ -1391,7 +1399,7 @@ def run_command(args) -> int:
                 limits,
                 args.keys,
                 args.keep_predictions,
-                judge_workers=getattr(args, "judge_workers", DEFAULT_JUDGE_WORKERS),
+                judge_workers=args.judge_workers,
             )
         else:  # the same units on Dask workers holding a GPU slot (tusrec.harness.cluster)
             from tusrec import cluster

@@ -113,8 +113,8 @@ class OutputVolume:
     def full(self) -> bool:
         """Whether the team's files take more than its quota (the kernel's count, files
         unlinked while open included), or it has filled its filesystem or its inodes."""
+        used = self.used_bytes()
         st = os.statvfs(self.path)
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize - self._empty_used
         # a file of exactly the quota also takes its extent blocks and its last block's slack
         return used > self.quota + self.quota // 1024 + 2 * FS_BLOCK or st.f_favail == 0
 
