@@ -58,12 +58,16 @@ def add_keys_and_chunk(p) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1")
     return value
@@ -71,10 +75,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """argparse type of a whole number >= 0 (a seed: numpy's SeedSequence takes no negative)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
     return value
