@@ -23,7 +23,7 @@ from tusrec.harness.preflight import (
     choose_scans,
     report,
 )
-from tusrec.harness.runner import Limits
+from tusrec.harness.runner import Limits, kept_manifest_path
 
 
 def scan(key: str, n: int):
@@ -107,13 +107,13 @@ def test_network_and_gpu_lines_read_the_kept_log_and_manifest(tmp_path):
     ok = {"a": row("a"), "b": row("b")}
     assert _gpu(ok, tmp_path, None).verdict == NOT_CHECKED
     header = "key,frames,status,seconds,device,message\n"
-    (logs / "a.predictions.csv").write_text(header + "a,40,ok,1.0,cuda:0,\n")
-    (logs / "b.predictions.csv").write_text(header + "b,40,ok,1.0,cpu,\n")
+    kept_manifest_path(tmp_path, "a").write_text(header + "a,40,ok,1.0,cuda:0,\n")
+    kept_manifest_path(tmp_path, "b").write_text(header + "b,40,ok,1.0,cpu,\n")
     check = _gpu(ok, tmp_path, "all")
     assert check.passed is False and "b ran on cpu" in check.reason and "a ran" not in check.reason
-    (logs / "b.predictions.csv").write_bytes(b"\x00\xff garbage")
+    kept_manifest_path(tmp_path, "b").write_bytes(b"\x00\xff garbage")
     assert "does not name" in _gpu(ok, tmp_path, "all").reason
-    (logs / "b.predictions.csv").write_text(header + "b,40,ok,1.0,cuda:0,\n")
+    kept_manifest_path(tmp_path, "b").write_text(header + "b,40,ok,1.0,cuda:0,\n")
     check = _gpu(ok, tmp_path, "all")
     assert check.passed and check.reason == "a on cuda:0; b on cuda:0"
 

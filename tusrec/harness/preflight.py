@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tusrec.data import MANIFEST_FILE, Scan, TusrecData, atomic_path
+from tusrec.data import Scan, TusrecData, atomic_path
 from tusrec.harness import runner
 from tusrec.harness.runner import (
     LOG_LIMIT_BYTES,
@@ -119,7 +119,7 @@ def _log_text(team_dir: Path, key: str) -> str:
 
 def _device(team_dir: Path, key: str) -> str:
     """The device the team's own predictions.csv names for ``key`` ('' if none)."""
-    raw, more = read_capped(team_dir / "logs" / f"{key}.{MANIFEST_FILE}", MANIFEST_LIMIT_BYTES)
+    raw, more = read_capped(runner.kept_manifest_path(team_dir, key), MANIFEST_LIMIT_BYTES)
     row, _ = declared_from_manifest(raw, more, key)
     return clean_text((row or {}).get("device", ""), 100).strip()
 

@@ -1043,6 +1043,12 @@ def plan_runs(
     return rows, pending
 
 
+def kept_manifest_path(team_dir: Path, key: str) -> Path:
+    """Where a scan's manifest row source is kept: the team's own predictions.csv bytes, as
+    text (``.txt``: never a CSV that a spreadsheet would evaluate)."""
+    return team_dir / "logs" / f"{key}.manifest.txt"
+
+
 def record_judgement(
     run: PendingRun, row: dict, manifest: bytes | None, output_dir: Path, team_dir: Path, keep: bool
 ) -> dict:
@@ -1060,7 +1066,7 @@ def record_judgement(
     row["image"] = run.team.image
     try:
         if manifest is not None:
-            with atomic_path(team_dir / "logs" / f"{key}.manifest.txt") as tmp:
+            with atomic_path(kept_manifest_path(team_dir, key)) as tmp:
                 tmp.write_bytes(manifest)
         if keep and row["status"] == OK:
             kept_dir = team_dir / "predictions"
