@@ -32,7 +32,7 @@ Output layout::
     OUT/<team>/metrics.csv, metrics.h5      the team's per-scan table
     OUT/<team>/scans/<key>.json             cached row + what it depends on (image, limit, data)
     OUT/<team>/logs/<key>.log               the container's stdout and stderr (capped)
-    OUT/<team>/logs/<key>.predictions.csv   the team's own manifest, if it wrote one
+    OUT/<team>/logs/<key>.manifest.txt      the team's own manifest (as text), if it wrote one
     OUT/<team>/predictions/                 only with keep_predictions (+ predictions.csv of them all)
     OUT/ranking/                            `evaluate rank` of all teams
     OUT/.watchdog.log                       what the watchdog said (empty unless it had trouble)
